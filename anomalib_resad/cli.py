@@ -1,0 +1,32 @@
+# Copyright (C) 2026 anomalib-resad contributors
+# SPDX-License-Identifier: Apache-2.0
+"""The ``resad`` command: what anomalib's own CLI has no verb for.
+
+Training, testing and exporting go through anomalib (``anomalib train --model ResAD ...``). ``resad`` adds:
+
+* ``resad demo``: the offline end-to-end demo (:mod:`anomalib_resad.demo`).
+
+Every sub-command takes ``--config file.yaml`` and ``--print_config``, as anomalib's do (jsonargparse).
+
+Example:
+    $ resad demo --epochs 4 --k 4
+"""
+
+import logging
+import os
+
+from jsonargparse import CLI
+
+from .demo import run_demo
+from .errors import install_cli_excepthook
+
+
+def main() -> None:
+    """Entry point of the ``resad`` console script."""
+    install_cli_excepthook()
+    logging.basicConfig(level=os.environ.get("RESAD_LOG_LEVEL", "WARNING"))
+    CLI({"demo": run_demo}, as_positional=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+# Copyright (C) 2026 anomalib-resad contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Errors ResAD raises for bad input, and a short report of them on the command line.
+
+Every error raised for something the user can fix (a wrong ``k``, missing references, a checkpoint from another
+backbone, a corrupt image ...) is a :class:`ResADError` whose message says what is wrong and how to fix it. On the
+command line (``anomalib ...`` or ``resad ...``) :func:`install_cli_excepthook` prints such errors as one readable
+line instead of a deep traceback; set ``RESAD_TRACEBACK=1`` to get the traceback too.
+
+Example:
+    >>> try:
+    ...     raise ResADInputError("Reference folder 'x' holds no images. Put k normal images of the class in it.")
+    ... except ValueError as error:
+    ...     print(error)
+    Reference folder 'x' holds no images. Put k normal images of the class in it.
+"""
+
+import os
+import sys
+from types import TracebackType
+
+
+class ResADError(Exception):
+    """Base class of the errors ResAD raises for problems the user can fix."""
+
+
+class ResADConfigurationError(ResADError, ValueError):
+    """Invalid model configuration: unknown backbone or level, mismatched checkpoint, bad hyper-parameter."""
+
+
+class ResADInputError(ResADError, ValueError):
+    """Invalid input data: missing or too few reference images, wrong image size, unreadable image files."""
+
+
+def _find_resad_error(error: BaseException | None) -> ResADError | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ResADError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def install_cli_excepthook() -> None:
+    """Print uncaught :class:`ResADError` s as ``error: <message>`` without a traceback (command-line use only).
+
+    Other exceptions keep Python's normal report. Idempotent.
+    """
+    if getattr(sys.excepthook, "_resad", False) or os.environ.get("RESAD_TRACEBACK") == "1":
+        return
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
+        resad_error = _find_resad_error(error)
+        if resad_error is None:
+            previous(kind, error, traceback)
+            return
+        sys.stderr.write(f"\nerror: {resad_error}\n(set RESAD_TRACEBACK=1 to see the full traceback)\n")
+
+    hook._resad = True  # type: ignore[attr-defined]
+    sys.excepthook = hook

@@ -1,0 +1,186 @@
+# Copyright (C) 2026 anomalib-resad contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Score one category's test images with any anomalib model and compute threshold-free metrics per category.
+
+Used by ``resad demo``, the class-generalization protocol (:mod:`anomalib_resad.protocol`) and the PatchCore
+baseline, so every model is measured by the same code on the same images:
+
+* images go through the model's own pre-processing (``pre_processor.transform``) and ``model.model`` (the pure torch
+  model, eval mode) - no post-processing, so the metrics see raw scores;
+* metrics are anomalib's ``AUROC`` (image and pixel), ``AUPRO`` (pixel, FPR limit 0.3) and ``F1Max`` (image),
+  computed per category. They depend only on the ranking of scores, so scores are min-max rescaled per category
+  first: torchmetrics would otherwise pass values outside [0, 1] through a sigmoid, which saturates (anomalib #3407).
+  Scoring itself never sees test-set statistics.
+
+Example:
+    >>> scores = score_samples(model, test_samples)  # doctest: +SKIP
+    >>> category_metrics(scores)  # doctest: +SKIP
+    {'image_AUROC': 0.98, 'pixel_AUROC': 0.97, 'pixel_AUPRO': 0.91, 'image_F1Max': 0.95}
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import torch
+from anomalib.data import ImageItem
+from anomalib.data.transforms.utils import extract_transforms_by_type
+from anomalib.data.utils.image import read_image
+from anomalib.metrics import AUPRO, AUROC, F1Max
+from anomalib.models.components import AnomalibModule
+from anomalib.visualization.image.item_visualizer import visualize_image_item
+from torch.utils.data import DataLoader
+from torchvision.transforms.v2 import Resize
+
+from .data.multi_class import MultiClassDataset
+
+logger = logging.getLogger(__name__)
+
+METRIC_NAMES = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1Max")
+
+
+@dataclass
+class CategoryScores:
+    """Raw predictions and ground truth of one category's test images.
+
+    Attributes:
+        paths (list[str]): Image files.
+        pred_scores (torch.Tensor): ``(N,)`` image scores.
+        anomaly_maps (torch.Tensor): ``(N, H, W)`` anomaly maps.
+        labels (torch.Tensor): ``(N,)`` 0 normal / 1 anomalous.
+        masks (torch.Tensor | None): ``(N, H, W)`` ground-truth masks, ``None`` without pixel annotations.
+    """
+
+    paths: list[str]
+    pred_scores: torch.Tensor
+    anomaly_maps: torch.Tensor
+    labels: torch.Tensor
+    masks: torch.Tensor | None
+
+
+def _resize_of(model: AnomalibModule) -> Resize | None:
+    transform = model.pre_processor.transform if model.pre_processor is not None else None
+    resizes = extract_transforms_by_type(transform, Resize) if transform is not None else []
+    return resizes[0] if resizes else None
+
+
+@torch.no_grad()
+def score_samples(
+    model: AnomalibModule,
+    samples: pd.DataFrame,
+    batch_size: int = 8,
+    num_workers: int = 0,
+) -> CategoryScores:
+    """Score images (an anomalib sample table) with ``model``'s pre-processing and torch model.
+
+    Args:
+        model (AnomalibModule): Any anomalib model, references / memory bank already set.
+        samples (pd.DataFrame): Sample table (``image_path``, ``label_index``, ``mask_path``, ``split``).
+        batch_size (int): Defaults to ``8``.
+        num_workers (int): Data loader workers. Defaults to ``0``.
+
+    Returns:
+        CategoryScores: Raw scores and maps with the ground truth, at the model's input resolution.
+    """
+    has_masks = bool(samples.mask_path.astype(str).str.len().gt(0).any())
+    dataset = MultiClassDataset(samples, "segmentation" if has_masks else "classification", _resize_of(model))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=dataset.collate_fn)
+    model.eval()
+    transform = model.pre_processor.transform if model.pre_processor is not None else None
+    paths, scores, maps, labels, masks = [], [], [], [], []
+    for batch in loader:
+        images, gt_masks = batch.image.to(model.device), batch.gt_mask
+        if transform is not None:
+            images, gt_masks = transform(images, gt_masks)
+        output = model.model(images)
+        anomaly_map = output.anomaly_map.reshape(len(images), *output.anomaly_map.shape[-2:])
+        paths.extend(str(path) for path in batch.image_path)
+        scores.append(output.pred_score.reshape(-1).float().cpu())
+        maps.append(anomaly_map.float().cpu())
+        labels.append(batch.gt_label.reshape(-1).cpu())
+        if has_masks:
+            masks.append(gt_masks.reshape(anomaly_map.shape).cpu().bool())
+    return CategoryScores(
+        paths=paths,
+        pred_scores=torch.cat(scores),
+        anomaly_maps=torch.cat(maps),
+        labels=torch.cat(labels).long(),
+        masks=torch.cat(masks) if masks else None,
+    )
+
+
+def _rescale(values: torch.Tensor) -> torch.Tensor:
+    low, high = values.min(), values.max()
+    return (values - low) / (high - low) if high > low else torch.zeros_like(values)
+
+
+def category_metrics(scores: CategoryScores) -> dict[str, float]:
+    """Image AUROC and F1-max, pixel AUROC and AUPRO of one category (NaN where undefined).
+
+    Args:
+        scores (CategoryScores): Predictions and ground truth.
+
+    Returns:
+        dict[str, float]: Metric name -> value, names as in :data:`METRIC_NAMES`.
+    """
+    results = dict.fromkeys(METRIC_NAMES, float("nan"))
+    labels = scores.labels
+    if labels.min() == labels.max():
+        logger.warning("Image metrics need normal and anomalous images; this category has one kind only.")
+    else:
+        batch = SimpleNamespace(pred_score=_rescale(scores.pred_scores), gt_label=labels)
+        for name, metric in (("image_AUROC", AUROC), ("image_F1Max", F1Max)):
+            instance = metric(fields=["pred_score", "gt_label"])
+            instance.update(batch)
+            results[name] = float(instance.compute())
+    if scores.masks is not None and scores.masks.any():
+        batch = SimpleNamespace(anomaly_map=_rescale(scores.anomaly_maps), gt_mask=scores.masks.int())
+        for name, metric in (("pixel_AUROC", AUROC), ("pixel_AUPRO", AUPRO)):
+            instance = metric(fields=["anomaly_map", "gt_mask"])
+            instance.update(batch)
+            results[name] = float(instance.compute())
+    return results
+
+
+def save_anomaly_maps(
+    scores: CategoryScores,
+    output_dir: str | Path,
+    max_images: int | None = 12,
+) -> list[Path]:
+    """Write anomaly-map images with anomalib's visualiser: image, ground truth and anomaly-map overlay.
+
+    Maps are rescaled by the category's own range for display. Anomalous images come first.
+
+    Args:
+        scores (CategoryScores): Predictions of one category.
+        output_dir (str | Path): Folder to write PNG files into.
+        max_images (int | None): Images to write (``None``: all). Defaults to ``12``.
+
+    Returns:
+        list[Path]: Written files.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    maps = _rescale(scores.anomaly_maps)
+    order = sorted(range(len(scores.paths)), key=lambda index: (-int(scores.labels[index]), scores.paths[index]))
+    written = []
+    for index in order[:max_images]:
+        image = read_image(scores.paths[index], as_tensor=True)
+        image = Resize(maps.shape[-2:], antialias=True)(image)
+        item = ImageItem(
+            image=image,
+            gt_mask=scores.masks[index] if scores.masks is not None else None,
+            anomaly_map=maps[index],
+            pred_score=_rescale(scores.pred_scores)[index],
+        )
+        fields = ["image", "gt_mask"] if scores.masks is not None else ["image"]
+        picture = visualize_image_item(item, fields=fields, overlay_fields=[("image", ["anomaly_map"])])
+        if picture is None:
+            continue
+        label = "anomalous" if int(scores.labels[index]) else "normal"
+        path = output_dir / f"{label}_{Path(scores.paths[index]).parent.name}_{Path(scores.paths[index]).stem}.png"
+        picture.save(path)
+        written.append(path)
+    return written

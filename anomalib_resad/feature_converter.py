@@ -1,0 +1,225 @@
+# Copyright (C) 2026 anomalib-resad contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Feature Converter: turn patch features into residuals against a few normal reference images.
+
+For every level, each query feature vector is matched to its nearest feature among *all positions of all* k reference
+images of the same class (global matching, not same-position), and replaced by the residual to it. Like the reference
+code, "nearest" is the highest cosine similarity and the residual uses the raw (un-normalised) reference vector:
+
+* ``"squared"`` (reference code, default): ``(x - x*) ** 2`` element-wise;
+* ``"difference"`` (NeurIPS paper, Eq. 1): ``x - x*``.
+
+The reference bank (features of the k reference images) is computed once per class and kept in buffers, so it is
+saved in checkpoints and baked into exported graphs; :meth:`FeatureConverter.forward` also accepts an explicit bank
+(training draws fresh references per class per batch; deployment can feed a bank as a model input).
+
+Example:
+    >>> import torch
+    >>> converter = FeatureConverter(num_levels=1)
+    >>> references = [torch.rand(2, 8, 4, 4)]  # k=2 reference images, one level
+    >>> converter.set_references(references)
+    >>> residual = converter([references[0][:1]])[0]  # a reference image against its own bank
+    >>> float(residual.abs().max())
+    0.0
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from anomalib.models.components import DynamicBufferMixin
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from .errors import ResADConfigurationError, ResADInputError
+
+RESIDUAL_TYPES = ("squared", "difference")
+# Similarity-matrix elements computed at once while matching, per 64 channels: small blocks keep the memory-bound
+# argmax of thin features in cache, larger ones keep the matmul of wide features efficient (measured on CPU, see
+# benchmarks/bench_matching.py). Bounds memory for any k and batch size.
+_MATCH_BLOCK_ELEMENTS = 1 << 20
+
+
+def nearest_reference(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Return, for every query vector, the bank vector with the highest cosine similarity.
+
+    Args:
+        query (torch.Tensor): Query vectors ``(N, C)``.
+        bank (torch.Tensor): Reference vectors ``(M, C)``.
+
+    Returns:
+        torch.Tensor: The matched (un-normalised) bank vectors ``(N, C)``.
+
+    Example:
+        >>> bank = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> nearest_reference(torch.tensor([[0.1, 3.0], [5.0, 0.2]]), bank)
+        tensor([[0., 2.],
+                [1., 0.]])
+    """
+    bank_normalized = F.normalize(bank, dim=1)
+    query_normalized = F.normalize(query, dim=1)
+    block_elements = _MATCH_BLOCK_ELEMENTS * max(1, bank.shape[1] // 64)
+    if torch.compiler.is_exporting() or query.shape[0] * bank.shape[0] <= block_elements:
+        indices = (query_normalized @ bank_normalized.T).argmax(dim=1)
+    else:  # eager mode: bound the (N, M) similarity matrix by matching blocks of queries
+        block = max(1, block_elements // bank.shape[0])
+        indices = torch.cat([(part @ bank_normalized.T).argmax(dim=1) for part in query_normalized.split(block)])
+    return bank[indices]
+
+
+def residual_features(features: torch.Tensor, matched: torch.Tensor, residual: str = "squared") -> torch.Tensor:
+    """Residual of features against their matched reference features.
+
+    Args:
+        features (torch.Tensor): Query features, any shape.
+        matched (torch.Tensor): Matched reference features, same shape.
+        residual (str): ``"squared"`` (reference code) or ``"difference"`` (paper). Defaults to ``"squared"``.
+
+    Returns:
+        torch.Tensor: The residual features, same shape.
+    """
+    difference = features - matched
+    return difference * difference if residual == "squared" else difference
+
+
+def flatten_levels(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Turn ``(k, C, H, W)`` feature maps into ``(k*H*W, C)`` banks, one per level.
+
+    Args:
+        features (Sequence[torch.Tensor]): Per-level feature maps of the reference images.
+
+    Returns:
+        list[torch.Tensor]: Per-level reference banks.
+    """
+    return [feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1]) for feature in features]
+
+
+@dataclass
+class ReferenceBank:
+    """Backbone features of the k reference images of one class, flattened per level.
+
+    Attributes:
+        levels (list[torch.Tensor]): ``(k*H_l*W_l, C_l)`` per level.
+        grids (list[tuple[int, int]]): ``(H_l, W_l)`` per level (the feature-map size the references were made at).
+        shots (int): Number of reference images k.
+    """
+
+    levels: list[torch.Tensor]
+    grids: list[tuple[int, int]]
+    shots: int
+
+    @classmethod
+    def from_features(cls, features: Sequence[torch.Tensor]) -> "ReferenceBank":
+        """Build a bank from per-level ``(k, C_l, H_l, W_l)`` features."""
+        return cls(
+            levels=[level.contiguous() for level in flatten_levels(features)],
+            grids=[(int(feature.shape[2]), int(feature.shape[3])) for feature in features],
+            shots=int(features[0].shape[0]),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the bank in bytes."""
+        return sum(level.numel() * level.element_size() for level in self.levels)
+
+
+class FeatureConverter(DynamicBufferMixin, nn.Module):
+    """Residual features against the nearest reference features, level by level.
+
+    Args:
+        num_levels (int): Number of feature levels.
+        residual (str): ``"squared"`` (reference code, default) or ``"difference"`` (paper, Eq. 1).
+
+    Attributes:
+        reference_grid (torch.Tensor): ``(L, 3)`` ``[k, H_l, W_l]`` of the stored bank (zeros when empty).
+    """
+
+    def __init__(self, num_levels: int, residual: str = "squared") -> None:
+        super().__init__()
+        if residual not in RESIDUAL_TYPES:
+            msg = f"Unknown residual type '{residual}': use one of {RESIDUAL_TYPES}."
+            raise ResADConfigurationError(msg)
+        self.num_levels = num_levels
+        self.residual = residual
+        for level in range(num_levels):
+            self.register_buffer(f"reference_{level}", torch.empty(0))
+        self.register_buffer("reference_grid", torch.zeros(num_levels, 3, dtype=torch.long))
+
+    @property
+    def bank(self) -> ReferenceBank:
+        """The stored reference bank."""
+        grid = self.reference_grid.tolist()
+        return ReferenceBank(
+            levels=[getattr(self, f"reference_{level}") for level in range(self.num_levels)],
+            grids=[(height, width) for _, height, width in grid],
+            shots=int(grid[0][0]),
+        )
+
+    @property
+    def has_references(self) -> bool:
+        """Whether a reference bank is stored."""
+        return self.reference_0.numel() > 0
+
+    def set_bank(self, bank: ReferenceBank) -> None:
+        """Store a reference bank (in buffers: it is saved in checkpoints and baked into exports)."""
+        if len(bank.levels) != self.num_levels:
+            msg = f"Expected a reference bank with {self.num_levels} levels, got {len(bank.levels)}."
+            raise ResADInputError(msg)
+        for level, (features, (height, width)) in enumerate(zip(bank.levels, bank.grids, strict=True)):
+            setattr(self, f"reference_{level}", features.detach().to(self.reference_grid.device).contiguous())
+            self.reference_grid[level] = torch.tensor([bank.shots, height, width], device=self.reference_grid.device)
+
+    def set_references(self, features: Sequence[torch.Tensor]) -> None:
+        """Store the features of k reference images as the bank.
+
+        Args:
+            features (Sequence[torch.Tensor]): Per-level ``(k, C_l, H_l, W_l)`` features of the reference images.
+        """
+        self.set_bank(ReferenceBank.from_features(features))
+
+    def check_query_grid(self, features: Sequence[torch.Tensor]) -> None:
+        """Raise a clear error when query feature maps do not have the size the references were made at."""
+        for level, feature in enumerate(features):
+            expected = tuple(int(size) for size in self.reference_grid[level, 1:])
+            if expected != (0, 0) and tuple(feature.shape[-2:]) != expected:
+                msg = (
+                    f"The references were made at another image size: level {level} of the references is "
+                    f"{expected[0]}x{expected[1]}, of the query {feature.shape[-2]}x{feature.shape[-1]}. "
+                    "Make the references with the same pre-processing (image size) as the images you score."
+                )
+                raise ResADInputError(msg)
+
+    def forward(
+        self,
+        features: Sequence[torch.Tensor],
+        bank: Sequence[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """Residuals of the query features against their nearest reference features.
+
+        Args:
+            features (Sequence[torch.Tensor]): Per-level query features ``(B, C_l, H_l, W_l)``.
+            bank (Sequence[torch.Tensor] | None): Per-level reference banks ``(M_l, C_l)``; the stored bank when
+                ``None``.
+
+        Returns:
+            list[torch.Tensor]: Per-level residual features ``(B, C_l, H_l, W_l)``.
+        """
+        if bank is None:
+            if not torch.compiler.is_exporting():
+                if not self.has_references:
+                    msg = (
+                        "ResAD has no reference images for this class. Give it k normal images of the class: "
+                        "--model.reference_dir <folder>, a datamodule with normal training images, or "
+                        "model.set_references(...)."
+                    )
+                    raise ResADInputError(msg)
+                self.check_query_grid(features)
+            bank = self.bank.levels
+        residuals = []
+        for feature, references in zip(features, bank, strict=True):
+            batch, channels, height, width = feature.shape
+            query = feature.permute(0, 2, 3, 1).reshape(-1, channels)
+            matched = nearest_reference(query, references)
+            matched = matched.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+            residuals.append(residual_features(feature, matched, self.residual))
+        return residuals

@@ -1,0 +1,176 @@
+# Copyright (C) 2026 anomalib-resad contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Choosing, reading and recording the k normal reference images of a class.
+
+Two sources, both deterministic:
+
+* a folder: its images in sorted order (the first ``k`` when ``k`` is given, as the reference code takes the first
+  shots in sorted order);
+* a pool of normal images (a category's training split): ``k`` drawn without replacement with a seeded RNG, independent
+  of the pool's order.
+
+Example:
+    >>> pool = [f"good/{index:03d}.png" for index in range(10)]
+    >>> sample_references(pool, k=3, seed=42) == sample_references(list(reversed(pool)), k=3, seed=42)
+    True
+"""
+
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from anomalib.data.utils.image import is_image_file, read_image
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ResADInputError
+
+
+@dataclass
+class ReferenceSelection:
+    """Which images are the references of a class, and how they were chosen.
+
+    Attributes:
+        class_name (str): Class the references belong to.
+        paths (list[str]): Reference image files, in the order used.
+        source (str): Where they come from (a folder, or ``"<datamodule> train split"``).
+        seed (int | None): Sampling seed (``None`` for a folder).
+    """
+
+    class_name: str
+    paths: list[str] = field(default_factory=list)
+    source: str = ""
+    seed: int | None = None
+
+    @property
+    def k(self) -> int:
+        """Number of reference images."""
+        return len(self.paths)
+
+    def to_dict(self) -> dict:
+        """Plain-data form (stored in checkpoints and written next to results)."""
+        return {**asdict(self), "k": self.k}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ReferenceSelection":
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            class_name=data["class_name"],
+            paths=list(data["paths"]),
+            source=data.get("source", ""),
+            seed=data.get("seed"),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write the selection as JSON (one file per class and draw makes a run reproducible)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+
+def check_k(k: int, available: int, where: str) -> None:
+    """Raise a clear error when ``k`` is not a usable number of shots for ``available`` images."""
+    if k < 1:
+        msg = f"The number of reference images k must be at least 1, got {k}."
+        raise ResADInputError(msg)
+    if available == 0:
+        msg = f"No normal reference images found in {where}. ResAD needs k normal images of the class."
+        raise ResADInputError(msg)
+    if k > available:
+        msg = f"k={k} reference images requested but {where} has only {available}. Use k <= {available}."
+        raise ResADInputError(msg)
+
+
+def sample_references(pool: Sequence[str], k: int, seed: int, where: str = "the pool") -> list[str]:
+    """Draw ``k`` distinct images from ``pool`` with a seeded RNG (independent of the pool's order).
+
+    Args:
+        pool (Sequence[str]): Candidate image paths.
+        k (int): Number of references.
+        seed (int): RNG seed.
+        where (str): Description of the pool, for error messages.
+
+    Returns:
+        list[str]: The chosen paths.
+    """
+    candidates = sorted(set(map(str, pool)))
+    check_k(k, len(candidates), where)
+    return random.Random(seed).sample(candidates, k)
+
+
+def list_folder_images(folder: str | Path) -> list[str]:
+    """Sorted image files of a folder (recursively).
+
+    Raises:
+        ResADInputError: The folder does not exist or holds no images.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        msg = f"Reference folder '{folder}' does not exist. Pass a folder with k normal images of the class."
+        raise ResADInputError(msg)
+    images = sorted(str(path) for path in folder.rglob("*") if path.is_file() and is_image_file(path))
+    if not images:
+        msg = f"Reference folder '{folder}' holds no images (.png, .jpg, ...). Put k normal images of the class in it."
+        raise ResADInputError(msg)
+    return images
+
+
+def select_folder_references(folder: str | Path, k: int | None, class_name: str) -> ReferenceSelection:
+    """References from a folder: all its images, or the first ``k`` in sorted order."""
+    images = list_folder_images(folder)
+    if k is not None:
+        check_k(k, len(images), f"reference folder '{folder}'")
+        images = images[:k]
+    return ReferenceSelection(class_name=class_name, paths=images, source=str(Path(folder).expanduser()))
+
+
+def check_image_files(paths: Sequence[str]) -> None:
+    """Raise one clear error listing every image file that cannot be read.
+
+    Reads headers only (``PIL.Image.verify``), so it is cheap enough to run over a whole dataset before training.
+    """
+    unreadable = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:  # noqa: PERF203
+            unreadable.append(f"{path} ({type(error).__name__})")
+    if unreadable:
+        listed = "\n  ".join(unreadable[:20]) + ("\n  ..." if len(unreadable) > 20 else "")
+        msg = (
+            f"{len(unreadable)} image file(s) cannot be read (corrupt, truncated or not an image):\n  {listed}\n"
+            "Replace or remove them; nothing is skipped silently."
+        )
+        raise ResADInputError(msg)
+
+
+def load_images(paths: Sequence[str], transform: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """Read images as RGB (grayscale and RGBA are converted) and apply ``transform`` to each.
+
+    Args:
+        paths (Sequence[str]): Image files.
+        transform (Callable | None): e.g. the model's pre-processing transform (resize + normalise).
+
+    Returns:
+        torch.Tensor: ``(N, 3, H, W)`` batch.
+    """
+    images = []
+    for path in paths:
+        try:
+            image = read_image(path, as_tensor=True)
+        except (OSError, UnidentifiedImageError, ValueError) as error:
+            msg = f"Cannot read reference image '{path}' ({error}). Replace it with a valid image file."
+            raise ResADInputError(msg) from error
+        images.append(transform(image) if transform is not None else image)
+    sizes = {tuple(image.shape[-2:]) for image in images}
+    if len(sizes) > 1:
+        msg = (
+            f"Reference images have different sizes after pre-processing: {sorted(sizes)}. "
+            "Use a pre-processor that resizes to a fixed size."
+        )
+        raise ResADInputError(msg)
+    return torch.stack(images)

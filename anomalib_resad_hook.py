@@ -1,0 +1,98 @@
+# Copyright (C) 2026 anomalib-resad contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Make models registered under the ``anomalib.models`` entry-point group visible to anomalib.
+
+anomalib 2.7 has no plugin loader: its CLI resolves ``--model ResAD`` only among ``AnomalibModule`` subclasses that are
+already imported, and ``anomalib.models.get_model`` only looks inside ``anomalib.models``. This module closes that gap
+with the smallest mechanism that works for the ``anomalib`` command, ``get_model`` and ``anomalib benchmark`` alike:
+
+* ``anomalib_resad_hook.pth`` (installed into site-packages next to this file) imports this module at interpreter
+  start-up. That costs one tiny import: nothing heavy is imported here.
+* :func:`install` puts a finder on ``sys.meta_path`` that waits for ``import anomalib.models``. Right after anomalib has
+  executed that module, every entry point of the group ``anomalib.models`` is loaded and set as an attribute of
+  ``anomalib.models`` (so ``get_model({"class_path": "ResAD"})`` works) - and importing the plugin makes its class an
+  ``AnomalibModule`` subclass, which is what the CLI and ``get_model("ResAD")`` search.
+
+Processes that never import anomalib pay nothing else. Set ``ANOMALIB_PLUGINS=0`` to switch the hook off.
+
+Example:
+    >>> from anomalib.models import get_model  # doctest: +SKIP
+    >>> get_model("ResAD")  # doctest: +SKIP
+"""
+
+import os
+import sys
+
+ENTRY_POINT_GROUP = "anomalib.models"
+_TARGET_MODULE = "anomalib.models"
+
+
+def _register_entry_points(models_module: object) -> None:
+    """Load every ``anomalib.models`` entry point and expose it as an attribute of ``anomalib.models``."""
+    import warnings
+    from importlib.metadata import entry_points
+
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        if hasattr(models_module, entry_point.name):
+            continue
+        try:
+            model_class = entry_point.load()
+        except Exception as error:
+            warnings.warn(
+                f"Could not load the anomalib model plugin '{entry_point.name}' ({entry_point.value}): {error!r}. "
+                "anomalib's own models still work; reinstall the plugin package to fix it.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            continue
+        setattr(models_module, entry_point.name, model_class)
+        exported = getattr(models_module, "__all__", None)
+        if isinstance(exported, list) and entry_point.name not in exported:
+            exported.append(entry_point.name)
+
+
+class _RegisteringLoader:
+    """Delegating loader: runs the real loader, then registers the plugins."""
+
+    def __init__(self, loader: object) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: object) -> object:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: object) -> None:
+        self._loader.exec_module(module)
+        _register_entry_points(module)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._loader, name)
+
+
+class AnomalibModelsFinder:
+    """``sys.meta_path`` finder that only acts on ``anomalib.models``."""
+
+    def find_spec(self, fullname: str, path: object = None, target: object = None) -> object:
+        """Return the real spec of ``anomalib.models`` with a loader that also registers the plugins."""
+        if fullname != _TARGET_MODULE:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _RegisteringLoader(spec.loader)
+                return spec
+        return None
+
+
+def install() -> None:
+    """Install the finder once per interpreter (idempotent; a no-op when ``ANOMALIB_PLUGINS=0``)."""
+    if os.environ.get("ANOMALIB_PLUGINS", "1") == "0":
+        return
+    if any(type(finder).__name__ == AnomalibModelsFinder.__name__ for finder in sys.meta_path):
+        return
+    if _TARGET_MODULE in sys.modules:  # anomalib was imported before us: register right away
+        _register_entry_points(sys.modules[_TARGET_MODULE])
+        return
+    sys.meta_path.insert(0, AnomalibModelsFinder())
