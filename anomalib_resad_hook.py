@@ -35,6 +35,9 @@ def _register_entry_points(models_module: object) -> None:
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
         if hasattr(models_module, entry_point.name):
             continue
+        plugin_module = sys.modules.get(entry_point.value.partition(":")[0])
+        if getattr(getattr(plugin_module, "__spec__", None), "_initializing", False):
+            continue  # the plugin itself is importing anomalib: it registers when its own import completes
         try:
             model_class = entry_point.load()
         except Exception as error:

@@ -18,5 +18,21 @@ from .lightning_model import ResAD
 from .references import ReferenceSelection
 from .torch_model import ResADModel
 
+
+def _register_with_anomalib() -> None:
+    """Expose ``ResAD`` as ``anomalib.models.ResAD`` (for ``get_model({"class_path": "ResAD"})`` and benchmarks).
+
+    The plugin hook (``anomalib_resad_hook``) does this when anomalib is imported first; this covers imports of
+    ``anomalib_resad`` that come first (and installs without the hook).
+    """
+    from importlib import import_module
+
+    models = import_module("anomalib.models")  # not `anomalib.models`: that attribute is unset while it imports us
+    if getattr(models, "ResAD", None) is not ResAD:
+        models.ResAD = ResAD
+
+
+_register_with_anomalib()
+
 __all__ = ["ReferenceSelection", "ResAD", "ResADConfigurationError", "ResADError", "ResADInputError", "ResADModel"]
 __version__ = "0.1.0"

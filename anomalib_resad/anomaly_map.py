@@ -51,7 +51,13 @@ class AnomalyMapGenerator(nn.Module):
         super().__init__()
         self.register_buffer("log_likelihood_reference", torch.zeros(num_levels))
         kernel_size = 2 * int(4.0 * sigma + 0.5) + 1  # scipy.ndimage.gaussian_filter's truncate=4, as in the reference
-        self.blur = GaussianBlur2d(kernel_size=(kernel_size, kernel_size), sigma=(sigma, sigma), channels=1)
+        # "replicate" borders work for maps of any size ("reflect" needs maps larger than the kernel radius)
+        self.blur = GaussianBlur2d(
+            kernel_size=(kernel_size, kernel_size),
+            sigma=(sigma, sigma),
+            channels=1,
+            border_type="replicate",
+        )
 
     def forward(
         self,

@@ -17,11 +17,18 @@ Example:
 
 import os
 import sys
+from pathlib import Path
 from types import TracebackType
 
 
 class ResADError(Exception):
     """Base class of the errors ResAD raises for problems the user can fix."""
+
+    last: "ResADError | None" = None  # most recent one: jsonargparse re-raises errors as text in a new ValueError
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        ResADError.last = self
 
 
 class ResADConfigurationError(ResADError, ValueError):
@@ -37,17 +44,24 @@ def _find_resad_error(error: BaseException | None) -> ResADError | None:
     while error is not None and id(error) not in seen:
         if isinstance(error, ResADError):
             return error
+        if ResADError.last is not None and str(ResADError.last).split("\n")[0] in str(error).replace("\n", " "):
+            return ResADError.last  # wrapped as text (e.g. by jsonargparse while building the model)
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
 
 
-def install_cli_excepthook() -> None:
-    """Print uncaught :class:`ResADError` s as ``error: <message>`` without a traceback (command-line use only).
+def install_cli_excepthook(only_for: tuple[str, ...] = ("anomalib", "resad")) -> None:
+    """Print uncaught :class:`ResADError` s as ``error: <message>`` without a traceback, on the command line.
 
-    Other exceptions keep Python's normal report. Idempotent.
+    Does nothing unless the running program is one of ``only_for`` (so notebooks and scripts keep their tracebacks).
+    Other exceptions keep the previous report (anomalib's rich traceback). Idempotent.
+
+    Args:
+        only_for (tuple[str, ...]): Program names (``sys.argv[0]``) to act for.
     """
-    if getattr(sys.excepthook, "_resad", False) or os.environ.get("RESAD_TRACEBACK") == "1":
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if program not in only_for or getattr(sys.excepthook, "_resad", False) or os.environ.get("RESAD_TRACEBACK") == "1":
         return
     previous = sys.excepthook
 

@@ -87,6 +87,7 @@ def score_samples(
     has_masks = bool(samples.mask_path.astype(str).str.len().gt(0).any())
     dataset = MultiClassDataset(samples, "segmentation" if has_masks else "classification", _resize_of(model))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=dataset.collate_fn)
+    was_training = model.training
     model.eval()
     transform = model.pre_processor.transform if model.pre_processor is not None else None
     paths, scores, maps, labels, masks = [], [], [], [], []
@@ -102,6 +103,7 @@ def score_samples(
         labels.append(batch.gt_label.reshape(-1).cpu())
         if has_masks:
             masks.append(gt_masks.reshape(anomaly_map.shape).cpu().bool())
+    model.train(was_training)
     return CategoryScores(
         paths=paths,
         pred_scores=torch.cat(scores),

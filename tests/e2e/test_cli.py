@@ -1,0 +1,83 @@
+# Copyright (C) 2026 anomalib-resad contributors
+# SPDX-License-Identifier: Apache-2.0
+"""`anomalib train --model ResAD` through the real command line, on real images from ../shared/data."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+# the anomalib command of this interpreter's environment (the venv need not be on PATH)
+ANOMALIB = next((str(path) for path in [Path(sys.executable).parent / "anomalib"] if path.is_file()), None) or (
+    shutil.which("anomalib")
+)
+pytestmark = [pytest.mark.shared_data, pytest.mark.skipif(ANOMALIB is None, reason="anomalib CLI not installed")]
+
+LITE0 = ["--model.backbone", "tf_efficientnet_lite0", "--model.layers", "[blocks.1, blocks.2, blocks.4]"]
+SMALL = ["--model.pos_embed_dim", "32", "--model.coupling_layers", "4", "--model.image_size", "128"]
+
+
+def anomalib(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    return subprocess.run(
+        [ANOMALIB, *arguments], capture_output=True, text=True, env=env, cwd=cwd, timeout=900, check=False
+    )
+
+
+def data_arguments(shared_data: Path, category: str) -> list[str]:
+    return [
+        "--data", "MVTecAD", "--data.root", str(shared_data / "deeppcb"), "--data.category", category,
+        "--data.num_workers", "0", "--data.train_batch_size", "4", "--data.eval_batch_size", "4",
+    ]  # fmt: skip
+
+
+def reported_metrics(output: str) -> dict[str, float]:
+    return {name: float(value) for name, value in re.findall(r"(image_AUROC|pixel_AUROC)\s*│\s*([0-9.]+)", output)}
+
+
+def test_anomalib_train_with_bare_model_name(shared_data: Path, lite0_weights: Path, tmp_path: Path) -> None:
+    result = anomalib(
+        "train", "--model", "ResAD", *LITE0, *SMALL, "--model.pre_trained", str(lite0_weights),
+        *data_arguments(shared_data, "pcb_12000"),
+        "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--default_root_dir", str(tmp_path),
+        "--seed_everything", "0",
+        cwd=tmp_path,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    checkpoints = list(tmp_path.rglob("model.ckpt"))
+    assert len(checkpoints) == 1, output[-3000:]
+    metrics = reported_metrics(output)
+    assert set(metrics) == {"image_AUROC", "pixel_AUROC"}, output[-3000:]
+    assert all(0.0 <= value <= 1.0 for value in metrics.values())
+    assert "references of class 'pcb_12000'" in output or (tmp_path / "ResAD").is_dir()
+
+
+def test_anomalib_train_from_config_file(shared_data: Path, lite0_weights: Path, tmp_path: Path) -> None:
+    result = anomalib(
+        "train", "--config", str(REPO_ROOT / "configs" / "resad_lite0_offline.yaml"), *SMALL,
+        "--model.pre_trained", str(lite0_weights), *data_arguments(shared_data, "pcb_12000")[2:],
+        "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--default_root_dir", str(tmp_path),
+        cwd=tmp_path,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert list(tmp_path.rglob("model.ckpt")), output[-3000:]
+    assert set(reported_metrics(output)) == {"image_AUROC", "pixel_AUROC"}
+
+
+def test_bad_level_name_gives_a_one_line_error(shared_data: Path, tmp_path: Path) -> None:
+    result = anomalib(
+        "fit", "--model", "ResAD", "--model.backbone", "tf_efficientnet_lite0", "--model.layers", "[blocks.1, layer9]",
+        "--model.pre_trained", "false", *data_arguments(shared_data, "pcb_12000"), "--default_root_dir", str(tmp_path),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "error: Backbone 'tf_efficientnet_lite0' has no feature level(s) ['layer9']" in result.stderr
+    assert "Traceback" not in result.stderr

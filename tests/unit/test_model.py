@@ -1,0 +1,119 @@
+# Copyright (C) 2026 anomalib-resad contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Torch model and anomalib module on tiny inputs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.data import InferenceBatch
+
+from anomalib_resad import ResAD, ResADConfigurationError, ResADInputError, ResADModel
+from anomalib_resad.anomaly_map import AnomalyMapGenerator
+from anomalib_resad.references import ReferenceSelection
+from tests.unit.test_references import write_image
+
+
+@pytest.fixture(scope="module")
+def tiny_model() -> ResADModel:
+    torch.manual_seed(0)
+    model = ResADModel("resnet18", ["layer1", "layer2"], pre_trained=False, coupling_layers=2, pos_embed_dim=16)
+    with torch.no_grad():  # an untrained flow is near-identity; perturb it so scores vary between images
+        for parameter in model.residual_flow.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.2 * torch.randn_like(parameter))
+    model.set_references(torch.rand(2, 3, 64, 64))
+    return model.eval()
+
+
+def test_eval_forward_returns_inference_batch(tiny_model: ResADModel) -> None:
+    output = tiny_model(torch.rand(3, 3, 64, 64))
+    assert isinstance(output, InferenceBatch)
+    assert tuple(output.anomaly_map.shape) == (3, 1, 64, 64)
+    assert tuple(output.pred_score.shape) == (3,)
+    torch.testing.assert_close(output.pred_score, output.anomaly_map.amax(dim=(1, 2, 3)))
+
+
+def test_scores_of_an_image_do_not_depend_on_the_rest_of_the_batch(tiny_model: ResADModel) -> None:
+    torch.manual_seed(1)
+    images = torch.rand(4, 3, 64, 64)
+    with torch.no_grad():
+        alone = tiny_model(images[:1])
+        together = tiny_model(images)
+    torch.testing.assert_close(alone.pred_score, together.pred_score[:1])
+    torch.testing.assert_close(alone.anomaly_map, together.anomaly_map[:1])
+    assert together.pred_score.unique().numel() == 4
+
+
+def test_anomaly_map_uses_a_fixed_per_level_constant() -> None:
+    generator = AnomalyMapGenerator(num_levels=1, sigma=1.0)
+    flat = (torch.zeros(1, 4, 4), torch.full((1, 4, 4), -50.0))
+    anomaly_map, _ = generator([flat], image_size=(8, 8))
+    torch.testing.assert_close(anomaly_map, torch.zeros(1, 1, 8, 8), atol=1e-6, rtol=0)  # exp(0 - 0) = 1 -> 0
+    generator.log_likelihood_reference.fill_(1.0)
+    shifted, _ = generator([flat], image_size=(8, 8))
+    assert float(shifted.min()) > 0  # below the constant: anomalous
+
+
+def test_lower_likelihood_means_higher_score() -> None:
+    generator = AnomalyMapGenerator(num_levels=2)
+    likely = [(torch.full((1, 4, 4), 1.0), torch.full((1, 4, 4), -3.0))] * 2
+    unlikely = [(torch.full((1, 4, 4), -2.0), torch.full((1, 4, 4), -1.0))] * 2
+    assert float(generator(unlikely, (16, 16))[1]) > float(generator(likely, (16, 16))[1])
+
+
+def test_pre_processor_normalises_for_the_backbone() -> None:
+    transform = ResAD.configure_pre_processor(image_size=96, backbone="tf_efficientnet_lite0").transform
+    resize, normalize = transform.transforms
+    assert list(resize.size) == [96, 96]
+    assert list(normalize.mean) == [0.5, 0.5, 0.5]
+
+
+def small_resad(**overrides: object) -> ResAD:
+    settings = {
+        "backbone": "resnet18",
+        "layers": ["layer1", "layer2"],
+        "pre_trained": False,
+        "coupling_layers": 2,
+        "pos_embed_dim": 16,
+        "image_size": 64,
+        "visualizer": False,
+    }
+    settings.update(overrides)
+    return ResAD(**settings)
+
+
+def test_checkpoint_of_another_backbone_is_refused_clearly() -> None:
+    model = small_resad()
+    checkpoint = {"hyper_parameters": {**dict(model.hparams), "backbone": "wide_resnet50_2"}}
+    with pytest.raises(ResADConfigurationError, match="backbone: checkpoint 'wide_resnet50_2' vs model 'resnet18'"):
+        model.on_load_checkpoint(checkpoint)
+
+
+def test_invalid_hyper_parameters_are_refused() -> None:
+    with pytest.raises(ResADConfigurationError, match="multiple of 4"):
+        small_resad(pos_embed_dim=18)
+    with pytest.raises(ResADConfigurationError, match=">= 1"):
+        small_resad(reference_k=0)
+    with pytest.raises(ValueError, match="Unknown OCC loss"):
+        small_resad(occ_loss="hinge")
+
+
+def test_set_references_stores_bank_and_file_list(tmp_path: Path) -> None:
+    model = small_resad()
+    paths = [str(write_image(tmp_path / f"{index}.png", "L", (50, 40))) for index in range(3)]
+    model.set_references(ReferenceSelection("widget", paths, str(tmp_path)))
+    converter = model.model.feature_converter
+    assert converter.bank.shots == 3
+    assert converter.bank.grids == [(16, 16), (8, 8)]  # 64 px input: references resized like queries
+    checkpoint: dict = {}
+    model.on_save_checkpoint(checkpoint)
+    assert checkpoint["resad_references"]["paths"] == paths
+
+
+def test_stored_references_of_another_size_give_a_clear_error(tmp_path: Path) -> None:
+    model = small_resad()
+    paths = [str(write_image(tmp_path / f"{index}.png")) for index in range(2)]
+    model.set_references(ReferenceSelection("widget", paths, str(tmp_path)))
+    with pytest.raises(ResADInputError, match="another image size"):
+        model.model.eval()(torch.rand(1, 3, 96, 96))

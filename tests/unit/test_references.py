@@ -1,0 +1,97 @@
+# Copyright (C) 2026 anomalib-resad contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Reference selection and image reading."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomalib_resad import ResADInputError
+from anomalib_resad.references import (
+    ReferenceSelection,
+    check_image_files,
+    load_images,
+    sample_references,
+    select_folder_references,
+)
+
+
+def write_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (20, 16)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    channels = {"RGB": 3, "RGBA": 4}.get(mode)
+    shape = (size[1], size[0], channels) if channels else (size[1], size[0])
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8), mode=mode).save(path)
+    return path
+
+
+def test_sampling_is_seeded_and_independent_of_pool_order() -> None:
+    pool = [f"good/{index:03d}.png" for index in range(30)]
+    first = sample_references(pool, 4, seed=7)
+    assert first == sample_references(list(reversed(pool)), 4, seed=7)
+    assert first != sample_references(pool, 4, seed=8)
+    assert len(set(first)) == 4
+
+
+@pytest.mark.parametrize(("k", "message"), [(0, "at least 1"), (5, "has only 3")])
+def test_bad_k_is_refused(k: int, message: str) -> None:
+    with pytest.raises(ResADInputError, match=message):
+        sample_references(["a.png", "b.png", "c.png"], k, seed=0)
+
+
+def test_empty_pool_is_refused() -> None:
+    with pytest.raises(ResADInputError, match="No normal reference images"):
+        sample_references([], 2, seed=0)
+
+
+def test_folder_references_are_the_first_k_in_sorted_order(tmp_path: Path) -> None:
+    for name in ["c.png", "a.png", "b.jpg", "notes.txt"]:
+        (write_image(tmp_path / name) if name.endswith(("png", "jpg")) else (tmp_path / name).write_text("x"))
+    selection = select_folder_references(tmp_path, 2, "widget")
+    assert [Path(path).name for path in selection.paths] == ["a.png", "b.jpg"]
+    assert select_folder_references(tmp_path, None, "widget").k == 3
+    with pytest.raises(ResADInputError, match="has only 3"):
+        select_folder_references(tmp_path, 4, "widget")
+
+
+def test_missing_or_empty_folder_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ResADInputError, match="does not exist"):
+        select_folder_references(tmp_path / "nowhere", 2, "widget")
+    with pytest.raises(ResADInputError, match="holds no images"):
+        select_folder_references(tmp_path, 2, "widget")
+
+
+def test_grayscale_and_rgba_images_become_rgb(tmp_path: Path) -> None:
+    paths = [str(write_image(tmp_path / "gray.png", "L")), str(write_image(tmp_path / "rgba.png", "RGBA"))]
+    images = load_images(paths, transform=None)
+    assert tuple(images.shape) == (2, 3, 16, 20)
+    assert float(images.max()) <= 1.0
+
+
+def test_corrupt_files_are_all_listed(tmp_path: Path) -> None:
+    good = write_image(tmp_path / "good.png")
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:40])
+    text = tmp_path / "text.png"
+    text.write_text("not an image")
+    with pytest.raises(ResADInputError, match=r"2 image file\(s\) cannot be read") as error:
+        check_image_files([str(good), str(truncated), str(text)])
+    assert "truncated.png" in str(error.value)
+    assert "text.png" in str(error.value)
+    with pytest.raises(ResADInputError, match="Cannot read reference image"):
+        load_images([str(text)], transform=None)
+
+
+def test_images_of_different_sizes_need_a_resizing_transform(tmp_path: Path) -> None:
+    paths = [str(write_image(tmp_path / "a.png", size=(8, 8))), str(write_image(tmp_path / "b.png", size=(9, 8)))]
+    with pytest.raises(ResADInputError, match="different sizes"):
+        load_images(paths, transform=None)
+
+
+def test_selection_is_written_as_json(tmp_path: Path) -> None:
+    selection = ReferenceSelection("widget", ["a.png", "b.png"], "train split", seed=3)
+    data = json.loads(selection.save(tmp_path / "refs" / "widget.json").read_text())
+    assert data == {"class_name": "widget", "paths": ["a.png", "b.png"], "source": "train split", "seed": 3, "k": 2}
+    assert ReferenceSelection.from_dict(data) == selection
