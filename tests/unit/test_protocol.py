@@ -1,0 +1,101 @@
+# Copyright (C) 2026 anomalib-resad contributors
+# SPDX-License-Identifier: Apache-2.0
+"""The class-generalization protocol on a tiny generated texture set (pipeline behaviour, not accuracy)."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from anomalib_resad.protocol import run_protocol
+from anomalib_resad.references import sample_references
+
+TINY_MODEL = {
+    "backbone": "resnet18",
+    "layers": ["layer1", "layer2"],
+    "pre_trained": False,
+    "coupling_layers": 2,
+    "pos_embed_dim": 16,
+    "image_size": 64,
+    "first_stage_epochs": 0,
+    "visualizer": False,
+}
+TRAINER = {"max_epochs": 1, "accelerator": "cpu", "enable_progress_bar": False}
+
+
+@pytest.fixture(scope="module")
+def protocol_run(texture_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("protocol")
+    run_protocol(
+        sources=[{"datamodule": "MVTecAD", "root": str(texture_root), "categories": ["grass", "gravel"]}],
+        targets=[{"datamodule": "MVTecAD", "root": str(texture_root), "categories": ["brick"]}],
+        output_dir=str(output),
+        model=TINY_MODEL,
+        trainer=TRAINER,
+        shots=[1, 2],
+        draws=2,
+        seed=5,
+        num_workers=0,
+        maps_per_category=2,
+        baselines=["patchcore"],
+    )
+    return output
+
+
+def test_one_row_per_model_category_k_and_draw(protocol_run: Path) -> None:
+    results = pd.read_csv(protocol_run / "results.csv")
+    assert len(results) == 2 * 1 * 2 * 2
+    assert set(results.model) == {"ResAD", "PatchCore"}
+    assert set(results.category) == {"brick"}
+    assert sorted(results.groupby(["model", "k"]).draw.apply(list).iloc[0]) == [0, 1]
+    metrics = results[["image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1Max"]]
+    assert metrics.notna().all().all()
+    assert ((metrics >= 0) & (metrics <= 1)).all().all()
+
+
+def test_summary_has_mean_and_std_over_draws(protocol_run: Path) -> None:
+    results = pd.read_csv(protocol_run / "results.csv")
+    summary = pd.read_csv(protocol_run / "summary.csv")
+    row = summary[(summary.model == "ResAD") & (summary.category == "brick") & (summary.k == 2)].iloc[0]
+    draws = results[(results.model == "ResAD") & (results.k == 2)].image_AUROC
+    assert row.image_AUROC == pytest.approx(draws.mean())
+    assert row.image_AUROC_std == pytest.approx(draws.std(ddof=0))
+    assert set(summary[summary.category == "mean"].k) == {1, 2}
+    markdown = (protocol_run / "summary.md").read_text()
+    assert "| ResAD | **mean** |" in markdown and "| PatchCore | brick |" in markdown
+
+
+def test_reference_files_record_seeded_draws(protocol_run: Path, texture_root: Path) -> None:
+    pool = sorted(str(path) for path in (texture_root / "brick" / "train" / "good").glob("*.png"))
+    for draw in (0, 1):
+        selection = json.loads((protocol_run / "references" / "brick" / f"k2_draw{draw}.json").read_text())
+        assert selection["paths"] == sample_references(pool, 2, seed=5 + draw)
+        assert selection["seed"] == 5 + draw
+
+
+def test_anomaly_maps_are_written_per_model(protocol_run: Path) -> None:
+    for model in ("ResAD", "PatchCore"):
+        assert len(list((protocol_run / "anomaly_maps" / model / "brick" / "k2").glob("*.png"))) == 2
+
+
+def test_reference_folder_and_checkpoint_reuse(protocol_run: Path, texture_root: Path, tmp_path: Path) -> None:
+    checkpoint = next((protocol_run / "train").rglob("*.ckpt"))
+    folder = texture_root / "brick" / "test" / "good"  # any folder of normal images of the class
+    output = tmp_path / "from_checkpoint"
+    run_protocol(
+        sources=[{"datamodule": "MVTecAD", "root": str(texture_root), "categories": ["grass", "gravel"]}],
+        targets=[{"datamodule": "MVTecAD", "root": str(texture_root), "categories": ["brick"]}],
+        output_dir=str(output),
+        checkpoint=str(checkpoint),
+        shots=[2],
+        draws=3,
+        reference_dirs={"brick": str(folder)},
+        num_workers=0,
+        maps_per_category=0,
+    )
+    results = pd.read_csv(output / "results.csv")
+    assert len(results) == 1  # a folder is one fixed draw
+    selection = json.loads((output / "references" / "brick" / "k2_draw0.json").read_text())
+    assert selection["paths"] == sorted(str(path) for path in folder.glob("*.png"))[:2]
+    assert not (output / "train").exists()
