@@ -200,8 +200,8 @@ def run_protocol(
                         save_anomaly_maps(
                             scores, output / "anomaly_maps" / name / category / f"k{k}", maps_per_category
                         )
-                    rows.append({"model": name, "category": category, "k": k, "draw": draw, "seed": selection.seed,
-                                 **metrics})  # fmt: skip
+                    row = {"model": name, "category": category, "k": k, "draw": draw, "seed": selection.seed}
+                    rows.append({**row, **metrics})
                     logger.info("%s %s k=%d draw %d: %s", name, category, k, draw, metrics)
     results = pd.DataFrame(rows)
     results.to_csv(output / "results.csv", index=False)
