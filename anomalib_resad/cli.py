@@ -6,7 +6,10 @@ Training, testing and exporting go through anomalib (``anomalib train --model Re
 
 * ``resad demo``: the offline end-to-end demo (:mod:`anomalib_resad.demo`);
 * ``resad evaluate``: the class-generalization protocol (:mod:`anomalib_resad.protocol`): train on source classes,
-  evaluate unseen classes for several k and reference draws, write CSV / markdown tables and anomaly maps.
+  evaluate unseen classes for several k and reference draws, write CSV / markdown tables and anomaly maps;
+* ``resad export``: an OpenVINO/ONNX model that takes a class's references as inputs (new classes without re-export),
+  or a standard anomalib export with another class's references baked in (:mod:`anomalib_resad.deploy`);
+* ``resad references``: a references file from a folder of k normal images of a class.
 
 Every sub-command takes ``--config file.yaml`` and ``--print_config``, as anomalib's do (jsonargparse).
 
@@ -21,6 +24,7 @@ import os
 from jsonargparse import CLI
 
 from .demo import run_demo
+from .deploy import export_model, make_references
 from .errors import install_cli_excepthook
 from .protocol import run_protocol
 
@@ -29,7 +33,8 @@ def main() -> None:
     """Entry point of the ``resad`` console script."""
     install_cli_excepthook()
     logging.basicConfig(level=os.environ.get("RESAD_LOG_LEVEL", "WARNING"))
-    CLI({"demo": run_demo, "evaluate": run_protocol}, as_positional=False)
+    commands = {"demo": run_demo, "evaluate": run_protocol, "export": export_model, "references": make_references}
+    CLI(commands, as_positional=False)
 
 
 if __name__ == "__main__":

@@ -257,7 +257,9 @@ class ResAD(AnomalibModule):
         size = image_size or 224
         size = (size, size) if isinstance(size, int) else tuple(size)
         mean, std = backbone_normalization(backbone)
-        return PreProcessor(transform=Compose([Resize(size, antialias=True), Normalize(mean=mean, std=std)]))
+        # antialias=False: the exported graph resizes without antialiasing (anomalib turns it off for export), and
+        # references are data: they must be made from exactly the pixels queries are made from, in every runtime.
+        return PreProcessor(transform=Compose([Resize(size, antialias=False), Normalize(mean=mean, std=std)]))
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:

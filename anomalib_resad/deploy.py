@@ -1,0 +1,401 @@
+# Copyright (C) 2026 anomalib-resad contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Deployment: new classes at deploy time with one exported model, no retraining, no re-export.
+
+A ResAD model's reference bank is data, not weights. :func:`export_deployment` writes an OpenVINO (and ONNX) model
+that takes the bank as inputs next to the image, plus a small *reference encoder* model (images -> bank) and a
+``metadata.json``. Then, for any class:
+
+* ``make_references(...)`` (command line ``resad references``) turns a folder of k normal images into a references
+  file (``.npz``), with the exported encoder (OpenVINO only, no torch checkpoint needed) or a checkpoint;
+* :class:`ReferenceConditionedInferencer` (anomalib's ``OpenVINOInferencer`` with the bank as extra inputs) scores
+  images of every class it was given references for, side by side, with the one compiled model.
+
+The simple path needs none of this: ``anomalib export --model ResAD --ckpt_path ... --export_type openvino`` bakes
+the checkpoint's references into the graph, and ``resad export --bake_references <file>`` bakes another class's.
+Pre-processing (resize, normalise) and anomalib's post-processing (normalisation and thresholds from validation)
+are inside every exported graph, so ``pred_label`` means the same in torch and OpenVINO.
+
+OpenVINO runs on CPUs with bf16 support in bf16 unless told otherwise; nearest-neighbour matching then picks other
+reference features and scores move by ~1e-2. The inferencer here compiles in f32 (``precision="f32"``); pass
+``config={"INFERENCE_PRECISION_HINT": "f32"}`` to anomalib's ``OpenVINOInferencer`` for baked exports.
+
+Example:
+    >>> export_deployment("model.ckpt", "deploy/")  # doctest: +SKIP
+    >>> make_references("deploy/", "new_part/good", "deploy/references/new_part.npz", k=4)  # doctest: +SKIP
+    >>> inferencer = ReferenceConditionedInferencer("deploy/")  # doctest: +SKIP
+    >>> inferencer.add_class("new_part", "deploy/references/new_part.npz")  # doctest: +SKIP
+    >>> inferencer.predict("new_part/test/0001.png", class_name="new_part").pred_score  # doctest: +SKIP
+"""
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from anomalib.data import NumpyImageBatch
+from anomalib.data.utils.image import read_image
+from anomalib.deploy import OpenVINOInferencer
+from PIL.Image import Image as PILImage
+from torch import nn
+from torchvision.transforms.v2 import Resize
+
+from .errors import ResADConfigurationError, ResADInputError
+from .feature_converter import ReferenceBank, flatten_levels
+from .lightning_model import ResAD
+from .references import ReferenceSelection, load_images, select_folder_references
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model"
+ENCODER_FILE = "reference_encoder"
+METADATA_FILE = "metadata.json"
+
+
+def model_signature(model: ResAD) -> dict[str, Any]:
+    """What a reference bank must match to be used with ``model``: backbone, levels, input size, channels, grids."""
+    extractor = model.model.feature_extractor
+    size = model.input_size
+    if size is None:
+        msg = "The model's pre-processor must resize to a fixed size to export references (e.g. image_size=224)."
+        raise ResADConfigurationError(msg)
+    height, width = (int(value) for value in size)
+    with torch.no_grad():  # the exact feature-map sizes (padding rules differ between backbones)
+        features = extractor(torch.zeros(1, 3, height, width, device=model.device))
+    return {
+        "backbone": extractor.backbone,
+        "layers": list(extractor.layers),
+        "image_size": [height, width],
+        "channels": list(extractor.out_dims),
+        "grids": [list(feature.shape[-2:]) for feature in features],
+    }
+
+
+def check_signature(expected: dict[str, Any], found: dict[str, Any], what: str) -> None:
+    """Raise a clear error when references were made for a different model (backbone, levels or image size)."""
+    problems = [
+        f"{key}: references {found.get(key)!r}, model {expected[key]!r}"
+        for key in ("backbone", "layers", "image_size", "channels")
+        if found.get(key) != expected[key]
+    ]
+    if problems:
+        msg = (
+            f"{what} was made for another model ({'; '.join(problems)}). Make the references again with this model: "
+            "resad references --model <exported model folder or checkpoint> --images <folder> --output <file>."
+        )
+        raise ResADInputError(msg)
+
+
+def save_references(
+    path: str | Path, bank: ReferenceBank, signature: dict[str, Any], selection: ReferenceSelection
+) -> Path:
+    """Write a references file (``.npz``: one array per level + JSON metadata) readable without torch."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        **signature,
+        "shots": bank.shots,
+        "reference_grids": [list(grid) for grid in bank.grids],
+        "selection": selection.to_dict(),
+    }
+    arrays = {f"reference_{level}": features.detach().cpu().numpy() for level, features in enumerate(bank.levels)}
+    with path.open("wb") as file:
+        np.savez(file, metadata=np.array(json.dumps(metadata)), **arrays)
+    return path
+
+
+def load_references(path: str | Path, expected: dict[str, Any] | None = None) -> tuple[list[np.ndarray], dict]:
+    """Read a references file; with ``expected`` (a model signature) refuse references made for another model."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as content:
+            metadata = json.loads(str(content["metadata"]))
+            levels = [content[f"reference_{level}"] for level in range(len(metadata["layers"]))]
+    except (OSError, KeyError, ValueError) as error:
+        msg = f"'{path}' is not a ResAD references file ({error}). Make one with: resad references ..."
+        raise ResADInputError(msg) from error
+    if expected is not None:
+        check_signature(expected, metadata, f"References file '{path}'")
+    return levels, metadata
+
+
+class ReferenceConditionedModel(nn.Module):
+    """``image, reference_0..L-1 -> (pred_score, pred_label, anomaly_map, pred_mask)`` around a trained ResAD."""
+
+    def __init__(self, model: ResAD) -> None:
+        super().__init__()
+        self.pre_processor = model.pre_processor
+        self.model = model.model
+        self.post_processor = model.post_processor
+
+    def forward(self, image: torch.Tensor, references: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Score ``image`` (float ``[0, 1]``, ``(B, 3, H, W)``) against the given per-level reference bank."""
+        image = self.pre_processor(image) if self.pre_processor is not None else image
+        output = self.model(image, reference_bank=references)
+        if self.post_processor is not None:
+            output = self.post_processor(output)
+        return tuple(value for value in output if value is not None)
+
+
+class ReferenceEncoder(nn.Module):
+    """``images (k, 3, H, W) in [0, 1] -> reference_0..L-1`` (the bank of those k images)."""
+
+    def __init__(self, model: ResAD) -> None:
+        super().__init__()
+        self.pre_processor = model.pre_processor
+        self.feature_extractor = model.model.feature_extractor
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Flattened per-level features of the reference images."""
+        images = self.pre_processor(images) if self.pre_processor is not None else images
+        return tuple(flatten_levels(self.feature_extractor(images)))
+
+
+def _load_model(model: ResAD | str | Path) -> ResAD:
+    if isinstance(model, ResAD):
+        return model.eval()
+    path = Path(model)
+    if not path.is_file():
+        msg = f"Checkpoint '{path}' does not exist."
+        raise ResADInputError(msg)
+    return ResAD.load_from_checkpoint(path, map_location="cpu").eval()
+
+
+def _export_onnx(
+    module: nn.Module, arguments: tuple, path: Path, names: tuple[list[str], list[str]], dynamic: Any
+) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        module,
+        arguments,
+        str(path),
+        input_names=names[0],
+        output_names=names[1],
+        dynamic_shapes=dynamic,
+        dynamo=True,
+        opset_version=18,
+    )
+    return path
+
+
+def export_deployment(
+    model: ResAD | str | Path,
+    export_root: str | Path,
+    example_shots: int = 2,
+) -> Path:
+    """Export the reference-conditioned model and the reference encoder to ONNX and OpenVINO.
+
+    Args:
+        model (ResAD | str | Path): A trained ResAD or its checkpoint.
+        export_root (str | Path): Output folder (``model.xml``/``.onnx``, ``reference_encoder.xml``/``.onnx``,
+            ``metadata.json``).
+        example_shots (int): k of the example bank used for tracing (any k works at run time). Defaults to ``2``.
+
+    Returns:
+        Path: ``export_root``.
+    """
+    import openvino as ov
+
+    resad = _load_model(model)
+    signature = model_signature(resad)
+    export_root = Path(export_root)
+    height, width = signature["image_size"]
+    levels = len(signature["layers"])
+    images = torch.rand(2, 3, height + 16, width + 32)  # any input size: the graph resizes (like anomalib's exports)
+    encoder = ReferenceEncoder(resad).eval()
+    with torch.no_grad():
+        example_bank = list(encoder(torch.rand(example_shots, 3, height, width)))
+    conditioned = ReferenceConditionedModel(resad).eval()
+    with torch.no_grad():
+        outputs = resad(images)
+    output_names = [name for name, value in outputs._asdict().items() if value is not None]
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    image_height, image_width = (
+        torch.export.Dim("height", min=32, max=8192),
+        torch.export.Dim("width", min=32, max=8192),
+    )
+    rows = [torch.export.Dim(f"rows_{level}", min=1) for level in range(levels)]
+    reference_names = [f"reference_{level}" for level in range(levels)]
+    onnx_model = _export_onnx(
+        conditioned,
+        (images, example_bank),
+        export_root / "onnx" / f"{MODEL_FILE}.onnx",
+        (["image", *reference_names], output_names),
+        {"image": {0: batch, 2: image_height, 3: image_width}, "references": [{0: row} for row in rows]},
+    )
+    onnx_encoder = _export_onnx(
+        encoder,
+        (torch.rand(example_shots, 3, height, width),),
+        export_root / "onnx" / f"{ENCODER_FILE}.onnx",
+        (["images"], reference_names),
+        {"images": {0: torch.export.Dim("shots", min=1, max=1024)}},
+    )
+    (export_root / "openvino").mkdir(parents=True, exist_ok=True)
+    for source, name in ((onnx_model, MODEL_FILE), (onnx_encoder, ENCODER_FILE)):
+        # compress_to_fp16 defaults to True in ov.save_model: keep f32 weights, as anomalib does without FP16 compression
+        ov.save_model(ov.convert_model(source), export_root / "openvino" / f"{name}.xml", compress_to_fp16=False)
+    metadata = {"format_version": FORMAT_VERSION, **signature, "outputs": output_names}
+    (export_root / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    logger.info("Exported the reference-conditioned ResAD to %s", export_root)
+    return export_root
+
+
+def bake_references(model: ResAD | str | Path, references: str | Path) -> ResAD:
+    """Return the model with a references file's bank stored in it (for ``anomalib``-style exports of that class)."""
+    resad = _load_model(model)
+    levels, metadata = load_references(references, model_signature(resad))
+    bank = ReferenceBank(
+        levels=[torch.from_numpy(level) for level in levels],
+        grids=[tuple(grid) for grid in metadata["reference_grids"]],
+        shots=int(metadata["shots"]),
+    )
+    resad.model.feature_converter.set_bank(bank)
+    resad.reference_selection = ReferenceSelection.from_dict(metadata["selection"])
+    return resad
+
+
+def make_references(
+    model: str | Path | ResAD,
+    images: str | Path,
+    output: str | Path,
+    k: int | None = None,
+    class_name: str | None = None,
+    device: str = "CPU",
+) -> Path:
+    """Turn a folder of k normal images of a class into a references file for a trained ResAD.
+
+    Args:
+        model (str | Path | ResAD): An exported deployment folder (uses its OpenVINO reference encoder: no torch
+            checkpoint needed), a checkpoint, or a ResAD.
+        images (str | Path): Folder of normal images of the class (its first ``k`` in sorted order are used).
+        output (str | Path): The references file to write (``.npz``).
+        k (int | None): Number of images. Defaults to all images of the folder.
+        class_name (str | None): Name of the class. Defaults to the folder's name.
+        device (str): OpenVINO device for an exported encoder. Defaults to ``"CPU"``.
+
+    Returns:
+        Path: ``output``.
+    """
+    class_name = class_name or Path(images).name
+    selection = select_folder_references(images, k, class_name)
+    model_dir = Path(model) if not isinstance(model, ResAD) else None
+    if model_dir is not None and model_dir.is_dir():
+        import openvino as ov
+
+        metadata = _read_metadata(model_dir)
+        signature = {key: metadata[key] for key in ("backbone", "layers", "image_size", "channels", "grids")}
+        core = ov.Core()
+        encoder = core.compile_model(
+            core.read_model(model_dir / "openvino" / f"{ENCODER_FILE}.xml"),
+            device,
+            {"INFERENCE_PRECISION_HINT": "f32"} if device == "CPU" else {},
+        )
+        # images of any size: resize each like the exported pre-processing does (bilinear), then encode as a batch
+        resize = Resize(signature["image_size"], antialias=False)
+        pixels = load_images(selection.paths, transform=resize).numpy()
+        levels = list(encoder(pixels).values())
+        bank = ReferenceBank(
+            levels=[torch.from_numpy(np.asarray(level)) for level in levels],
+            grids=[tuple(grid) for grid in signature["grids"]],
+            shots=selection.k,
+        )
+    else:
+        resad = _load_model(model)
+        signature = model_signature(resad)
+        transform = resad.pre_processor.transform if resad.pre_processor is not None else None
+        bank = resad.model.make_reference_bank(load_images(selection.paths, transform))
+    return save_references(output, bank, signature, selection)
+
+
+def _read_metadata(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / METADATA_FILE
+    if not path.is_file():
+        msg = f"'{model_dir}' is not a ResAD deployment folder (no {METADATA_FILE}). Make one with: resad export ..."
+        raise ResADInputError(msg)
+    return json.loads(path.read_text())
+
+
+class ReferenceConditionedInferencer(OpenVINOInferencer):
+    """anomalib's ``OpenVINOInferencer`` for the reference-conditioned ResAD: one compiled model, many classes.
+
+    Args:
+        path (str | Path): Deployment folder written by :func:`export_deployment`.
+        device (str): OpenVINO device. Defaults to ``"CPU"``.
+        precision (str): Inference precision on CPU: ``"f32"`` (matches PyTorch) or ``"bf16"``/``"f16"`` where
+            supported (faster, scores move by ~1e-2). Defaults to ``"f32"``.
+        config (dict | None): Further OpenVINO compile options. Defaults to ``None``.
+    """
+
+    def __init__(
+        self, path: str | Path, device: str = "CPU", precision: str = "f32", config: dict | None = None
+    ) -> None:
+        self.deployment = Path(path)
+        self.metadata = _read_metadata(self.deployment)
+        options = dict(config or {})
+        if device == "CPU":
+            options.setdefault("INFERENCE_PRECISION_HINT", precision)
+        super().__init__(self.deployment / "openvino" / f"{MODEL_FILE}.xml", device=device, config=options)
+        self.banks: dict[str, list[np.ndarray]] = {}
+
+    def add_class(self, class_name: str, references: str | Path) -> None:
+        """Load the references file of a class (checked against the exported model)."""
+        levels, _ = load_references(references, self.metadata)
+        self.banks[class_name] = [np.ascontiguousarray(level, dtype=np.float32) for level in levels]
+
+    def predict(
+        self,
+        image: str | Path | np.ndarray | PILImage | torch.Tensor,
+        class_name: str | None = None,
+    ) -> NumpyImageBatch:
+        """Score an image (or an ``(N, H, W, 3)``/``(N, 3, H, W)`` batch) against the references of ``class_name``."""
+        if class_name is None and len(self.banks) == 1:
+            class_name = next(iter(self.banks))
+        if class_name not in self.banks:
+            msg = f"No references for class {class_name!r}; known classes: {sorted(self.banks)}. Call add_class first."
+            raise ResADInputError(msg)
+        if isinstance(image, str | Path):
+            image = read_image(image, as_tensor=False)
+        elif isinstance(image, PILImage):
+            image = np.array(image) / 255.0
+        elif isinstance(image, torch.Tensor):
+            image = image.cpu().numpy()
+        image = self.pre_process(image)
+        inputs = {"image": image, **{f"reference_{level}": bank for level, bank in enumerate(self.banks[class_name])}}
+        predictions = self.post_process(self.model(inputs))
+        return NumpyImageBatch(image=image, **predictions)
+
+
+def export_model(
+    checkpoint: str,
+    export_root: str,
+    references: str | None = None,
+    export_types: Sequence[str] = ("openvino",),
+) -> Path:
+    """``resad export``: the deployment folder (references as model inputs), or a baked export of another class.
+
+    Args:
+        checkpoint (str): A trained ResAD checkpoint.
+        export_root (str): Output folder.
+        references (str | None): A references file: export a model with *that* class's references baked in
+            (anomalib's standard export, for ``OpenVINOInferencer``/``TorchInferencer``). Defaults to ``None``: export
+            the reference-conditioned deployment (model + reference encoder + metadata).
+        export_types (Sequence[str]): With ``references``: any of ``openvino``, ``onnx``, ``torch``.
+
+    Returns:
+        Path: ``export_root``.
+    """
+    if references is None:
+        return export_deployment(checkpoint, export_root)
+    resad = bake_references(checkpoint, references)
+    for export_type in export_types:
+        exporter = {"openvino": resad.to_openvino, "onnx": resad.to_onnx, "torch": resad.to_torch}.get(export_type)
+        if exporter is None:
+            msg = f"Unknown export type '{export_type}': use openvino, onnx or torch."
+            raise ResADConfigurationError(msg)
+        exporter(export_root)
+    return Path(export_root)
