@@ -237,7 +237,7 @@ def export_deployment(
     )
     (export_root / "openvino").mkdir(parents=True, exist_ok=True)
     for source, name in ((onnx_model, MODEL_FILE), (onnx_encoder, ENCODER_FILE)):
-        # compress_to_fp16 defaults to True in ov.save_model: keep f32 weights, as anomalib does without FP16 compression
+        # ov.save_model compresses weights to fp16 by default: keep f32, as anomalib does without FP16 compression
         ov.save_model(ov.convert_model(source), export_root / "openvino" / f"{name}.xml", compress_to_fp16=False)
     metadata = {"format_version": FORMAT_VERSION, **signature, "outputs": output_names}
     (export_root / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
