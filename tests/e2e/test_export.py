@@ -1,0 +1,177 @@
+# Copyright (C) 2026 anomalib-resad contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Export round trips (anomalib export, OpenVINO / ONNX / Torch) and new classes at deploy time."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+import pytest
+import torch
+from anomalib.data.utils.image import read_image
+from anomalib.deploy import OpenVINOInferencer, TorchInferencer
+from anomalib.engine import Engine
+
+from anomalib_resad import ResAD, ResADInputError
+from anomalib_resad.data import MultiClassDataModule
+from anomalib_resad.deploy import ReferenceConditionedInferencer, export_deployment, make_references
+from anomalib_resad.offline_weights import LITE0_BACKBONE, LITE0_LAYERS
+from anomalib_resad.references import select_folder_references
+
+pytestmark = pytest.mark.slow
+F32 = {"INFERENCE_PRECISION_HINT": "f32"}  # OpenVINO would pick bf16 on CPUs that have it
+TOLERANCE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def checkpoint(texture_root: Path, lite0_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small ResAD trained for one epoch on two texture classes (brick stays unseen)."""
+    root = tmp_path_factory.mktemp("export_train")
+    datamodule = MultiClassDataModule(
+        sources=[{"datamodule": "MVTecAD", "root": str(texture_root), "categories": ["grass", "gravel"]}],
+        targets=[{"datamodule": "MVTecAD", "root": str(texture_root), "categories": ["brick"]}],
+        train_batch_size=4,
+        eval_batch_size=4,
+        num_workers=0,
+    )
+    model = ResAD(
+        backbone=LITE0_BACKBONE,
+        layers=list(LITE0_LAYERS),
+        pre_trained=str(lite0_weights),
+        image_size=96,
+        coupling_layers=2,
+        pos_embed_dim=16,
+        first_stage_epochs=0,
+        lr=1e-3,
+        visualizer=False,
+    )
+    engine = Engine(max_epochs=1, accelerator="cpu", default_root_dir=root, logger=False, enable_progress_bar=False)
+    engine.fit(model, datamodule=datamodule)
+    return next(root.rglob("*.ckpt"))
+
+
+def images_of(texture_root: Path, category: str, count: int = 3) -> list[Path]:
+    return sorted((texture_root / category / "test").rglob("*.png"))[:count]
+
+
+def eager(checkpoint: Path, image: Path) -> dict[str, np.ndarray]:
+    model = ResAD.load_from_checkpoint(checkpoint).eval()
+    with torch.no_grad():
+        output = model(read_image(image, as_tensor=True).unsqueeze(0))
+    return {name: value.numpy() for name, value in output._asdict().items() if value is not None}
+
+
+def assert_parity(reference: dict[str, np.ndarray], exported: dict[str, np.ndarray]) -> None:
+    for name in ("pred_score", "anomaly_map"):
+        difference = np.abs(reference[name].reshape(-1) - np.asarray(exported[name]).reshape(-1)).max()
+        assert difference <= TOLERANCE, f"{name} differs by {difference}"
+    assert np.array_equal(reference["pred_label"].reshape(-1), np.asarray(exported["pred_label"]).reshape(-1))
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`anomalib export` of all three types through the real command line."""
+    root = tmp_path_factory.mktemp("anomalib_export")
+    anomalib = Path(sys.executable).parent / "anomalib"
+    for export_type in ("torch", "onnx", "openvino"):
+        result = subprocess.run(
+            [str(anomalib), "export", "--model", "ResAD", "--ckpt_path", str(checkpoint),
+             "--export_type", export_type, "--export_root", str(root)],
+            capture_output=True, text=True, timeout=900, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return root
+
+
+def test_anomalib_export_writes_every_type(exported: Path) -> None:
+    for path in ("weights/torch/model.pt", "weights/onnx/model.onnx", "weights/openvino/model.xml"):
+        assert (exported / path).is_file(), path
+
+
+def test_openvino_inferencer_matches_eager(exported: Path, checkpoint: Path, texture_root: Path) -> None:
+    inferencer = OpenVINOInferencer(exported / "weights/openvino/model.xml", device="CPU", config=F32)
+    for image in images_of(texture_root, "grass"):
+        prediction = inferencer.predict(image)
+        assert_parity(eager(checkpoint, image), {"pred_score": prediction.pred_score,
+                                                 "anomaly_map": prediction.anomaly_map,
+                                                 "pred_label": prediction.pred_label})  # fmt: skip
+
+
+def test_onnx_graph_matches_eager(exported: Path, checkpoint: Path, texture_root: Path) -> None:
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(exported / "weights/onnx/model.onnx"), "CPU", F32)
+    image = images_of(texture_root, "gravel")[0]
+    outputs = compiled(read_image(image, as_tensor=True).unsqueeze(0).numpy())
+    assert_parity(eager(checkpoint, image), {key.get_any_name(): value for key, value in outputs.items()})
+
+
+def test_torch_inferencer_matches_eager(
+    exported: Path, checkpoint: Path, texture_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TRUST_REMOTE_CODE", "1")  # anomalib's TorchInferencer unpickles the whole module
+    inferencer = TorchInferencer(exported / "weights/torch/model.pt", device="cpu")
+    image = images_of(texture_root, "grass")[1]
+    prediction = inferencer.predict(read_image(image, as_tensor=True))
+    assert_parity(eager(checkpoint, image), {name: getattr(prediction, name).detach().cpu().numpy()
+                                             for name in ("pred_score", "anomaly_map", "pred_label")})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def deployment(checkpoint: Path, texture_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = export_deployment(checkpoint, tmp_path_factory.mktemp("deployment"))
+    for category in ("brick", "grass"):  # brick was never trained on
+        make_references(root, texture_root / category / "train" / "good", root / "refs" / f"{category}.npz", k=3)
+    return root
+
+
+def test_new_classes_side_by_side_with_one_exported_model(
+    deployment: Path, checkpoint: Path, texture_root: Path
+) -> None:
+    inferencer = ReferenceConditionedInferencer(deployment)
+    for category in ("brick", "grass"):
+        inferencer.add_class(category, deployment / "refs" / f"{category}.npz")
+    model = ResAD.load_from_checkpoint(checkpoint).eval()
+    scores = {}
+    for category in ("brick", "grass"):
+        model.set_references(select_folder_references(texture_root / category / "train" / "good", 3, category))
+        for image in images_of(texture_root, category, 2):
+            prediction = inferencer.predict(image, class_name=category)
+            with torch.no_grad():
+                reference = model(read_image(image, as_tensor=True).unsqueeze(0))
+            assert_parity({name: value.numpy() for name, value in reference._asdict().items() if value is not None},
+                          {"pred_score": prediction.pred_score, "anomaly_map": prediction.anomaly_map,
+                           "pred_label": prediction.pred_label})  # fmt: skip
+        normal = texture_root / category / "test" / "good" / "000.png"
+        scores[category] = {other: float(inferencer.predict(normal, class_name=other).pred_score[0])
+                            for other in ("brick", "grass")}  # fmt: skip
+    # a normal image looks more normal against its own class's references than against another class's
+    assert scores["brick"]["brick"] < scores["brick"]["grass"]
+    assert scores["grass"]["grass"] < scores["grass"]["brick"]
+
+
+def test_references_of_another_model_are_refused(deployment: Path, texture_root: Path, tmp_path: Path) -> None:
+    inferencer = ReferenceConditionedInferencer(deployment)
+    other = ResAD(backbone="resnet18", layers=["layer1", "layer2"], pre_trained=False, image_size=96,
+                  coupling_layers=2, pos_embed_dim=16, visualizer=False)  # fmt: skip
+    make_references(other, texture_root / "brick" / "train" / "good", tmp_path / "resnet.npz", k=2)
+    with pytest.raises(ResADInputError, match="backbone: references 'resnet18', model 'tf_efficientnet_lite0'"):
+        inferencer.add_class("brick", tmp_path / "resnet.npz")
+
+
+def test_references_of_another_image_size_are_refused(deployment: Path, texture_root: Path, tmp_path: Path) -> None:
+    inferencer = ReferenceConditionedInferencer(deployment)
+    larger = ResAD(backbone=LITE0_BACKBONE, layers=list(LITE0_LAYERS), pre_trained=False, image_size=128,
+                   coupling_layers=2, pos_embed_dim=16, visualizer=False)  # fmt: skip
+    make_references(larger, texture_root / "brick" / "train" / "good", tmp_path / "large.npz", k=2)
+    with pytest.raises(ResADInputError, match=r"image_size: references \[128, 128\], model \[96, 96\]"):
+        inferencer.add_class("brick", tmp_path / "large.npz")
+
+
+def test_missing_class_is_named(deployment: Path, texture_root: Path) -> None:
+    inferencer = ReferenceConditionedInferencer(deployment)
+    inferencer.add_class("grass", deployment / "refs" / "grass.npz")
+    with pytest.raises(ResADInputError, match=r"No references for class 'brick'; known classes: \['grass'\]"):
+        inferencer.predict(images_of(texture_root, "brick")[0], class_name="brick")
