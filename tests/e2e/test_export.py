@@ -175,3 +175,17 @@ def test_missing_class_is_named(deployment: Path, texture_root: Path) -> None:
     inferencer.add_class("grass", deployment / "refs" / "grass.npz")
     with pytest.raises(ResADInputError, match=r"No references for class 'brick'; known classes: \['grass'\]"):
         inferencer.predict(images_of(texture_root, "brick")[0], class_name="brick")
+
+
+def test_resad_references_command_line(deployment: Path, texture_root: Path, tmp_path: Path) -> None:
+    resad = Path(sys.executable).parent / "resad"
+    output, images = tmp_path / "gravel.npz", texture_root / "gravel" / "train" / "good"
+    result = subprocess.run(
+        [str(resad), "references", "--model", str(deployment), "--images", str(images), "--k", "2",
+         "--output", str(output)],
+        capture_output=True, text=True, timeout=600, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    inferencer = ReferenceConditionedInferencer(deployment)
+    inferencer.add_class("gravel", output)
+    assert inferencer.banks["gravel"][0].shape[0] == 2 * 24 * 24  # k=2 images, 24x24 level-1 grid at 96 px
