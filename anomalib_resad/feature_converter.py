@@ -34,10 +34,11 @@ from torch.nn import functional as F  # noqa: N812
 from .errors import ResADConfigurationError, ResADInputError
 
 RESIDUAL_TYPES = ("squared", "difference")
-# Similarity-matrix elements computed at once while matching, per 64 channels: small blocks keep the memory-bound
-# argmax of thin features in cache, larger ones keep the matmul of wide features efficient (measured on CPU, see
-# benchmarks/bench_matching.py). Bounds memory for any k and batch size.
-_MATCH_BLOCK_ELEMENTS = 1 << 20
+# Similarity-matrix elements computed at once while matching (64 MiB of float32). Matching is compute-bound in the
+# matmul: on CPU, blocks of this size run as fast as one full matrix or as the reference code's image-by-image loop
+# (measured, benchmarks/bench_matching.py), while smaller blocks were up to 1.5x slower. The bound keeps memory flat
+# for any k and batch size.
+_MATCH_BLOCK_ELEMENTS = 1 << 24
 
 
 def nearest_reference(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
@@ -58,13 +59,27 @@ def nearest_reference(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """
     bank_normalized = F.normalize(bank, dim=1)
     query_normalized = F.normalize(query, dim=1)
-    block_elements = _MATCH_BLOCK_ELEMENTS * max(1, bank.shape[1] // 64)
-    if torch.compiler.is_exporting() or query.shape[0] * bank.shape[0] <= block_elements:
+    if torch.compiler.is_exporting():
+        indices = _first_index_of_max(query_normalized @ bank_normalized.T)
+    elif query.shape[0] * bank.shape[0] <= _MATCH_BLOCK_ELEMENTS:
         indices = (query_normalized @ bank_normalized.T).argmax(dim=1)
     else:  # eager mode: bound the (N, M) similarity matrix by matching blocks of queries
-        block = max(1, block_elements // bank.shape[0])
+        block = max(1, _MATCH_BLOCK_ELEMENTS // bank.shape[0])
         indices = torch.cat([(part @ bank_normalized.T).argmax(dim=1) for part in query_normalized.split(block)])
     return bank[indices]
+
+
+def _first_index_of_max(similarity: torch.Tensor) -> torch.Tensor:
+    """``similarity.argmax(dim=1)`` written as reductions, for exported graphs.
+
+    ONNX ``ArgMax`` becomes a ``TopK`` in OpenVINO, which took 55 % of the whole light model's time on CPU; a
+    ``ReduceMax``, a select and a ``ReduceMin`` give the same first index 1.5-3x faster there (measured with
+    OpenVINO's per-layer profiling; in eager PyTorch ``argmax`` itself is the faster one). float32 holds every
+    index exactly up to 2**24 bank positions (k*H*W is 25,088 for k = 8 at 56 x 56).
+    """
+    best = similarity.amax(dim=1, keepdim=True)
+    positions = torch.arange(similarity.shape[1], dtype=similarity.dtype, device=similarity.device)
+    return torch.where(similarity >= best, positions, float(2**24)).amin(dim=1).long()
 
 
 def residual_features(features: torch.Tensor, matched: torch.Tensor, residual: str = "squared") -> torch.Tensor:

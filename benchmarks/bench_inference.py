@@ -3,8 +3,9 @@
 """Inference speed and memory of ResAD: eager PyTorch vs OpenVINO, batch 1 and 8, two backbones.
 
 Prints one table (markdown). Every configuration runs in its own subprocess, so "peak RSS" is that runtime's own
-peak (model + one batch), and all rows are measured in the same run on the same machine: compare ratios, not
-absolute numbers across machines.
+peak (model + one batch; the OpenVINO IR is exported beforehand in another process, so OpenVINO rows hold no
+PyTorch), and all rows are measured in the same run on the same machine: compare ratios, not absolute numbers
+across machines.
 
     python benchmarks/bench_inference.py            # both backbones, k = 4
     python benchmarks/bench_inference.py --quick    # fewer iterations
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 CONFIGS = {
     "wide_resnet50_2 (reference)": {
@@ -41,9 +43,8 @@ CONFIGS = {
 }
 
 
-def measure(config_name: str, runtime: str, batch: int, iterations: int, shots: int) -> dict:
-    """Run in a subprocess: build the model, time ``iterations`` batches, report ms/image and peak RSS."""
-    import numpy as np
+def build_model(config_name: str, shots: int) -> "ResAD":  # noqa: F821
+    """The benchmarked model: fixed seed, k random reference images."""
     import torch
 
     from anomalib_resad import ResAD
@@ -51,24 +52,40 @@ def measure(config_name: str, runtime: str, batch: int, iterations: int, shots: 
     torch.manual_seed(0)
     model = ResAD(**CONFIGS[config_name], visualizer=False, evaluator=False).eval()
     model.model.set_references(torch.rand(shots, 3, 224, 224))
-    images = torch.rand(batch, 3, 224, 224)
+    return model
+
+
+def export(config_name: str, shots: int, folder: str) -> dict:
+    """Run in a subprocess: export the model to OpenVINO IR (anomalib's ``to_openvino``), so the timed runtime
+    process holds only the OpenVINO model (its peak RSS is then that of deployment)."""
+    return {"path": str(build_model(config_name, shots).to_openvino(folder, input_size=(224, 224)))}
+
+
+def measure(config_name: str, runtime: str, batch: int, iterations: int, shots: int, model_path: str) -> dict:
+    """Run in a subprocess: load the model, time ``iterations`` batches, report ms/image and peak RSS."""
+    import numpy as np
+
+    images = np.random.default_rng(0).random((batch, 3, 224, 224), dtype=np.float32)
     if runtime == "pytorch":
+        import torch
+
+        model = build_model(config_name, shots)
+        tensor = torch.from_numpy(images)
+        precision = "f32"
+
         def run() -> None:
             with torch.no_grad():
-                model(images)
-    else:
+                model(tensor)
+    else:  # nothing of torch or anomalib_resad in this process
         import openvino as ov
 
-        with tempfile.TemporaryDirectory() as folder:
-            path = model.to_openvino(folder, input_size=(224, 224))
-            core = ov.Core()
-            options = {"INFERENCE_PRECISION_HINT": "f32"} if runtime == "openvino-f32" else {}
-            compiled = core.compile_model(core.read_model(path), "CPU", options)
-            precision = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
-        array = images.numpy()
+        options = {"INFERENCE_PRECISION_HINT": "f32"} if runtime == "openvino-f32" else {}
+        compiled = ov.Core().compile_model(model_path, "CPU", options)
+        precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
 
         def run() -> None:
-            compiled(array)
+            compiled(images)
+
     run()  # warm-up
     run()
     start = time.perf_counter()
@@ -80,7 +97,7 @@ def measure(config_name: str, runtime: str, batch: int, iterations: int, shots: 
         "ms_per_image": 1000 * seconds / batch,
         "images_per_s": batch / seconds,
         "peak_mb": peak_mb,
-        "precision": "f32" if runtime == "pytorch" else precision,
+        "precision": precision,
         "numpy": np.__version__,
     }
 
@@ -106,26 +123,32 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.worker:
-        config_name, runtime, batch, iterations = json.loads(arguments.worker)
-        print(json.dumps(measure(config_name, runtime, batch, iterations, arguments.shots)))
+        job = json.loads(arguments.worker)
+        result = export(*job[1:]) if job[0] == "export" else measure(*job[1:])
+        print(json.dumps(result))
         return
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def worker(*job: object) -> dict:
+        command = [sys.executable, __file__, "--worker", json.dumps(job)]
+        output = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
+        return json.loads(output.strip().splitlines()[-1])
+
     rows = []
-    for config_name in CONFIGS:
-        for batch in (1, 8):
-            iterations = (3 if arguments.quick else 10) if batch == 1 else (1 if arguments.quick else 3)
-            results = {}
-            for runtime in ("pytorch", "openvino-f32", "openvino-default"):
-                job = json.dumps([config_name, runtime, batch, iterations])
-                output = subprocess.run(
-                    [sys.executable, __file__, "--worker", job, "--shots", str(arguments.shots)],
-                    capture_output=True, text=True, env=env, check=True,
-                ).stdout  # fmt: skip
-                results[runtime] = json.loads(output.strip().splitlines()[-1])
-            for runtime, result in results.items():
-                speedup = results["pytorch"]["ms_per_image"] / result["ms_per_image"]
-                rows.append((config_name, batch, runtime, result, speedup))
-    print(f"\nResAD inference on this CPU ({os.cpu_count()} cores, torch threads default), k = {arguments.shots}, 224 px\n")
+    with tempfile.TemporaryDirectory() as root:
+        for index, config_name in enumerate(CONFIGS):
+            model_path = worker("export", config_name, arguments.shots, str(Path(root) / str(index)))["path"]
+            for batch in (1, 8):
+                iterations = (3 if arguments.quick else 10) if batch == 1 else (1 if arguments.quick else 3)
+                results = {
+                    runtime: worker("measure", config_name, runtime, batch, iterations, arguments.shots, model_path)
+                    for runtime in ("pytorch", "openvino-f32", "openvino-default")
+                }
+                for runtime, result in results.items():
+                    speedup = results["pytorch"]["ms_per_image"] / result["ms_per_image"]
+                    rows.append((config_name, batch, runtime, result, speedup))
+    cores = os.cpu_count()
+    print(f"\nResAD inference on this CPU ({cores} cores, torch threads default), k = {arguments.shots}, 224 px\n")
     print("| backbone | batch | runtime (precision) | ms / image | images / s | vs PyTorch | peak RSS MB |")
     print("|---|---|---|---|---|---|---|")
     for config_name, batch, runtime, result, speedup in rows:

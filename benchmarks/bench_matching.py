@@ -1,13 +1,21 @@
 # Copyright (C) 2026 anomalib-resad contributors
 # SPDX-License-Identifier: Apache-2.0
-"""Nearest-reference matching: the reference code's loop vs this package's batched, blocked matching.
+"""Reference features and nearest-reference matching: the reference code's way vs this package's.
 
-The reference code (``utils.py: get_mc_matched_ref_features``) matches image by image and level by level, builds the
-full similarity matrix for each image and re-normalises the bank for every image. Here one call matches the whole
-batch, in blocks whose size depends on the channel count (small blocks keep the memory-bound argmax of thin features
-in cache; larger blocks keep the matmul of wide features efficient). Same results (asserted), measured in one run.
+Two tables, measured in one run:
+
+1. Matching (batch 8, k = 4): the reference code (``utils.py: get_mc_matched_ref_features``) matches image by image
+   and level by level with a full similarity matrix per image; here one call matches the whole batch in blocks of
+   bounded size. Results are asserted identical. Matching is compute-bound in the matmul, so on CPU both run at about
+   the same speed; what the blocks change is the peak similarity-matrix memory, which no longer grows with k or
+   the batch.
+2. Training references per batch: the reference code re-extracts backbone features of ``num_shot = 4`` freshly
+   drawn normal images for every class in every training batch; here features of every drawn training image are
+   computed once and kept in a bounded cache, so a batch only stacks cached tensors once the pool has been seen.
 
     python benchmarks/bench_matching.py
+
+Weights do not change speed: both backbones run with random weights (no download).
 """
 
 import time
@@ -17,12 +25,17 @@ import torch
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_resad import feature_converter
-from anomalib_resad.feature_converter import nearest_reference
+from anomalib_resad.feature_converter import flatten_levels, nearest_reference
+from anomalib_resad.feature_extractor import ResADFeatureExtractor
 
 # (levels, batch, shots): WideResNet-50-2 at 224 px (reference) and EfficientNet-Lite0 at 224 px
 SHAPES = {
     "wide_resnet50_2": [(256, 56), (512, 28), (1024, 14)],
     "tf_efficientnet_lite0": [(24, 56), (40, 28), (112, 14)],
+}
+BACKBONE_LAYERS = {
+    "wide_resnet50_2": ["layer1", "layer2", "layer3"],
+    "tf_efficientnet_lite0": ["blocks.1", "blocks.2", "blocks.4"],
 }
 
 
@@ -61,8 +74,9 @@ def main() -> None:
     """Print the comparison table."""
     torch.manual_seed(0)
     print(f"\nNearest-reference matching on this CPU ({torch.get_num_threads()} threads), batch 8, k = 4\n")
-    print("| backbone | reference-style loop | batched + blocked (ours) | speed-up |")
-    print("|---|---|---|---|")
+    print("| backbone | reference-style loop | batched + blocked (ours) | speed-up | peak similarity MB, loop / ours |")
+    print("|---|---|---|---|---|")
+    block = feature_converter._MATCH_BLOCK_ELEMENTS
     for backbone, levels in SHAPES.items():
         features = [torch.rand(8, channels, size, size) for channels, size in levels]
         bank = [torch.rand(4 * size * size, channels) for channels, size in levels]
@@ -70,10 +84,46 @@ def main() -> None:
         our_seconds, result = timed(ours, features, bank)
         for level_expected, level_result in zip(expected, result, strict=True):
             assert torch.equal(level_expected, level_result)
+        bank_sizes = [4 * size * size for _, size in levels]  # k * H * W positions per level
+        loop_mb = max(size * size * bank for (_, size), bank in zip(levels, bank_sizes, strict=True)) * 4 / 2**20
+        our_mb = (
+            max(
+                min(8 * size * size, max(1, block // bank)) * bank
+                for (_, size), bank in zip(levels, bank_sizes, strict=True)
+            )
+            * 4
+            / 2**20
+        )
         print(f"| {backbone} | {1000 * loop_seconds:.0f} ms | {1000 * our_seconds:.0f} ms | "
-              f"{loop_seconds / our_seconds:.2f}x |")  # fmt: skip
-    block = feature_converter._MATCH_BLOCK_ELEMENTS  # noqa: SLF001
-    print(f"\nblock: {block} similarity elements per 64 channels")
+              f"{loop_seconds / our_seconds:.2f}x | {loop_mb:.0f} / {our_mb:.0f} |")  # fmt: skip
+    training_references()
+
+
+def extract_references(extractor: ResADFeatureExtractor, pool: torch.Tensor, shots: int) -> list[torch.Tensor]:
+    """Reference code: draw ``shots`` images and run the backbone on them."""
+    return flatten_levels(extractor(pool[torch.randint(len(pool), (shots,))]))
+
+
+def cached_references(cache: list[list[torch.Tensor]], shots: int) -> list[torch.Tensor]:
+    """This package: draw ``shots`` images and stack their cached features."""
+    drawn = torch.randint(len(cache), (shots,)).tolist()
+    return flatten_levels([torch.stack(level) for level in zip(*(cache[i] for i in drawn), strict=True)])
+
+
+def training_references(shots: int = 4, batches: int = 3) -> None:
+    """Per training batch and class: extracting ``shots`` reference images (reference code) vs the feature cache."""
+    print(f"\nTraining references per batch and class (k = {shots}, 224 px)\n")
+    print("| backbone | re-extract every batch (reference code) | cached features (ours) | speed-up |")
+    print("|---|---|---|---|")
+    for backbone, layers in BACKBONE_LAYERS.items():
+        extractor = ResADFeatureExtractor(backbone, layers, pre_trained=False).eval()
+        pool = torch.rand(16, 3, 224, 224)
+        with torch.no_grad():
+            cache = [[level[index] for level in extractor(pool)] for index in range(len(pool))]  # a warm cache
+            extract_seconds, _ = timed(extract_references, extractor, pool, shots, repeats=batches)
+            cached_seconds, _ = timed(cached_references, cache, shots, repeats=batches)
+        print(f"| {backbone} | {1000 * extract_seconds:.0f} ms | {1000 * cached_seconds:.1f} ms | "
+              f"{extract_seconds / cached_seconds:.0f}x |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -29,6 +29,20 @@ def test_nearest_reference_equals_brute_force(monkeypatch: pytest.MonkeyPatch, b
     torch.testing.assert_close(nearest_reference(query, bank), brute_force_nearest(query, bank))
 
 
+def test_export_formulation_of_matching_equals_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Exported graphs match with reductions instead of ArgMax: same first index, ties included."""
+    generator = torch.Generator().manual_seed(1)
+    query = torch.randn(50, 4, generator=generator)
+    bank = torch.randn(30, 4, generator=generator)
+    bank = torch.cat([bank, bank[:10]])  # a reference image drawn twice: exact ties must give the first index
+    similarity = F.normalize(query, dim=1) @ F.normalize(bank, dim=1).T
+    torch.testing.assert_close(converter_module._first_index_of_max(similarity), similarity.argmax(dim=1))
+    expected = nearest_reference(query, bank)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    assert torch.equal(nearest_reference(query, bank), expected)
+    torch.testing.assert_close(expected, brute_force_nearest(query, bank))
+
+
 def test_matching_uses_cosine_but_returns_raw_reference_vectors() -> None:
     bank = torch.tensor([[10.0, 0.0], [0.0, 0.1]])
     query = torch.tensor([[0.0, 3.0]])  # same direction as [0, 0.1]: the raw (un-normalised) vector comes back
