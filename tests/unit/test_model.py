@@ -11,6 +11,7 @@ from anomalib.data import InferenceBatch
 from anomalib_resad import ResAD, ResADConfigurationError, ResADInputError, ResADModel
 from anomalib_resad.anomaly_map import AnomalyMapGenerator
 from anomalib_resad.references import ReferenceSelection
+from tests.helpers.models import tiny_resad
 from tests.unit.test_references import write_image
 
 
@@ -69,22 +70,8 @@ def test_pre_processor_normalises_for_the_backbone() -> None:
     assert list(normalize.mean) == [0.5, 0.5, 0.5]
 
 
-def small_resad(**overrides: object) -> ResAD:
-    settings = {
-        "backbone": "resnet18",
-        "layers": ["layer1", "layer2"],
-        "pre_trained": False,
-        "coupling_layers": 2,
-        "pos_embed_dim": 16,
-        "image_size": 64,
-        "visualizer": False,
-    }
-    settings.update(overrides)
-    return ResAD(**settings)
-
-
 def test_checkpoint_of_another_backbone_is_refused_clearly() -> None:
-    model = small_resad()
+    model = tiny_resad()
     checkpoint = {"hyper_parameters": {**dict(model.hparams), "backbone": "wide_resnet50_2"}}
     with pytest.raises(ResADConfigurationError, match="backbone: checkpoint 'wide_resnet50_2' vs model 'resnet18'"):
         model.on_load_checkpoint(checkpoint)
@@ -92,15 +79,15 @@ def test_checkpoint_of_another_backbone_is_refused_clearly() -> None:
 
 def test_invalid_hyper_parameters_are_refused() -> None:
     with pytest.raises(ResADConfigurationError, match="multiple of 4"):
-        small_resad(pos_embed_dim=18)
+        tiny_resad(pos_embed_dim=18)
     with pytest.raises(ResADConfigurationError, match=">= 1"):
-        small_resad(reference_k=0)
+        tiny_resad(reference_k=0)
     with pytest.raises(ValueError, match="Unknown OCC loss"):
-        small_resad(occ_loss="hinge")
+        tiny_resad(occ_loss="hinge")
 
 
 def test_set_references_stores_bank_and_file_list(tmp_path: Path) -> None:
-    model = small_resad()
+    model = tiny_resad()
     paths = [str(write_image(tmp_path / f"{index}.png", "L", (50, 40))) for index in range(3)]
     model.set_references(ReferenceSelection("widget", paths, str(tmp_path)))
     converter = model.model.feature_converter
@@ -112,7 +99,7 @@ def test_set_references_stores_bank_and_file_list(tmp_path: Path) -> None:
 
 
 def test_stored_references_of_another_size_give_a_clear_error(tmp_path: Path) -> None:
-    model = small_resad()
+    model = tiny_resad()
     paths = [str(write_image(tmp_path / f"{index}.png")) for index in range(2)]
     model.set_references(ReferenceSelection("widget", paths, str(tmp_path)))
     with pytest.raises(ResADInputError, match="another image size"):

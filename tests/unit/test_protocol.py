@@ -10,17 +10,9 @@ import pytest
 
 from anomalib_resad.protocol import run_protocol
 from anomalib_resad.references import sample_references
+from tests.helpers.models import TINY_SETTINGS
 
-TINY_MODEL = {
-    "backbone": "resnet18",
-    "layers": ["layer1", "layer2"],
-    "pre_trained": False,
-    "coupling_layers": 2,
-    "pos_embed_dim": 16,
-    "image_size": 64,
-    "first_stage_epochs": 0,
-    "visualizer": False,
-}
+TINY_MODEL = {**TINY_SETTINGS, "first_stage_epochs": 0}
 TRAINER = {"max_epochs": 1, "accelerator": "cpu", "enable_progress_bar": False}
 
 

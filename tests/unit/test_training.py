@@ -14,23 +14,11 @@ from PIL import Image
 from anomalib_resad import ResAD
 from anomalib_resad.data import MultiClassDataModule
 from anomalib_resad.loss import ResADLoss
+from tests.helpers.models import tiny_resad as helper_tiny_resad
 
 
 def tiny_resad(**overrides: object) -> ResAD:
-    settings = {
-        "backbone": "resnet18",
-        "layers": ["layer1", "layer2"],
-        "pre_trained": False,
-        "coupling_layers": 2,
-        "pos_embed_dim": 16,
-        "image_size": 64,
-        "train_reference_k": 2,
-        "reference_k": 2,
-        "evaluator": False,
-        "visualizer": False,
-    }
-    settings.update(overrides)
-    return ResAD(**settings)
+    return helper_tiny_resad(**{"train_reference_k": 2, "reference_k": 2, "evaluator": False, **overrides})
 
 
 @pytest.fixture
