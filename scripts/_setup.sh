@@ -20,6 +20,5 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   python -m pip install --quiet --disable-pip-version-check -e ".[offline,test]"
   echo "$want" > "$stamp"
 fi
-# Never reach for a model hub (fail at once instead of retrying); keep glibc malloc from ballooning in long runs.
+# Never reach for a model hub: fail at once instead of retrying.
 export HF_HUB_OFFLINE=1
-export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-65536}"
