@@ -74,12 +74,14 @@ def _first_index_of_max(similarity: torch.Tensor) -> torch.Tensor:
 
     ONNX ``ArgMax`` becomes a ``TopK`` in OpenVINO, which took 55 % of the whole light model's time on CPU; a
     ``ReduceMax``, a select and a ``ReduceMin`` give the same first index 1.5-3x faster there (measured with
-    OpenVINO's per-layer profiling; in eager PyTorch ``argmax`` itself is the faster one). float32 holds every
-    index exactly up to 2**24 bank positions (k*H*W is 25,088 for k = 8 at 56 x 56).
+    OpenVINO's per-layer profiling; in eager PyTorch ``argmax`` itself is the faster one). The positions are
+    integers: as floats, a runtime computing in bf16 or fp16 (OpenVINO's CPU default on bf16 hardware) would round
+    them, bf16 holding whole numbers exactly only up to 256. The "no match" filler is 2**24, not the int32 maximum,
+    which crashed OpenVINO 2025's CPU plugin at run time.
     """
     best = similarity.amax(dim=1, keepdim=True)
-    positions = torch.arange(similarity.shape[1], dtype=similarity.dtype, device=similarity.device)
-    return torch.where(similarity >= best, positions, float(2**24)).amin(dim=1).long()
+    positions = torch.arange(similarity.shape[1], dtype=torch.int32, device=similarity.device)
+    return torch.where(similarity >= best, positions, 2**24).amin(dim=1).long()
 
 
 def residual_features(features: torch.Tensor, matched: torch.Tensor, residual: str = "squared") -> torch.Tensor:

@@ -149,7 +149,7 @@ def main() -> None:
                     rows.append((config_name, batch, runtime, result, speedup))
     cores = os.cpu_count()
     print(f"\nResAD inference on this CPU ({cores} cores, torch threads default), k = {arguments.shots}, 224 px\n")
-    print("| backbone | batch | runtime (precision) | ms / image | images / s | vs PyTorch | peak RSS MB |")
+    print("| backbone | batch | runtime (precision) | ms / image | images / s | vs PyTorch | peak RSS MiB |")
     print("|---|---|---|---|---|---|---|")
     for config_name, batch, runtime, result, speedup in rows:
         print(
@@ -160,7 +160,7 @@ def main() -> None:
     print("| backbone | k=2 | k=4 | k=8 |")
     print("|---|---|---|---|")
     for config_name in CONFIGS:
-        sizes = " | ".join(f"{bank_megabytes(config_name, shots):.1f} MB" for shots in (2, 4, 8))
+        sizes = " | ".join(f"{bank_megabytes(config_name, shots):.1f} MiB" for shots in (2, 4, 8))
         print(f"| {config_name} | {sizes} |")
 
 

@@ -74,7 +74,9 @@ def main() -> None:
     """Print the comparison table."""
     torch.manual_seed(0)
     print(f"\nNearest-reference matching on this CPU ({torch.get_num_threads()} threads), batch 8, k = 4\n")
-    print("| backbone | reference-style loop | batched + blocked (ours) | speed-up | peak similarity MB, loop / ours |")
+    print(
+        "| backbone | reference-style loop | batched + blocked (ours) | speed-up | peak similarity MiB, loop / ours |"
+    )
     print("|---|---|---|---|---|")
     block = feature_converter._MATCH_BLOCK_ELEMENTS
     for backbone, levels in SHAPES.items():

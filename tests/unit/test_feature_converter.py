@@ -37,6 +37,8 @@ def test_export_formulation_of_matching_equals_eager(monkeypatch: pytest.MonkeyP
     bank = torch.cat([bank, bank[:10]])  # a reference image drawn twice: exact ties must give the first index
     similarity = F.normalize(query, dim=1) @ F.normalize(bank, dim=1).T
     torch.testing.assert_close(converter_module._first_index_of_max(similarity), similarity.argmax(dim=1))
+    tied = torch.tensor([[0.5, 0.9, 0.9, 0.1], [0.3, 0.3, 0.2, 0.3], [-1.0, -2.0, -1.0, -1.0]])
+    assert converter_module._first_index_of_max(tied).tolist() == [1, 0, 0] == tied.argmax(dim=1).tolist()
     expected = nearest_reference(query, bank)
     monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
     assert torch.equal(nearest_reference(query, bank), expected)
