@@ -77,7 +77,7 @@ def _first_index_of_max(similarity: torch.Tensor) -> torch.Tensor:
     OpenVINO's per-layer profiling; in eager PyTorch ``argmax`` itself is the faster one). The positions are
     integers: as floats, a runtime computing in bf16 or fp16 (OpenVINO's CPU default on bf16 hardware) would round
     them, bf16 holding whole numbers exactly only up to 256. The "no match" filler is 2**24, not the int32 maximum,
-    which crashed OpenVINO 2025's CPU plugin at run time.
+    which crashed OpenVINO 2026.4's CPU plugin at run time.
     """
     best = similarity.amax(dim=1, keepdim=True)
     positions = torch.arange(similarity.shape[1], dtype=torch.int32, device=similarity.device)
