@@ -1,55 +1,207 @@
 # Copyright (C) 2026 anomalib-resad contributors
 # SPDX-License-Identifier: Apache-2.0
-"""Anomaly maps and image scores from the flows' per-level log-likelihoods, image by image.
+"""Anomaly maps, image scores and their per-class calibration, image by image.
 
 The reference code (``validate.py``) averages two maps, and so does this module:
 
-* **likelihood map** ``S1 = sum_l (1 - exp(logp_l - c_l))``, each level bilinearly upsampled (``align_corners=True``)
-  to the input size - the paper's Eq. 7 summed over levels;
+* **likelihood map** ``S1 = sum_l (1 - exp(min(logp_l - c_l, 0)))``, each level bilinearly upsampled
+  (``align_corners=True``) to the input size - the paper's Eq. 7 summed over levels;
 * **classifier map** ``S2 = mean_l softmax([logp_l, logp_abnormal_l])[1]``, the probability of the "abnormal" Gaussian;
-* ``map = GaussianBlur(sigma=4)((S1 + S2) / 2)``; image score = the map's maximum.
+* ``map = GaussianBlur(sigma=4)((S1 + S2) / 2)``; image score = the map's maximum (``image_score="max"``, the
+  reference) or the mean of its top ``top_fraction`` pixels (``"top_mean"``).
 
-The reference takes ``c_l`` as the maximum log-likelihood over the *whole test set of a class*, so one image's score
-depends on every other test image - impossible in deployment, where images come one at a time. Here ``c_l`` is a
-constant per level learned in training (an EMA of the largest normal log-likelihood, see
-:class:`~anomalib_resad.loss.ResADLoss`), stored in the checkpoint and the exported graph: every image is scored on
-its own. Within one class the reference's constant only shifts the map (the ``max - sum`` form), so rankings, and
-hence AUROC, differ from the reference only through the per-level weights ``exp(-c_l)``.
+**The constants c_l.** The reference takes ``c_l`` as the maximum log-likelihood over the *whole test set of a
+class*, so one image's score depends on every other test image - impossible in deployment. Here (``level_constants=
+"per_class"``, default) they come from the class's k reference images alone: every reference image is scored against
+a bank of the other k - 1 (*leave-one-out*), and ``c_l`` is the largest normal log-likelihood seen at level l. The
+same leave-one-out scores set the class's thresholds (:class:`ScoreCalibration`). ``level_constants="global"`` uses
+one constant per level for every class instead, learned in training (an EMA of the largest normal log-likelihood).
+Log-likelihoods above ``c_l`` count as fully normal (the ``min(., 0)``): a flow can give *higher* likelihood to
+residuals far from anything it saw (a blank frame), which must not make a score negative.
+
+**Calibrated outputs.** :meth:`AnomalyMapGenerator.forward` divides the map by the class's map threshold and the
+image score by its score threshold, so ``1`` is the decision boundary of every class. Frames unlike the references
+(blank, saturated, noise, another product) are caught by a second statistic, the *dissimilarity*: the mean over
+levels and positions of ``1 - cos`` of each position's nearest reference feature. It has its own leave-one-out
+threshold, and the image score is the larger of the two ratios.
 
 Example:
     >>> import torch
     >>> generator = AnomalyMapGenerator(num_levels=1)
     >>> level = (torch.zeros(2, 4, 4), torch.full((2, 4, 4), -1.0))
-    >>> anomaly_map, score = generator([level], image_size=(16, 16))
-    >>> tuple(anomaly_map.shape), tuple(score.shape)
+    >>> similarity = torch.ones(2, 4, 4)
+    >>> components = generator.components([level], [similarity], (16, 16), torch.zeros(1))
+    >>> tuple(components.anomaly_map.shape), tuple(components.score.shape)
     ((2, 1, 16, 16), (2,))
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from anomalib.models.components import GaussianBlur2d
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-# Largest exponent used in the likelihood map: keeps exp() finite for a flow far from its training distribution.
-_MAX_EXPONENT = 30.0
+from .errors import ResADConfigurationError, ResADInputError
+
+IMAGE_SCORES = ("max", "top_mean")
+LEVEL_CONSTANTS = ("per_class", "global")
+
+
+class ScoreComponents(NamedTuple):
+    """Uncalibrated scoring results of a batch.
+
+    Attributes:
+        anomaly_map (torch.Tensor): ``(B, 1, H, W)`` anomaly map.
+        score (torch.Tensor): ``(B,)`` image score (max or top mean of the map).
+        map_max (torch.Tensor): ``(B,)`` the map's maximum.
+        dissimilarity (torch.Tensor): ``(B,)`` mean ``1 - cos`` of the nearest-reference matches.
+        level_max_log_likelihood (torch.Tensor): ``(B, L)`` largest normal log-likelihood per level.
+    """
+
+    anomaly_map: torch.Tensor
+    score: torch.Tensor
+    map_max: torch.Tensor
+    dissimilarity: torch.Tensor
+    level_max_log_likelihood: torch.Tensor
+
+
+@dataclass
+class ScoreCalibration:
+    """Per-class scoring constants and thresholds, set from the class's k reference images alone.
+
+    Stored as one flat tensor (:meth:`to_tensor`, layout ``[c_0 .. c_{L-1}, map, score, dissimilarity]``) wherever a
+    class's references live: the model's buffers (checkpoint, ``anomalib export``), a references ``.npz`` file and
+    the ``calibration`` input of the reference-conditioned export.
+
+    Attributes:
+        level_constants (torch.Tensor): ``(L,)`` the constants ``c_l``.
+        map_threshold (float): Anomaly-map value above which a pixel is anomalous.
+        score_threshold (float): Image score above which an image is anomalous.
+        dissimilarity_threshold (float): Dissimilarity above which a frame is unlike the references.
+    """
+
+    level_constants: torch.Tensor
+    map_threshold: float
+    score_threshold: float
+    dissimilarity_threshold: float
+
+    def to_tensor(self) -> torch.Tensor:
+        """Flat float32 tensor ``(L + 3,)``."""
+        thresholds = torch.tensor([self.map_threshold, self.score_threshold, self.dissimilarity_threshold])
+        return torch.cat([self.level_constants.detach().float().cpu(), thresholds])
+
+    @classmethod
+    def from_tensor(cls, values: torch.Tensor) -> "ScoreCalibration":
+        """Inverse of :meth:`to_tensor`."""
+        values = values.detach().float().cpu()
+        return cls(values[:-3].clone(), float(values[-3]), float(values[-2]), float(values[-1]))
+
+
+def leave_one_out_calibration(
+    score_reference: Callable[[int, torch.Tensor], ScoreComponents],
+    k: int,
+    num_levels: int,
+    global_constants: torch.Tensor | None = None,
+    margin: float = 1.0,
+    dissimilarity_margin: float = 1.0,
+) -> ScoreCalibration:
+    """Calibrate a class from its k reference images: each scored against a bank of the other k - 1.
+
+    The rule: ``c_l`` = the largest log-likelihood at level l over all leave-one-out positions (``global_constants``
+    instead when given); each threshold = ``margin`` x the largest leave-one-out value of its statistic (the
+    dissimilarity with ``dissimilarity_margin``). Leave-one-out banks hold one image fewer than the bank used on
+    queries, so the reference images look a little *less* normal here than normal queries will: the thresholds err
+    towards fewer false alarms.
+
+    This function is the one place where the rule lives: eager PyTorch and the exported OpenVINO calibrator both call
+    it, each with its own ``score_reference``.
+
+    Args:
+        score_reference (Callable[[int, torch.Tensor], ScoreComponents]): ``(i, level_constants) ->`` the scoring of
+            reference image ``i`` against the bank of the other references, with those constants.
+        k (int): Number of reference images (at least 2).
+        num_levels (int): Number of feature levels.
+        global_constants (torch.Tensor | None): Use these ``(L,)`` constants instead of per-class ones.
+        margin (float): Factor on the largest leave-one-out map and image score. Defaults to ``1``.
+        dissimilarity_margin (float): Factor on the largest leave-one-out dissimilarity. Defaults to ``1``.
+
+    Returns:
+        ScoreCalibration: The class's calibration.
+
+    Raises:
+        ResADInputError: ``k < 2`` (leave-one-out needs a bank of at least one other image).
+    """
+    if k < 2:
+        msg = (
+            f"ResAD sets each class's scoring constants and threshold from its reference images scored against each "
+            f"other (leave-one-out), which needs k >= 2 normal images; got k={k}. Give at least 2 reference images."
+        )
+        raise ResADInputError(msg)
+    if global_constants is None:
+        probe = torch.zeros(num_levels)
+        constants = torch.stack(
+            [score_reference(index, probe).level_max_log_likelihood.amax(dim=0).float().cpu() for index in range(k)]
+        ).amax(dim=0)
+    else:
+        constants = global_constants.detach().float().cpu()
+    results = [score_reference(index, constants) for index in range(k)]
+    map_max = max(float(result.map_max.max()) for result in results)
+    score = max(float(result.score.max()) for result in results)
+    dissimilarity = max(float(result.dissimilarity.max()) for result in results)
+    eps = 1e-6  # a threshold of 0 would divide by zero (k identical references)
+    return ScoreCalibration(
+        level_constants=constants,
+        map_threshold=max(margin * map_max, eps),
+        score_threshold=max(margin * score, eps),
+        dissimilarity_threshold=max(dissimilarity_margin * dissimilarity, eps),
+    )
 
 
 class AnomalyMapGenerator(nn.Module):
-    """Turn per-level log-likelihood maps into an anomaly map and an image score.
+    """Turn per-level log-likelihood maps into an anomaly map and an image score, calibrated per class.
 
     Args:
         num_levels (int): Number of feature levels.
         sigma (float): Standard deviation of the Gaussian smoothing, in output pixels. Defaults to ``4`` (reference).
+        image_score (str): ``"max"`` (reference) or ``"top_mean"``. Defaults to ``"max"``.
+        top_fraction (float): Share of the map's pixels averaged by ``"top_mean"``. Defaults to ``0.01``.
+        level_constants (str): ``"per_class"`` (from the references, default) or ``"global"`` (learned in training).
+        dissimilarity_check (bool): Flag frames unlike the references through the dissimilarity. Defaults to ``True``.
 
     Attributes:
-        log_likelihood_reference (torch.Tensor): ``(L,)`` per-level constants ``c_l`` subtracted before ``exp``.
+        global_level_constants (torch.Tensor): ``(L,)`` constants learned in training (EMA).
+        calibration (torch.Tensor): ``(L + 3,)`` the stored class's :class:`ScoreCalibration` (zeros: none yet).
     """
 
-    def __init__(self, num_levels: int, sigma: float = 4.0) -> None:
+    def __init__(
+        self,
+        num_levels: int,
+        sigma: float = 4.0,
+        image_score: str = "max",
+        top_fraction: float = 0.01,
+        level_constants: str = "per_class",
+        dissimilarity_check: bool = True,
+    ) -> None:
         super().__init__()
-        self.register_buffer("log_likelihood_reference", torch.zeros(num_levels))
+        if image_score not in IMAGE_SCORES:
+            msg = f"Unknown image_score '{image_score}': use one of {IMAGE_SCORES}."
+            raise ResADConfigurationError(msg)
+        if level_constants not in LEVEL_CONSTANTS:
+            msg = f"Unknown level_constants '{level_constants}': use one of {LEVEL_CONSTANTS}."
+            raise ResADConfigurationError(msg)
+        if not 0.0 < top_fraction <= 1.0:
+            msg = f"top_fraction must be in (0, 1], got {top_fraction}."
+            raise ResADConfigurationError(msg)
+        self.num_levels = num_levels
+        self.image_score = image_score
+        self.top_fraction = top_fraction
+        self.level_constants = level_constants
+        self.dissimilarity_check = dissimilarity_check
+        self.register_buffer("global_level_constants", torch.zeros(num_levels))
+        self.register_buffer("calibration", torch.zeros(num_levels + 3))
         kernel_size = 2 * int(4.0 * sigma + 0.5) + 1  # scipy.ndimage.gaussian_filter's truncate=4, as in the reference
         # "replicate" borders work for maps of any size ("reflect" needs maps larger than the kernel radius)
         self.blur = GaussianBlur2d(
@@ -59,31 +211,94 @@ class AnomalyMapGenerator(nn.Module):
             border_type="replicate",
         )
 
-    def forward(
+    @property
+    def has_calibration(self) -> bool:
+        """Whether a class calibration is stored."""
+        return bool(self.calibration[-3:].gt(0).all())
+
+    @torch.no_grad()
+    def update_global_constant(self, level: int, normal_log_likelihoods: torch.Tensor, momentum: float) -> None:
+        """EMA update of a level's global constant with the largest normal log-likelihood of a training step."""
+        if normal_log_likelihoods.numel():
+            constants = self.global_level_constants
+            constants[level] = momentum * constants[level] + (1 - momentum) * normal_log_likelihoods.max()
+
+    def constants_for(self, calibration: torch.Tensor) -> torch.Tensor:
+        """The ``c_l`` to score with: the calibration's (per class) or the learned global ones."""
+        return calibration[: self.num_levels] if self.level_constants == "per_class" else self.global_level_constants
+
+    def components(
         self,
         log_likelihoods: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        similarities: Sequence[torch.Tensor],
         image_size: tuple[int, int] | torch.Size,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Compute the anomaly map and the image score.
+        level_constants: torch.Tensor,
+    ) -> ScoreComponents:
+        """Uncalibrated map, image score and dissimilarity.
 
         Args:
             log_likelihoods (Sequence[tuple[torch.Tensor, torch.Tensor]]): Per level, the normal and abnormal
                 per-dimension log-likelihood maps ``(B, H_l, W_l)``.
+            similarities (Sequence[torch.Tensor]): Per level, cosine similarity of each position's match
+                ``(B, H_l, W_l)``.
             image_size (tuple[int, int] | torch.Size): Output size ``(H, W)``.
+            level_constants (torch.Tensor): ``(L,)`` the constants ``c_l``.
 
         Returns:
-            tuple[torch.Tensor, torch.Tensor]: Anomaly map ``(B, 1, H, W)`` and image score ``(B,)``.
+            ScoreComponents: The scoring results.
         """
         likelihood_map = 0.0
         classifier_map = 0.0
         for level, (log_normal, log_abnormal) in enumerate(log_likelihoods):
-            exponent = torch.clamp(log_normal - self.log_likelihood_reference[level], max=_MAX_EXPONENT)
-            normality = torch.exp(exponent).unsqueeze(1)
+            normality = torch.exp(torch.clamp(log_normal - level_constants[level], max=0.0)).unsqueeze(1)
             abnormal_probability = torch.softmax(torch.stack([log_normal, log_abnormal], dim=1), dim=1)[:, 1:]
             likelihood_map = likelihood_map + (1 - self._upsample(normality, image_size))
             classifier_map = classifier_map + self._upsample(abnormal_probability, image_size)
         anomaly_map = self.blur((likelihood_map + classifier_map / len(log_likelihoods)) / 2)
-        return anomaly_map, torch.amax(anomaly_map, dim=(-3, -2, -1))
+        flat = anomaly_map.flatten(start_dim=1)
+        map_max = flat.amax(dim=1)
+        if self.image_score == "max":
+            score = map_max
+        else:
+            count = max(1, round(flat.shape[1] * self.top_fraction))
+            score = flat.topk(count, dim=1).values.mean(dim=1)
+        dissimilarity = torch.stack([(1 - similarity).flatten(start_dim=1).mean(dim=1) for similarity in similarities])
+        level_max = torch.stack([log_normal.flatten(start_dim=1).amax(dim=1) for log_normal, _ in log_likelihoods])
+        return ScoreComponents(anomaly_map, score, map_max, dissimilarity.mean(dim=0), level_max.T)
+
+    def forward(
+        self,
+        log_likelihoods: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        similarities: Sequence[torch.Tensor],
+        image_size: tuple[int, int] | torch.Size,
+        calibration: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Calibrated anomaly map and image score: ``1`` is the class's decision boundary.
+
+        Args:
+            log_likelihoods (Sequence[tuple[torch.Tensor, torch.Tensor]]): See :meth:`components`.
+            similarities (Sequence[torch.Tensor]): See :meth:`components`.
+            image_size (tuple[int, int] | torch.Size): Output size ``(H, W)``.
+            calibration (torch.Tensor | None): ``(L + 3,)`` the class's calibration; the stored one when ``None``.
+
+        Returns:
+            tuple[torch.Tensor, torch.Tensor]: Anomaly map ``(B, 1, H, W)`` and image score ``(B,)``.
+        """
+        if calibration is None:
+            if not torch.compiler.is_exporting() and not self.has_calibration:
+                msg = (
+                    "This ResAD model holds no calibrated references for the class it scores. Set them with "
+                    "ResAD.set_references(...), --model.reference_dir <folder of k >= 2 normal images>, or a "
+                    "datamodule with normal training images of the class."
+                )
+                raise ResADInputError(msg)
+            calibration = self.calibration
+        parts = self.components(log_likelihoods, similarities, image_size, self.constants_for(calibration))
+        map_threshold, score_threshold, dissimilarity_threshold = calibration[-3], calibration[-2], calibration[-1]
+        score = parts.score / score_threshold
+        if self.dissimilarity_check:
+            score = torch.maximum(score, parts.dissimilarity / dissimilarity_threshold)
+        return parts.anomaly_map / map_threshold, score
 
     @staticmethod
     def _upsample(level_map: torch.Tensor, image_size: tuple[int, int] | torch.Size) -> torch.Tensor:

@@ -28,7 +28,6 @@ from .data.textures import generate_texture_dataset
 from .evaluation import METRIC_NAMES, category_metrics, save_anomaly_maps, score_samples
 from .lightning_model import ResAD
 from .offline_weights import LITE0_BACKBONE, LITE0_LAYERS, LITE0_PACKAGE, cache_dir
-from .references import ReferenceSelection, sample_references
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ def run_demo(
         num_workers=num_workers,
         seed=seed,
     )
-    model = light_resad(reference_k=k, reference_seed=seed)
+    model = light_resad(k=k, reference_seed=seed)
     print(f"[2/3] Training ResAD on {list(sources)} for {epochs} epochs (unseen classes: {list(targets)})")
     engine = Engine(
         max_epochs=epochs,
@@ -120,9 +119,9 @@ def run_demo(
     print(f"[3/3] Unseen classes, k={k} normal reference images each (no retraining)")
     rows = []
     test_samples = datamodule.test_data.samples
+    model.references.set_pools({target: datamodule.reference_pool(target) for target in targets})
     for target in targets:
-        pool = datamodule.reference_pool(target)
-        selection = ReferenceSelection(target, sample_references(pool, k, seed), "training split", seed)
+        selection = model.references.select(target, k, seed)
         model.set_references(selection)
         scores = score_samples(model, test_samples[test_samples[CATEGORY_COLUMN] == target])
         metrics = category_metrics(scores)

@@ -7,7 +7,9 @@ that takes the bank as inputs next to the image, plus a small *reference encoder
 ``metadata.json``. Then, for any class:
 
 * ``make_references(...)`` (command line ``resad references``) turns a folder of k normal images into a references
-  file (``.npz``), with the exported encoder (OpenVINO only, no torch checkpoint needed) or a checkpoint;
+  file (``.npz``: the bank and the class's calibration - its scoring constants and thresholds, set from those k
+  images by leave-one-out), with the exported encoder and calibrator (OpenVINO only, no torch checkpoint needed) or
+  a checkpoint;
 * :class:`ReferenceConditionedInferencer` (anomalib's ``OpenVINOInferencer`` with the bank as extra inputs) scores
   images of every class it was given references for, side by side, with the one compiled model.
 
@@ -43,6 +45,7 @@ from PIL.Image import Image as PILImage
 from torch import nn
 from torchvision.transforms.v2 import Resize
 
+from .anomaly_map import ScoreComponents, leave_one_out_calibration
 from .errors import ResADConfigurationError, ResADInputError
 from .feature_converter import ReferenceBank, flatten_levels
 from .lightning_model import ResAD
@@ -50,9 +53,10 @@ from .references import ReferenceSelection, load_images, select_folder_reference
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: references files and the conditioned model carry the class's calibration
 MODEL_FILE = "model"
 ENCODER_FILE = "reference_encoder"
+CALIBRATOR_FILE = "reference_calibrator"
 METADATA_FILE = "metadata.json"
 
 
@@ -96,32 +100,75 @@ def save_references(
     """Write a references file (``.npz``: one array per level + JSON metadata) readable without torch."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if bank.calibration is None:
+        msg = "Only calibrated banks can be saved: make the bank with ResADModel.make_reference_bank."
+        raise ValueError(msg)
     metadata = {
         "format_version": FORMAT_VERSION,
         **signature,
-        "shots": bank.shots,
+        "k": bank.k,
         "reference_grids": [list(grid) for grid in bank.grids],
         "selection": selection.to_dict(),
     }
     arrays = {f"reference_{level}": features.detach().cpu().numpy() for level, features in enumerate(bank.levels)}
+    arrays["calibration"] = bank.calibration.detach().cpu().numpy().astype(np.float32)
     with path.open("wb") as file:
         np.savez(file, metadata=np.array(json.dumps(metadata)), **arrays)
+    logger.info("Wrote references of class '%s' (k=%d) to %s", selection.class_name, bank.k, path)
     return path
 
 
-def load_references(path: str | Path, expected: dict[str, Any] | None = None) -> tuple[list[np.ndarray], dict]:
-    """Read a references file; with ``expected`` (a model signature) refuse references made for another model."""
+def load_references(path: str | Path, expected: dict[str, Any] | None = None) -> tuple[ReferenceBank, dict]:
+    """Read a references file; with ``expected`` (a model signature) refuse references made for another model.
+
+    Returns:
+        tuple[ReferenceBank, dict]: The calibrated bank (numpy-backed tensors) and the file's metadata.
+
+    Raises:
+        ResADInputError: Not a references file, an older format, another model's, or arrays of the wrong shape.
+    """
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as content:
             metadata = json.loads(str(content["metadata"]))
             levels = [content[f"reference_{level}"] for level in range(len(metadata["layers"]))]
+            calibration = content.get("calibration")
     except (OSError, KeyError, ValueError) as error:
         msg = f"'{path}' is not a ResAD references file ({error}). Make one with: resad references ..."
         raise ResADInputError(msg) from error
+    if calibration is None or metadata.get("format_version", 1) < FORMAT_VERSION:
+        msg = (
+            f"References file '{path}' was made by an older anomalib-resad without the class's calibration "
+            "(per-class threshold). Make it again with: resad references --model <deployment> --images <folder> ..."
+        )
+        raise ResADInputError(msg)
     if expected is not None:
         check_signature(expected, metadata, f"References file '{path}'")
-    return levels, metadata
+    _check_shapes(path, levels, calibration, metadata)
+    bank = ReferenceBank(
+        levels=[torch.from_numpy(np.ascontiguousarray(level, dtype=np.float32)) for level in levels],
+        grids=[tuple(grid) for grid in metadata["reference_grids"]],
+        k=int(metadata["k"]),
+        calibration=torch.from_numpy(np.asarray(calibration, dtype=np.float32)),
+    )
+    return bank, metadata
+
+
+def _check_shapes(path: Path, levels: list[np.ndarray], calibration: np.ndarray, metadata: dict[str, Any]) -> None:
+    """Arrays must be ``(k * H_l * W_l, C_l)`` per level and a calibration of ``L + 3`` values."""
+    problems = []
+    k = int(metadata.get("k", 0))
+    for level, (array, channels, grid) in enumerate(
+        zip(levels, metadata["channels"], metadata["reference_grids"], strict=True)
+    ):
+        expected = (k * int(grid[0]) * int(grid[1]), int(channels))
+        if tuple(array.shape) != expected:
+            problems.append(f"reference_{level} is {tuple(array.shape)}, expected {expected}")
+    if tuple(calibration.shape) != (len(levels) + 3,):
+        problems.append(f"calibration is {tuple(calibration.shape)}, expected ({len(levels) + 3},)")
+    if problems:
+        msg = f"References file '{path}' is damaged: {'; '.join(problems)}. Make it again with: resad references ..."
+        raise ResADInputError(msg)
 
 
 class ReferenceConditionedModel(nn.Module):
@@ -133,10 +180,12 @@ class ReferenceConditionedModel(nn.Module):
         self.model = model.model
         self.post_processor = model.post_processor
 
-    def forward(self, image: torch.Tensor, references: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """Score ``image`` (float ``[0, 1]``, ``(B, 3, H, W)``) against the given per-level reference bank."""
+    def forward(
+        self, image: torch.Tensor, references: list[torch.Tensor], calibration: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """Score ``image`` (float ``[0, 1]``, ``(B, 3, H, W)``) against a class's bank and calibration."""
         image = self.pre_processor(image) if self.pre_processor is not None else image
-        output = self.model(image, reference_bank=references)
+        output = self.model(image, reference_bank=references, calibration=calibration)
         if self.post_processor is not None:
             output = self.post_processor(output)
         return tuple(value for value in output if value is not None)
@@ -154,6 +203,31 @@ class ReferenceEncoder(nn.Module):
         """Flattened per-level features of the reference images."""
         images = self.pre_processor(images) if self.pre_processor is not None else images
         return tuple(flatten_levels(self.feature_extractor(images)))
+
+
+class ReferenceCalibrator(nn.Module):
+    """``image (B, 3, H, W), reference_0..L-1, level_constants -> uncalibrated score components``.
+
+    Exported next to the conditioned model so that ``resad references`` can calibrate a new class with OpenVINO alone:
+    :func:`~anomalib_resad.anomaly_map.leave_one_out_calibration` runs it on each reference image against the bank of
+    the others, exactly as eager PyTorch does.
+    """
+
+    OUTPUTS = ("score", "map_max", "dissimilarity", "level_max_log_likelihood")
+
+    def __init__(self, model: ResAD) -> None:
+        super().__init__()
+        self.pre_processor = model.pre_processor
+        self.model = model.model
+
+    def forward(
+        self, image: torch.Tensor, references: list[torch.Tensor], level_constants: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """Score components of ``image`` against ``references`` with the given per-level constants."""
+        image = self.pre_processor(image) if self.pre_processor is not None else image
+        features = self.model.feature_extractor(image)
+        parts = self.model.score_components(features, references, level_constants, image.shape[-2:])
+        return parts.score, parts.map_max, parts.dissimilarity, parts.level_max_log_likelihood
 
 
 def _load_model(model: ResAD | str | Path) -> ResAD:
@@ -186,15 +260,15 @@ def _export_onnx(
 def export_deployment(
     model: ResAD | str | Path,
     export_root: str | Path,
-    example_shots: int = 2,
+    example_k: int = 2,
 ) -> Path:
-    """Export the reference-conditioned model and the reference encoder to ONNX and OpenVINO.
+    """Export the reference-conditioned model, the reference encoder and calibrator to ONNX and OpenVINO.
 
     Args:
         model (ResAD | str | Path): A trained ResAD or its checkpoint.
-        export_root (str | Path): Output folder (``model.xml``/``.onnx``, ``reference_encoder.xml``/``.onnx``,
-            ``metadata.json``).
-        example_shots (int): k of the example bank used for tracing (any k works at run time). Defaults to ``2``.
+        export_root (str | Path): Output folder (``model``, ``reference_encoder``, ``reference_calibrator`` as
+            ``openvino/*.xml`` and ``onnx/*.onnx``, plus ``metadata.json``).
+        example_k (int): k of the example bank used for tracing (any k works at run time). Defaults to ``2``.
 
     Returns:
         Path: ``export_root``.
@@ -209,11 +283,14 @@ def export_deployment(
     images = torch.rand(2, 3, height + 16, width + 32)  # any input size: the graph resizes (like anomalib's exports)
     encoder = ReferenceEncoder(resad).eval()
     with torch.no_grad():
-        example_bank = list(encoder(torch.rand(example_shots, 3, height, width)))
+        example_bank = list(encoder(torch.rand(example_k, 3, height, width)))
+    example_calibration = torch.tensor([0.0] * levels + [1.0, 1.0, 1.0])
     conditioned = ReferenceConditionedModel(resad).eval()
+    calibrator = ReferenceCalibrator(resad).eval()
+    output_names = ["pred_score", "pred_label", "anomaly_map", "pred_mask"]
     with torch.no_grad():
-        outputs = resad(images)
-    output_names = [name for name, value in outputs._asdict().items() if value is not None]
+        produced = conditioned(images, example_bank, example_calibration)
+    output_names = output_names[: len(produced)]
     batch = torch.export.Dim("batch", min=1, max=1024)
     image_height, image_width = (
         torch.export.Dim("height", min=32, max=8192),
@@ -221,40 +298,57 @@ def export_deployment(
     )
     rows = [torch.export.Dim(f"rows_{level}", min=1) for level in range(levels)]
     reference_names = [f"reference_{level}" for level in range(levels)]
-    onnx_model = _export_onnx(
-        conditioned,
-        (images, example_bank),
-        export_root / "onnx" / f"{MODEL_FILE}.onnx",
-        (["image", *reference_names], output_names),
-        {"image": {0: batch, 2: image_height, 3: image_width}, "references": [{0: row} for row in rows]},
-    )
-    onnx_encoder = _export_onnx(
-        encoder,
-        (torch.rand(example_shots, 3, height, width),),
-        export_root / "onnx" / f"{ENCODER_FILE}.onnx",
-        (["images"], reference_names),
-        {"images": {0: torch.export.Dim("shots", min=1, max=1024)}},
-    )
+    image_axes = {0: batch, 2: image_height, 3: image_width}
+    written = [
+        _export_onnx(
+            conditioned,
+            (images, example_bank, example_calibration),
+            export_root / "onnx" / f"{MODEL_FILE}.onnx",
+            (["image", *reference_names, "calibration"], output_names),
+            {"image": image_axes, "references": [{0: row} for row in rows], "calibration": None},
+        ),
+        _export_onnx(
+            encoder,
+            (torch.rand(example_k, 3, height, width),),
+            export_root / "onnx" / f"{ENCODER_FILE}.onnx",
+            (["images"], reference_names),
+            {"images": {0: torch.export.Dim("k", min=1, max=1024)}},
+        ),
+        _export_onnx(
+            calibrator,
+            (images, example_bank, example_calibration[:levels]),
+            export_root / "onnx" / f"{CALIBRATOR_FILE}.onnx",
+            (["image", *reference_names, "level_constants"], list(ReferenceCalibrator.OUTPUTS)),
+            {"image": image_axes, "references": [{0: row} for row in rows], "level_constants": None},
+        ),
+    ]
     (export_root / "openvino").mkdir(parents=True, exist_ok=True)
-    for source, name in ((onnx_model, MODEL_FILE), (onnx_encoder, ENCODER_FILE)):
+    for source in list(written):
         # ov.save_model compresses weights to fp16 by default: keep f32, as anomalib does without FP16 compression
-        ov.save_model(ov.convert_model(source), export_root / "openvino" / f"{name}.xml", compress_to_fp16=False)
-    metadata = {"format_version": FORMAT_VERSION, **signature, "outputs": output_names}
+        target = export_root / "openvino" / f"{source.stem}.xml"
+        ov.save_model(ov.convert_model(source), target, compress_to_fp16=False)
+        written.append(target)
+    generator = resad.model.anomaly_map_generator
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        **signature,
+        "outputs": output_names,
+        "level_constants": generator.level_constants,
+        "global_level_constants": generator.global_level_constants.tolist(),
+        "threshold_margin": resad.model.threshold_margin,
+        "dissimilarity_margin": resad.model.dissimilarity_margin,
+    }
     (export_root / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-    logger.info("Exported the reference-conditioned ResAD to %s", export_root)
+    written.append(export_root / METADATA_FILE)
+    print("Wrote " + ", ".join(str(path) for path in written))
     return export_root
 
 
 def bake_references(model: ResAD | str | Path, references: str | Path) -> ResAD:
-    """Return the model with a references file's bank stored in it (for ``anomalib``-style exports of that class)."""
+    """Return the model with a references file's calibrated bank stored in it (for ``anomalib``-style exports)."""
     resad = _load_model(model)
-    levels, metadata = load_references(references, model_signature(resad))
-    bank = ReferenceBank(
-        levels=[torch.from_numpy(level) for level in levels],
-        grids=[tuple(grid) for grid in metadata["reference_grids"]],
-        shots=int(metadata["shots"]),
-    )
-    resad.model.feature_converter.set_bank(bank)
+    bank, metadata = load_references(references, model_signature(resad))
+    resad.model.set_references(bank)
     resad.reference_selection = ReferenceSelection.from_dict(metadata["selection"])
     return resad
 
@@ -267,14 +361,14 @@ def make_references(
     class_name: str | None = None,
     device: str = "CPU",
 ) -> Path:
-    """Turn a folder of k normal images of a class into a references file for a trained ResAD.
+    """Turn a folder of k normal images of a class into a references file (bank + calibration) for a trained ResAD.
 
     Args:
-        model (str | Path | ResAD): An exported deployment folder (uses its OpenVINO reference encoder: no torch
-            checkpoint needed), a checkpoint, or a ResAD.
+        model (str | Path | ResAD): An exported deployment folder (uses its OpenVINO reference encoder and
+            calibrator: no torch checkpoint needed), a checkpoint, or a ResAD.
         images (str | Path): Folder of normal images of the class (its first ``k`` in sorted order are used).
         output (str | Path): The references file to write (``.npz``).
-        k (int | None): Number of images. Defaults to all images of the folder.
+        k (int | None): Number of images (at least 2). Defaults to all images of the folder.
         class_name (str | None): Name of the class. Defaults to the folder's name.
         device (str): OpenVINO device for an exported encoder. Defaults to ``"CPU"``.
 
@@ -285,31 +379,67 @@ def make_references(
     selection = select_folder_references(images, k, class_name)
     model_dir = Path(model) if not isinstance(model, ResAD) else None
     if model_dir is not None and model_dir.is_dir():
-        import openvino as ov
-
-        metadata = _read_metadata(model_dir)
-        signature = {key: metadata[key] for key in ("backbone", "layers", "image_size", "channels", "grids")}
-        core = ov.Core()
-        encoder = core.compile_model(
-            core.read_model(model_dir / "openvino" / f"{ENCODER_FILE}.xml"),
-            device,
-            {"INFERENCE_PRECISION_HINT": "f32"} if device == "CPU" else {},
-        )
-        # images of any size: resize each like the exported pre-processing does (bilinear), then encode as a batch
-        resize = Resize(signature["image_size"], antialias=False)
-        pixels = load_images(selection.paths, transform=resize).numpy()
-        levels = list(encoder(pixels).values())
-        bank = ReferenceBank(
-            levels=[torch.from_numpy(np.asarray(level)) for level in levels],
-            grids=[tuple(grid) for grid in signature["grids"]],
-            shots=selection.k,
-        )
+        bank, signature = _openvino_reference_bank(model_dir, selection, device)
     else:
         resad = _load_model(model)
         signature = model_signature(resad)
         transform = resad.pre_processor.transform if resad.pre_processor is not None else None
-        bank = resad.model.make_reference_bank(load_images(selection.paths, transform))
-    return save_references(output, bank, signature, selection)
+        bank = resad.model.make_reference_bank(load_images(selection.paths, transform, refuse_blank=True))
+    path = save_references(output, bank, signature, selection)
+    print(f"Wrote {path} (class '{selection.class_name}', k={bank.k}, from {selection.source})")
+    return path
+
+
+def _openvino_reference_bank(
+    model_dir: Path, selection: ReferenceSelection, device: str
+) -> tuple[ReferenceBank, dict[str, Any]]:
+    """Encode and calibrate reference images with the exported OpenVINO encoder and calibrator."""
+    import openvino as ov
+
+    metadata = _read_metadata(model_dir)
+    signature = {key: metadata[key] for key in ("backbone", "layers", "image_size", "channels", "grids")}
+    core = ov.Core()
+    config = {"INFERENCE_PRECISION_HINT": "f32"} if device == "CPU" else {}
+    encoder = core.compile_model(core.read_model(model_dir / "openvino" / f"{ENCODER_FILE}.xml"), device, config)
+    calibrator = core.compile_model(core.read_model(model_dir / "openvino" / f"{CALIBRATOR_FILE}.xml"), device, config)
+    # images of any size: resize each like the exported pre-processing does (bilinear), then encode as a batch
+    resize = Resize(signature["image_size"], antialias=False)
+    pixels = load_images(selection.paths, transform=resize, refuse_blank=True).numpy()
+    levels = [np.asarray(level) for level in encoder(pixels).values()]
+    grids = [tuple(grid) for grid in signature["grids"]]
+    per_image = [level.reshape(len(pixels), -1, level.shape[-1]) for level in levels]
+
+    def score_reference(index: int, constants: torch.Tensor) -> ScoreComponents:
+        others = [
+            np.ascontiguousarray(np.delete(level, index, axis=0).reshape(-1, level.shape[-1])) for level in per_image
+        ]
+        inputs = {"image": pixels[index : index + 1], "level_constants": constants.numpy().astype(np.float32)}
+        inputs.update({f"reference_{level}": bank for level, bank in enumerate(others)})
+        outputs = [torch.from_numpy(np.asarray(value)) for value in calibrator(inputs).values()]
+        score, map_max, dissimilarity, level_max = outputs
+        return ScoreComponents(None, score, map_max, dissimilarity, level_max)
+
+    calibration = leave_one_out_calibration(
+        score_reference,
+        len(pixels),
+        len(levels),
+        global_constants=_global_constants(metadata),
+        margin=float(metadata.get("threshold_margin", 1.0)),
+        dissimilarity_margin=float(metadata.get("dissimilarity_margin", 1.0)),
+    )
+    bank = ReferenceBank(
+        levels=[torch.from_numpy(level) for level in levels],
+        grids=grids,
+        k=selection.k,
+        calibration=calibration.to_tensor(),
+    )
+    return bank, signature
+
+
+def _global_constants(metadata: dict[str, Any]) -> torch.Tensor | None:
+    if metadata.get("level_constants", "per_class") != "global":
+        return None
+    return torch.tensor(metadata["global_level_constants"], dtype=torch.float32)
 
 
 def _read_metadata(model_dir: Path) -> dict[str, Any]:
@@ -340,12 +470,14 @@ class ReferenceConditionedInferencer(OpenVINOInferencer):
         if device == "CPU":
             options.setdefault("INFERENCE_PRECISION_HINT", precision)
         super().__init__(self.deployment / "openvino" / f"{MODEL_FILE}.xml", device=device, config=options)
-        self.banks: dict[str, list[np.ndarray]] = {}
+        self.banks: dict[str, dict[str, np.ndarray]] = {}
 
     def add_class(self, class_name: str, references: str | Path) -> None:
-        """Load the references file of a class (checked against the exported model)."""
-        levels, _ = load_references(references, self.metadata)
-        self.banks[class_name] = [np.ascontiguousarray(level, dtype=np.float32) for level in levels]
+        """Load the references file of a class (bank and calibration, checked against the exported model)."""
+        bank, _ = load_references(references, self.metadata)
+        inputs = {f"reference_{level}": features.numpy() for level, features in enumerate(bank.levels)}
+        inputs["calibration"] = bank.calibration.numpy()
+        self.banks[class_name] = inputs
 
     def predict(
         self,
@@ -359,15 +491,27 @@ class ReferenceConditionedInferencer(OpenVINOInferencer):
             msg = f"No references for class {class_name!r}; known classes: {sorted(self.banks)}. Call add_class first."
             raise ResADInputError(msg)
         if isinstance(image, str | Path):
-            image = read_image(image, as_tensor=False)
+            image = _read_query_image(image)
         elif isinstance(image, PILImage):
             image = np.array(image) / 255.0
         elif isinstance(image, torch.Tensor):
             image = image.cpu().numpy()
         image = self.pre_process(image)
-        inputs = {"image": image, **{f"reference_{level}": bank for level, bank in enumerate(self.banks[class_name])}}
+        inputs = {"image": image, **self.banks[class_name]}
         predictions = self.post_process(self.model(inputs))
         return NumpyImageBatch(image=image, **predictions)
+
+
+def _read_query_image(path: str | Path) -> np.ndarray:
+    """Read an image to score, with a one-line error naming a missing or unreadable file."""
+    if not Path(path).is_file():
+        msg = f"Image '{path}' does not exist."
+        raise ResADInputError(msg)
+    try:
+        return read_image(path, as_tensor=False)
+    except (OSError, ValueError) as error:
+        msg = f"Cannot read image '{path}' ({error}): it is corrupt or not an image."
+        raise ResADInputError(msg) from error
 
 
 def export_model(

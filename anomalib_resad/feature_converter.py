@@ -11,16 +11,18 @@ code, "nearest" is the highest cosine similarity and the residual uses the raw (
 
 The reference bank (features of the k reference images) is computed once per class and kept in buffers, so it is
 saved in checkpoints and baked into exported graphs; :meth:`FeatureConverter.forward` also accepts an explicit bank
-(training draws fresh references per class per batch; deployment can feed a bank as a model input).
+(training draws fresh references per class per batch; deployment can feed a bank as a model input). Besides the
+residuals it returns, per position, the cosine similarity of the match: how well the references explain the query,
+which the scoring uses to flag frames unlike the references (:mod:`anomalib_resad.anomaly_map`).
 
 Example:
     >>> import torch
     >>> converter = FeatureConverter(num_levels=1)
     >>> references = [torch.rand(2, 8, 4, 4)]  # k=2 reference images, one level
-    >>> converter.set_references(references)
-    >>> residual = converter([references[0][:1]])[0]  # a reference image against its own bank
-    >>> float(residual.abs().max())
-    0.0
+    >>> converter.set_bank(ReferenceBank.from_features(references))
+    >>> residuals, similarities = converter([references[0][:1]])  # a reference image against its own bank
+    >>> float(residuals[0].abs().max()), round(float(similarities[0].min()), 4)
+    (0.0, 1.0)
 """
 
 from collections.abc import Sequence
@@ -41,35 +43,40 @@ RESIDUAL_TYPES = ("squared", "difference")
 _MATCH_BLOCK_ELEMENTS = 1 << 24
 
 
-def nearest_reference(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """Return, for every query vector, the bank vector with the highest cosine similarity.
+def nearest_reference(query: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return, for every query vector, the bank vector with the highest cosine similarity, and that similarity.
 
     Args:
         query (torch.Tensor): Query vectors ``(N, C)``.
         bank (torch.Tensor): Reference vectors ``(M, C)``.
 
     Returns:
-        torch.Tensor: The matched (un-normalised) bank vectors ``(N, C)``.
+        tuple[torch.Tensor, torch.Tensor]: The matched (un-normalised) bank vectors ``(N, C)`` and their cosine
+        similarities ``(N,)``.
 
     Example:
         >>> bank = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
-        >>> nearest_reference(torch.tensor([[0.1, 3.0], [5.0, 0.2]]), bank)
-        tensor([[0., 2.],
-                [1., 0.]])
+        >>> matched, similarity = nearest_reference(torch.tensor([[0.0, 3.0], [5.0, 0.0]]), bank)
+        >>> matched, similarity
+        (tensor([[0., 2.],
+                [1., 0.]]), tensor([1., 1.]))
     """
     bank_normalized = F.normalize(bank, dim=1)
     query_normalized = F.normalize(query, dim=1)
     if torch.compiler.is_exporting():
-        indices = _first_index_of_max(query_normalized @ bank_normalized.T)
-    elif query.shape[0] * bank.shape[0] <= _MATCH_BLOCK_ELEMENTS:
-        indices = (query_normalized @ bank_normalized.T).argmax(dim=1)
-    else:  # eager mode: bound the (N, M) similarity matrix by matching blocks of queries
-        block = max(1, _MATCH_BLOCK_ELEMENTS // bank.shape[0])
-        indices = torch.cat([(part @ bank_normalized.T).argmax(dim=1) for part in query_normalized.split(block)])
-    return bank[indices]
+        similarity = query_normalized @ bank_normalized.T
+        indices, best = _first_index_of_max(similarity)
+        return bank[indices], best
+    block = max(1, _MATCH_BLOCK_ELEMENTS // max(1, bank.shape[0]))  # bound the (N, M) similarity matrix
+    best, indices = [], []
+    for part in query_normalized.split(block):
+        part_best, part_indices = (part @ bank_normalized.T).max(dim=1)
+        best.append(part_best)
+        indices.append(part_indices)
+    return bank[torch.cat(indices)], torch.cat(best)
 
 
-def _first_index_of_max(similarity: torch.Tensor) -> torch.Tensor:
+def _first_index_of_max(similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``similarity.argmax(dim=1)`` written as reductions, for exported graphs.
 
     ONNX ``ArgMax`` becomes a ``TopK`` in OpenVINO, which took 55 % of the whole light model's time on CPU; a
@@ -81,7 +88,7 @@ def _first_index_of_max(similarity: torch.Tensor) -> torch.Tensor:
     """
     best = similarity.amax(dim=1, keepdim=True)
     positions = torch.arange(similarity.shape[1], dtype=torch.int32, device=similarity.device)
-    return torch.where(similarity >= best, positions, 2**24).amin(dim=1).long()
+    return torch.where(similarity >= best, positions, 2**24).amin(dim=1).long(), best[:, 0]
 
 
 def residual_features(features: torch.Tensor, matched: torch.Tensor, residual: str = "squared") -> torch.Tensor:
@@ -99,6 +106,21 @@ def residual_features(features: torch.Tensor, matched: torch.Tensor, residual: s
     return difference * difference if residual == "squared" else difference
 
 
+def flatten_positions(feature: torch.Tensor) -> torch.Tensor:
+    """Turn a ``(B, C, H, W)`` feature map into ``(B*H*W, C)`` vectors, row-major (batch, row, column).
+
+    Example:
+        >>> tuple(flatten_positions(torch.rand(2, 3, 4, 5)).shape)
+        (40, 3)
+    """
+    return feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1])
+
+
+def unflatten_positions(vectors: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`flatten_positions`: ``(B*H*W, C)`` back to ``(B, C, H, W)``."""
+    return vectors.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+
+
 def flatten_levels(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Turn ``(k, C, H, W)`` feature maps into ``(k*H*W, C)`` banks, one per level.
 
@@ -108,36 +130,39 @@ def flatten_levels(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     Returns:
         list[torch.Tensor]: Per-level reference banks.
     """
-    return [feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1]) for feature in features]
+    return [flatten_positions(feature) for feature in features]
 
 
 @dataclass
 class ReferenceBank:
-    """Backbone features of the k reference images of one class, flattened per level.
+    """The k reference images of one class as the model uses them: flattened features per level + calibration.
+
+    This is the one "bank" type: training banks (fresh references per batch) simply have no calibration.
 
     Attributes:
         levels (list[torch.Tensor]): ``(k*H_l*W_l, C_l)`` per level.
         grids (list[tuple[int, int]]): ``(H_l, W_l)`` per level (the feature-map size the references were made at).
-        shots (int): Number of reference images k.
+        k (int): Number of reference images.
+        calibration (torch.Tensor | None): The class's scoring calibration (see
+            :class:`~anomalib_resad.anomaly_map.ScoreCalibration`), ``None`` for an uncalibrated (training) bank.
     """
 
     levels: list[torch.Tensor]
     grids: list[tuple[int, int]]
-    shots: int
+    k: int
+    calibration: torch.Tensor | None = None
 
     @classmethod
-    def from_features(cls, features: Sequence[torch.Tensor]) -> "ReferenceBank":
+    def from_features(
+        cls, features: Sequence[torch.Tensor], calibration: torch.Tensor | None = None
+    ) -> "ReferenceBank":
         """Build a bank from per-level ``(k, C_l, H_l, W_l)`` features."""
         return cls(
             levels=[level.contiguous() for level in flatten_levels(features)],
             grids=[(int(feature.shape[2]), int(feature.shape[3])) for feature in features],
-            shots=int(features[0].shape[0]),
+            k=int(features[0].shape[0]),
+            calibration=calibration,
         )
-
-    @property
-    def nbytes(self) -> int:
-        """Memory of the bank in bytes."""
-        return sum(level.numel() * level.element_size() for level in self.levels)
 
 
 class FeatureConverter(DynamicBufferMixin, nn.Module):
@@ -169,7 +194,7 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
         return ReferenceBank(
             levels=[getattr(self, f"reference_{level}") for level in range(self.num_levels)],
             grids=[(height, width) for _, height, width in grid],
-            shots=int(grid[0][0]),
+            k=int(grid[0][0]),
         )
 
     @property
@@ -184,15 +209,7 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
             raise ResADInputError(msg)
         for level, (features, (height, width)) in enumerate(zip(bank.levels, bank.grids, strict=True)):
             setattr(self, f"reference_{level}", features.detach().to(self.reference_grid.device).contiguous())
-            self.reference_grid[level] = torch.tensor([bank.shots, height, width], device=self.reference_grid.device)
-
-    def set_references(self, features: Sequence[torch.Tensor]) -> None:
-        """Store the features of k reference images as the bank.
-
-        Args:
-            features (Sequence[torch.Tensor]): Per-level ``(k, C_l, H_l, W_l)`` features of the reference images.
-        """
-        self.set_bank(ReferenceBank.from_features(features))
+            self.reference_grid[level] = torch.tensor([bank.k, height, width], device=self.reference_grid.device)
 
     def check_query_grid(self, features: Sequence[torch.Tensor]) -> None:
         """Raise a clear error when query feature maps do not have the size the references were made at."""
@@ -210,7 +227,7 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
         self,
         features: Sequence[torch.Tensor],
         bank: Sequence[torch.Tensor] | None = None,
-    ) -> list[torch.Tensor]:
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Residuals of the query features against their nearest reference features.
 
         Args:
@@ -219,7 +236,8 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
                 ``None``.
 
         Returns:
-            list[torch.Tensor]: Per-level residual features ``(B, C_l, H_l, W_l)``.
+            tuple[list[torch.Tensor], list[torch.Tensor]]: Per level, the residual features ``(B, C_l, H_l, W_l)``
+            and the cosine similarity of each position's match ``(B, H_l, W_l)``.
         """
         if bank is None:
             if not torch.compiler.is_exporting():
@@ -227,16 +245,17 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
                     msg = (
                         "ResAD has no reference images for this class. Give it k normal images of the class: "
                         "--model.reference_dir <folder>, a datamodule with normal training images, or "
-                        "model.set_references(...)."
+                        "ResAD.set_references(...)."
                     )
                     raise ResADInputError(msg)
                 self.check_query_grid(features)
             bank = self.bank.levels
-        residuals = []
+        residuals, similarities = [], []
         for feature, references in zip(features, bank, strict=True):
-            batch, channels, height, width = feature.shape
-            query = feature.permute(0, 2, 3, 1).reshape(-1, channels)
-            matched = nearest_reference(query, references)
-            matched = matched.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
-            residuals.append(residual_features(feature, matched, self.residual))
-        return residuals
+            batch, _, height, width = feature.shape
+            matched, similarity = nearest_reference(flatten_positions(feature), references)
+            residuals.append(
+                residual_features(feature, unflatten_positions(matched, batch, height, width), self.residual)
+            )
+            similarities.append(similarity.reshape(batch, height, width))
+        return residuals, similarities

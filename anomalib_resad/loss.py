@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from .errors import ResADConfigurationError
+from .feature_converter import flatten_positions
 
 OCC_LOSSES = ("log_barrier", "paper")
 
@@ -174,14 +175,7 @@ class ResADLoss(nn.Module):
         level_loss = log_barrier_occ_loss if self.occ_type == "log_barrier" else paper_occ_loss
         losses = []
         for features, target, mask in zip(constrained, residuals, masks, strict=True):
-            channels = features.shape[1]
-            losses.append(
-                level_loss(
-                    features.permute(0, 2, 3, 1).reshape(-1, channels),
-                    mask.reshape(-1),
-                    target.detach().permute(0, 2, 3, 1).reshape(-1, channels),
-                ),
-            )
+            losses.append(level_loss(flatten_positions(features), mask.reshape(-1), flatten_positions(target.detach())))
         total = torch.stack(losses).sum()
         return total if self.occ_type == "log_barrier" else total / len(losses)
 

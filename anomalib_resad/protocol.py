@@ -37,7 +37,6 @@ from .data.multi_class import CATEGORY_COLUMN, MultiClassDataModule
 from .errors import ResADConfigurationError
 from .evaluation import METRIC_NAMES, category_metrics, save_anomaly_maps, score_samples
 from .lightning_model import ResAD
-from .references import ReferenceSelection, sample_references, select_folder_references
 
 logger = logging.getLogger(__name__)
 
@@ -178,18 +177,13 @@ def run_protocol(
 
     rows = []
     test_samples = datamodule.test_data.samples
+    resad.references.set_pools({name: datamodule.reference_pool(name) for name in datamodule.target_categories})
     for category in datamodule.target_categories:
         samples = test_samples[test_samples[CATEGORY_COLUMN] == category]
         for k in shots:
             for draw in range(1 if reference_dirs and category in reference_dirs else draws):
-                if reference_dirs and category in reference_dirs:
-                    selection = select_folder_references(reference_dirs[category], k, category)
-                else:
-                    pool = datamodule.reference_pool(category)
-                    where = f"the training split of target category '{category}'"
-                    selection = ReferenceSelection(
-                        category, sample_references(pool, k, seed + draw, where), "training split", seed + draw
-                    )
+                folder = reference_dirs.get(category) if reference_dirs else None
+                selection = resad.references.select(category, k, seed + draw, folder=folder)
                 selection.save(output / "references" / category / f"k{k}_draw{draw}.json")
                 for name, evaluator in evaluated.items():
                     evaluator.set_references(selection)

@@ -16,6 +16,7 @@ Example:
 """
 
 import json
+import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,14 @@ from anomalib.data.utils.image import is_image_file, read_image
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ResADInputError
+
+logger = logging.getLogger(__name__)
+
+# A frame is blank when nearly all its pixels share one value (std below ~2.5 grey levels, or 99 % of pixels equal):
+# black, white and saturated frames, and near-empty scans (../shared/data has one all-white and one 99.9 %-white
+# "normal" DeepPCB training image).
+_BLANK_STD = 0.01
+_BLANK_SHARE = 0.99
 
 
 @dataclass
@@ -84,7 +93,13 @@ def check_k(k: int, available: int, where: str) -> None:
         raise ResADInputError(msg)
 
 
-def sample_references(pool: Sequence[str], k: int, seed: int, where: str = "the pool") -> list[str]:
+def sample_references(
+    pool: Sequence[str],
+    k: int,
+    seed: int,
+    where: str = "the pool",
+    usable: Callable[[str], bool] | None = None,
+) -> list[str]:
     """Draw ``k`` distinct images from ``pool`` with a seeded RNG (independent of the pool's order).
 
     Args:
@@ -92,13 +107,39 @@ def sample_references(pool: Sequence[str], k: int, seed: int, where: str = "the 
         k (int): Number of references.
         seed (int): RNG seed.
         where (str): Description of the pool, for error messages.
+        usable (Callable[[str], bool] | None): Images failing this test (e.g. blank frames) are passed over, in the
+            seeded order, with a warning naming them. Defaults to ``None`` (all usable).
 
     Returns:
         list[str]: The chosen paths.
     """
     candidates = sorted(set(map(str, pool)))
     check_k(k, len(candidates), where)
-    return random.Random(seed).sample(candidates, k)
+    chosen, skipped = [], []
+    for path in random.Random(seed).sample(candidates, len(candidates)):
+        if len(chosen) == k:
+            break
+        (chosen if usable is None or usable(path) else skipped).append(path)
+    if skipped:
+        logger.warning("Passed over blank reference candidate(s) in %s: %s", where, skipped)
+    check_k(k, len(chosen), f"{where} (usable images)")
+    return chosen
+
+
+def is_blank_image(path: str | Path) -> bool:
+    """Whether an image file is a blank frame (see :func:`is_blank`)."""
+    try:
+        return is_blank(read_image(str(path), as_tensor=True))
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False  # unreadable files are reported by the loader with their own message
+
+
+def is_blank(image: torch.Tensor) -> bool:
+    """Whether an image ``(3, H, W)`` in ``[0, 1]`` is (nearly) constant: no content to compare against."""
+    if float(image.std()) < _BLANK_STD:
+        return True
+    levels = (image.mean(dim=0) * 255).round().to(torch.int64).flatten()
+    return float(torch.bincount(levels, minlength=256).max()) >= _BLANK_SHARE * levels.numel()
 
 
 def list_folder_images(folder: str | Path) -> list[str]:
@@ -148,12 +189,17 @@ def check_image_files(paths: Sequence[str]) -> None:
         raise ResADInputError(msg)
 
 
-def load_images(paths: Sequence[str], transform: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+def load_images(
+    paths: Sequence[str],
+    transform: Callable[[torch.Tensor], torch.Tensor] | None,
+    refuse_blank: bool = False,
+) -> torch.Tensor:
     """Read images as RGB (grayscale and RGBA are converted) and apply ``transform`` to each.
 
     Args:
         paths (Sequence[str]): Image files.
         transform (Callable | None): e.g. the model's pre-processing transform (resize + normalise).
+        refuse_blank (bool): Raise for blank (constant) frames - reference images must show the part.
 
     Returns:
         torch.Tensor: ``(N, 3, H, W)`` batch.
@@ -163,8 +209,14 @@ def load_images(paths: Sequence[str], transform: Callable[[torch.Tensor], torch.
         try:
             image = read_image(path, as_tensor=True)
         except (OSError, UnidentifiedImageError, ValueError) as error:
-            msg = f"Cannot read reference image '{path}' ({error}). Replace it with a valid image file."
+            msg = f"Cannot read image '{path}' ({error}). Replace it with a valid image file."
             raise ResADInputError(msg) from error
+        if refuse_blank and is_blank(image):
+            msg = (
+                f"Reference image '{path}' is a blank (constant) frame: it shows nothing to compare against. "
+                "Use k normal images of the class as references."
+            )
+            raise ResADInputError(msg)
         images.append(transform(image) if transform is not None else image)
     sizes = {tuple(image.shape[-2:]) for image in images}
     if len(sizes) > 1:

@@ -21,14 +21,13 @@ Example:
 """
 
 import logging
-import math
 from collections.abc import Sequence
 
 import torch
-from anomalib.models.image.cflow.utils import cflow_head, positional_encoding_2d
+from anomalib.models.image.cflow.utils import cflow_head, get_logp, positional_encoding_2d
 from torch import nn
 
-_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+from .feature_converter import flatten_positions
 
 
 def log_likelihoods(z: torch.Tensor, log_jac_det: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,11 +41,7 @@ def log_likelihoods(z: torch.Tensor, log_jac_det: torch.Tensor) -> tuple[torch.T
         tuple[torch.Tensor, torch.Tensor]: ``(log N(z; 0, I) + logdet, log N(z; 1, I) + logdet)``, each divided by C.
     """
     channels = z.shape[1]
-    constant = -channels * _LOG_SQRT_2PI + log_jac_det
-    log_normal = (constant - 0.5 * torch.sum(z * z, dim=1)) / channels
-    shifted = z - 1
-    log_abnormal = (constant - 0.5 * torch.sum(shifted * shifted, dim=1)) / channels
-    return log_normal, log_abnormal
+    return get_logp(channels, z, log_jac_det) / channels, get_logp(channels, z - 1, log_jac_det) / channels
 
 
 class ResidualFlow(nn.Module):
@@ -88,6 +83,39 @@ class ResidualFlow(nn.Module):
         encoding = positional_encoding_2d(self.pos_embed_dim, height, width).to(device)
         return encoding.reshape(self.pos_embed_dim, -1).T
 
+    def flatten(self, feature: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Positions of a ``(B, C, H, W)`` map as flow inputs: vectors ``(N, C)``, conditions ``(N, D)``, mask ``(N,)``.
+
+        Args:
+            feature (torch.Tensor): Constrained residuals of one level.
+            mask (torch.Tensor | None): ``(B, H, W)`` anomaly mask (1 = anomalous); zeros when ``None``.
+
+        Returns:
+            tuple[torch.Tensor, ...]: ``(vectors, conditions, mask)``, row-major over (batch, row, column).
+        """
+        batch, _, height, width = feature.shape
+        conditions = self.positional_encoding(height, width, feature.device).repeat(batch, 1)
+        mask = feature.new_zeros(batch, height, width) if mask is None else mask
+        return flatten_positions(feature), conditions, mask.reshape(-1)
+
+    def sample_positions(
+        self, feature: torch.Tensor, mask: torch.Tensor, positions: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A random subset of ``positions`` positions of a level (all when ``None`` or fewer exist), for training."""
+        vectors, conditions, mask = self.flatten(feature, mask)
+        if positions is not None and vectors.shape[0] > positions:
+            chosen = torch.randperm(vectors.shape[0], device=vectors.device)[:positions]
+            vectors, conditions, mask = vectors[chosen], conditions[chosen], mask[chosen]
+        return vectors, conditions, mask
+
+    def position_chunks(
+        self, feature: torch.Tensor, mask: torch.Tensor, num_chunks: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """All positions of a level in ``num_chunks`` random, near-equal chunks (the reference's flow chunks)."""
+        vectors, conditions, mask = self.flatten(feature, mask)
+        order = torch.randperm(vectors.shape[0], device=vectors.device)
+        return [(vectors[part], conditions[part], mask[part]) for part in order.tensor_split(num_chunks)]
+
     def vector_log_likelihoods(
         self,
         level: int,
@@ -118,9 +146,8 @@ class ResidualFlow(nn.Module):
         """
         outputs = []
         for level, feature in enumerate(features):
-            batch, channels, height, width = feature.shape
-            vectors = feature.permute(0, 2, 3, 1).reshape(-1, channels)
-            conditions = self.positional_encoding(height, width, feature.device).repeat(batch, 1)
+            batch, _, height, width = feature.shape
+            vectors, conditions, _ = self.flatten(feature)
             log_normal, log_abnormal = self.vector_log_likelihoods(level, vectors, conditions)
             outputs.append((log_normal.reshape(batch, height, width), log_abnormal.reshape(batch, height, width)))
         return outputs

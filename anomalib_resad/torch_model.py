@@ -2,16 +2,19 @@
 # SPDX-License-Identifier: Apache-2.0
 """PyTorch model of ResAD: backbone -> Feature Converter -> Feature Constraintor -> residual flows -> anomaly map.
 
-The model scores images of any class for which it holds a reference bank (features of k normal images of that class,
-set with :meth:`ResADModel.set_references`). In eval mode :meth:`ResADModel.forward` returns anomalib's
-:class:`~anomalib.data.InferenceBatch` and is free of data-dependent Python control flow, so it exports to ONNX and
-OpenVINO with the bank baked in - or, with ``reference_bank`` given, with the bank as an input.
+The model scores images of any class for which it holds a calibrated reference bank (features of k normal images of
+that class plus the class's :class:`~anomalib_resad.anomaly_map.ScoreCalibration`, set with
+:meth:`ResADModel.set_references`). In eval mode :meth:`ResADModel.forward` returns anomalib's
+:class:`~anomalib.data.InferenceBatch` in calibrated units (``1`` = the class's threshold) and is free of
+data-dependent Python control flow, so it exports to ONNX and OpenVINO with the bank baked in - or, with
+``reference_bank`` and ``calibration`` given, with both as inputs.
 
 Example:
     >>> import torch
     >>> model = ResADModel("resnet18", ["layer1", "layer2"], pre_trained=False, coupling_layers=2, pos_embed_dim=16)
-    >>> model.set_references(torch.rand(2, 3, 64, 64))
-    >>> output = model.eval()(torch.rand(3, 3, 64, 64))
+    >>> model = model.eval()
+    >>> model.set_references(model.make_reference_bank(torch.rand(2, 3, 64, 64)))
+    >>> output = model(torch.rand(3, 3, 64, 64))
     >>> tuple(output.anomaly_map.shape), tuple(output.pred_score.shape)
     ((3, 1, 64, 64), (3,))
 """
@@ -23,9 +26,9 @@ import torch
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from .anomaly_map import AnomalyMapGenerator
+from .anomaly_map import AnomalyMapGenerator, ScoreComponents, leave_one_out_calibration
 from .feature_constraintor import FeatureConstraintor
-from .feature_converter import FeatureConverter, ReferenceBank
+from .feature_converter import FeatureConverter, ReferenceBank, flatten_levels
 from .feature_extractor import ResADFeatureExtractor
 from .residual_flow import ResidualFlow
 
@@ -43,6 +46,12 @@ class ResADModel(nn.Module):
         pos_embed_dim (int): Positional-encoding dimension of the flow condition. Defaults to ``256``.
         permute_soft (bool): Soft (random orthogonal) flow permutations. Defaults to ``True``.
         sigma (float): Gaussian smoothing of the anomaly map. Defaults to ``4``.
+        image_score (str): ``"max"`` (reference) or ``"top_mean"``. Defaults to ``"max"``.
+        level_constants (str): ``"per_class"`` (leave-one-out over the references) or ``"global"``.
+        dissimilarity_check (bool): Flag frames unlike the references. Defaults to ``True``.
+        threshold_margin (float): Factor on the largest leave-one-out score that sets a class's threshold.
+            Defaults to ``1``.
+        dissimilarity_margin (float): The same for the dissimilarity. Defaults to ``1``.
     """
 
     def __init__(
@@ -56,6 +65,11 @@ class ResADModel(nn.Module):
         pos_embed_dim: int = 256,
         permute_soft: bool = True,
         sigma: float = 4.0,
+        image_score: str = "max",
+        level_constants: str = "per_class",
+        dissimilarity_check: bool = True,
+        threshold_margin: float = 1.0,
+        dissimilarity_margin: float = 1.0,
     ) -> None:
         super().__init__()
         self.feature_extractor = ResADFeatureExtractor(backbone, layers, pre_trained)
@@ -63,7 +77,15 @@ class ResADModel(nn.Module):
         self.feature_converter = FeatureConverter(len(channels), residual)
         self.feature_constraintor = FeatureConstraintor(channels)
         self.residual_flow = ResidualFlow(channels, coupling_layers, clamp_alpha, pos_embed_dim, permute_soft)
-        self.anomaly_map_generator = AnomalyMapGenerator(len(channels), sigma)
+        self.anomaly_map_generator = AnomalyMapGenerator(
+            len(channels),
+            sigma,
+            image_score=image_score,
+            level_constants=level_constants,
+            dissimilarity_check=dissimilarity_check,
+        )
+        self.threshold_margin = threshold_margin
+        self.dissimilarity_margin = dissimilarity_margin
 
     @property
     def num_levels(self) -> int:
@@ -76,33 +98,96 @@ class ResADModel(nn.Module):
         return self.feature_extractor(images)
 
     @torch.no_grad()
-    def make_reference_bank(self, images: torch.Tensor) -> ReferenceBank:
-        """Reference bank of a class from its k pre-processed normal images ``(k, 3, H, W)``."""
-        return ReferenceBank.from_features(self.reference_features(images))
+    def calibrate(self, features: Sequence[torch.Tensor], image_size: tuple[int, int]) -> torch.Tensor:
+        """A class's calibration from the per-level features ``(k, C_l, H_l, W_l)`` of its k reference images.
+
+        Every reference image is scored against a bank of the other k - 1
+        (:func:`~anomalib_resad.anomaly_map.leave_one_out_calibration` holds the rule). Needs k >= 2.
+
+        Args:
+            features (Sequence[torch.Tensor]): Per-level features of the reference images.
+            image_size (tuple[int, int]): Size of the pre-processed images (the maps' resolution).
+
+        Returns:
+            torch.Tensor: The flat calibration ``(L + 3,)``.
+        """
+        was_training = self.training
+        self.eval()  # BatchNorm on running statistics, as at inference
+        k = int(features[0].shape[0])
+
+        def score_reference(index: int, constants: torch.Tensor) -> ScoreComponents:
+            others = [torch.cat([level[:index], level[index + 1 :]]) for level in features]
+            query = [level[index : index + 1] for level in features]
+            return self.score_components(query, flatten_levels(others), constants.to(features[0].device), image_size)
+
+        generator = self.anomaly_map_generator
+        calibration = leave_one_out_calibration(
+            score_reference,
+            k,
+            self.num_levels,
+            global_constants=generator.global_level_constants if generator.level_constants == "global" else None,
+            margin=self.threshold_margin,
+            dissimilarity_margin=self.dissimilarity_margin,
+        )
+        self.train(was_training)
+        return calibration.to_tensor()
 
     @torch.no_grad()
-    def set_references(self, images: torch.Tensor) -> None:
-        """Compute and store the reference bank of a class from its k pre-processed normal images."""
-        self.feature_converter.set_bank(self.make_reference_bank(images))
+    def make_reference_bank(self, images: torch.Tensor) -> ReferenceBank:
+        """Calibrated reference bank of a class from its k pre-processed normal images ``(k, 3, H, W)``."""
+        features = self.reference_features(images)
+        return ReferenceBank.from_features(features, self.calibrate(features, tuple(images.shape[-2:])))
+
+    @torch.no_grad()
+    def set_references(self, bank: ReferenceBank) -> None:
+        """Store a class's calibrated reference bank: the one used when no bank is passed to :meth:`forward`."""
+        if bank.calibration is None:
+            msg = "The reference bank has no calibration: make it with make_reference_bank (or ResAD.set_references)."
+            raise ValueError(msg)
+        self.feature_converter.set_bank(bank)
+        self.anomaly_map_generator.calibration.copy_(bank.calibration)
+
+    def level_outputs(
+        self,
+        features: Sequence[torch.Tensor],
+        reference_bank: Sequence[torch.Tensor] | None = None,
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
+        """Per-level log-likelihood maps and match similarities of backbone features (the paper's figure, per box)."""
+        residuals, similarities = self.feature_converter(features, reference_bank)
+        constrained = self.feature_constraintor(residuals)
+        return self.residual_flow(constrained), similarities
+
+    def score_components(
+        self,
+        features: Sequence[torch.Tensor],
+        reference_bank: Sequence[torch.Tensor],
+        level_constants: torch.Tensor,
+        image_size: tuple[int, int] | torch.Size,
+    ) -> ScoreComponents:
+        """Uncalibrated scoring of backbone features against a bank (calibration and the exported calibrator)."""
+        log_likelihoods, similarities = self.level_outputs(features, reference_bank)
+        return self.anomaly_map_generator.components(log_likelihoods, similarities, image_size, level_constants)
 
     def forward(
         self,
         images: torch.Tensor,
         reference_bank: Sequence[torch.Tensor] | None = None,
+        calibration: torch.Tensor | None = None,
     ) -> InferenceBatch:
-        """Score images.
+        """Score images in calibrated units (``1`` = the class's threshold).
 
         Args:
             images (torch.Tensor): Pre-processed images ``(B, 3, H, W)``.
             reference_bank (Sequence[torch.Tensor] | None): Per-level banks ``(M_l, C_l)`` to use instead of the
                 stored one (all images must belong to the bank's class).
+            calibration (torch.Tensor | None): That bank's calibration ``(L + 3,)``; the stored one when ``None``.
 
         Returns:
             InferenceBatch: ``pred_score`` ``(B,)`` and ``anomaly_map`` ``(B, 1, H, W)``.
         """
         features = self.feature_extractor(images)
-        residuals = self.feature_converter(features, reference_bank)
-        constrained = self.feature_constraintor(residuals)
-        log_likelihoods = self.residual_flow(constrained)
-        anomaly_map, pred_score = self.anomaly_map_generator(log_likelihoods, images.shape[-2:])
+        log_likelihoods, similarities = self.level_outputs(features, reference_bank)
+        anomaly_map, pred_score = self.anomaly_map_generator(
+            log_likelihoods, similarities, images.shape[-2:], calibration
+        )
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)

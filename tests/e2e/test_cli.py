@@ -141,7 +141,7 @@ def test_corrupt_training_image_is_named_before_training(shared_data: Path, tmp_
 
 def test_more_references_than_training_images_is_refused(shared_data: Path, tmp_path: Path) -> None:
     result = anomalib(
-        "train", "--model", "ResAD", *LITE0, *SMALL, "--model.pre_trained", "false", "--model.reference_k", "9",
+        "train", "--model", "ResAD", *LITE0, *SMALL, "--model.pre_trained", "false", "--model.k", "9",
         *data_arguments(shared_data, "pcb_12000"), "--default_root_dir", str(tmp_path), "--trainer.max_epochs", "1",
         cwd=tmp_path,
     )  # fmt: skip

@@ -9,7 +9,6 @@ import torch
 from anomalib.data import InferenceBatch
 
 from anomalib_resad import ResAD, ResADConfigurationError, ResADInputError, ResADModel
-from anomalib_resad.anomaly_map import AnomalyMapGenerator
 from anomalib_resad.references import ReferenceSelection
 from tests.helpers.models import tiny_resad
 from tests.unit.test_references import write_image
@@ -23,8 +22,9 @@ def tiny_model() -> ResADModel:
         for parameter in model.residual_flow.parameters():
             if parameter.requires_grad:
                 parameter.add_(0.2 * torch.randn_like(parameter))
-    model.set_references(torch.rand(2, 3, 64, 64))
-    return model.eval()
+    model = model.eval()
+    model.set_references(model.make_reference_bank(torch.rand(2, 3, 64, 64)))
+    return model
 
 
 def test_eval_forward_returns_inference_batch(tiny_model: ResADModel) -> None:
@@ -32,7 +32,8 @@ def test_eval_forward_returns_inference_batch(tiny_model: ResADModel) -> None:
     assert isinstance(output, InferenceBatch)
     assert tuple(output.anomaly_map.shape) == (3, 1, 64, 64)
     assert tuple(output.pred_score.shape) == (3,)
-    torch.testing.assert_close(output.pred_score, output.anomaly_map.amax(dim=(1, 2, 3)))
+    # calibrated units: the image score is the map's maximum (same threshold for "max"), or the dissimilarity ratio
+    assert bool((output.pred_score >= output.anomaly_map.amax(dim=(1, 2, 3)) - 1e-5).all())
 
 
 def test_scores_of_an_image_do_not_depend_on_the_rest_of_the_batch(tiny_model: ResADModel) -> None:
@@ -44,23 +45,6 @@ def test_scores_of_an_image_do_not_depend_on_the_rest_of_the_batch(tiny_model: R
     torch.testing.assert_close(alone.pred_score, together.pred_score[:1])
     torch.testing.assert_close(alone.anomaly_map, together.anomaly_map[:1])
     assert together.pred_score.unique().numel() == 4
-
-
-def test_anomaly_map_uses_a_fixed_per_level_constant() -> None:
-    generator = AnomalyMapGenerator(num_levels=1, sigma=1.0)
-    flat = (torch.zeros(1, 4, 4), torch.full((1, 4, 4), -50.0))
-    anomaly_map, _ = generator([flat], image_size=(8, 8))
-    torch.testing.assert_close(anomaly_map, torch.zeros(1, 1, 8, 8), atol=1e-6, rtol=0)  # exp(0 - 0) = 1 -> 0
-    generator.log_likelihood_reference.fill_(1.0)
-    shifted, _ = generator([flat], image_size=(8, 8))
-    assert float(shifted.min()) > 0  # below the constant: anomalous
-
-
-def test_lower_likelihood_means_higher_score() -> None:
-    generator = AnomalyMapGenerator(num_levels=2)
-    likely = [(torch.full((1, 4, 4), 1.0), torch.full((1, 4, 4), -3.0))] * 2
-    unlikely = [(torch.full((1, 4, 4), -2.0), torch.full((1, 4, 4), -1.0))] * 2
-    assert float(generator(unlikely, (16, 16))[1]) > float(generator(likely, (16, 16))[1])
 
 
 def test_pre_processor_normalises_for_the_backbone() -> None:
@@ -80,8 +64,10 @@ def test_checkpoint_of_another_backbone_is_refused_clearly() -> None:
 def test_invalid_hyper_parameters_are_refused() -> None:
     with pytest.raises(ResADConfigurationError, match="multiple of 4"):
         tiny_resad(pos_embed_dim=18)
-    with pytest.raises(ResADConfigurationError, match=">= 1"):
-        tiny_resad(reference_k=0)
+    with pytest.raises(ResADConfigurationError, match="at least 2 reference images"):
+        tiny_resad(k=1)
+    with pytest.raises(ResADConfigurationError, match="flow_steps"):
+        tiny_resad(flow_steps="epoch")
     with pytest.raises(ValueError, match="Unknown OCC loss"):
         tiny_resad(occ_loss="hinge")
 
@@ -91,7 +77,8 @@ def test_set_references_stores_bank_and_file_list(tmp_path: Path) -> None:
     paths = [str(write_image(tmp_path / f"{index}.png", "L", (50, 40))) for index in range(3)]
     model.set_references(ReferenceSelection("widget", paths, str(tmp_path)))
     converter = model.model.feature_converter
-    assert converter.bank.shots == 3
+    assert converter.bank.k == 3
+    assert model.model.anomaly_map_generator.has_calibration
     assert converter.bank.grids == [(16, 16), (8, 8)]  # 64 px input: references resized like queries
     checkpoint: dict = {}
     model.on_save_checkpoint(checkpoint)

@@ -25,7 +25,7 @@ def protocol_run(texture_root: Path, tmp_path_factory: pytest.TempPathFactory) -
         output_dir=str(output),
         model=TINY_MODEL,
         trainer=TRAINER,
-        shots=[1, 2],
+        shots=[2, 3],
         draws=2,
         seed=5,
         num_workers=0,
@@ -53,7 +53,7 @@ def test_summary_has_mean_and_std_over_draws(protocol_run: Path) -> None:
     draws = results[(results.model == "ResAD") & (results.k == 2)].image_AUROC
     assert row.image_AUROC == pytest.approx(draws.mean())
     assert row.image_AUROC_std == pytest.approx(draws.std(ddof=0))
-    assert set(summary[summary.category == "mean"].k) == {1, 2}
+    assert set(summary[summary.category == "mean"].k) == {2, 3}
     markdown = (protocol_run / "summary.md").read_text()
     assert "| ResAD | **mean** |" in markdown and "| PatchCore | brick |" in markdown
 

@@ -80,7 +80,7 @@ def test_corrupt_files_are_all_listed(tmp_path: Path) -> None:
         check_image_files([str(good), str(truncated), str(text)])
     assert "truncated.png" in str(error.value)
     assert "text.png" in str(error.value)
-    with pytest.raises(ResADInputError, match="Cannot read reference image"):
+    with pytest.raises(ResADInputError, match="Cannot read image"):
         load_images([str(text)], transform=None)
 
 
@@ -95,3 +95,34 @@ def test_selection_is_written_as_json(tmp_path: Path) -> None:
     data = json.loads(selection.save(tmp_path / "refs" / "widget.json").read_text())
     assert data == {"class_name": "widget", "paths": ["a.png", "b.png"], "source": "train split", "seed": 3, "k": 2}
     assert ReferenceSelection.from_dict(data) == selection
+
+
+def write_constant(path: Path, value: int, specks: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.full((32, 32), value, dtype=np.uint8)
+    pixels.flat[:specks] = 255 - value
+    Image.fromarray(pixels, mode="L").save(path)
+    return path
+
+
+def test_blank_frames_are_recognised(tmp_path: Path) -> None:
+    from anomalib_resad.references import is_blank_image
+
+    assert is_blank_image(write_constant(tmp_path / "white.png", 255))
+    assert is_blank_image(write_constant(tmp_path / "black.png", 0))
+    assert is_blank_image(write_constant(tmp_path / "specks.png", 255, specks=5))  # 99.5 % one value
+    assert not is_blank_image(write_image(tmp_path / "noise.png"))
+
+
+def test_blank_references_are_refused_from_folders_and_passed_over_in_draws(tmp_path: Path) -> None:
+    good = [str(write_image(tmp_path / "pool" / f"{index}.png")) for index in range(3)]
+    blank = str(write_constant(tmp_path / "pool" / "9_blank.png", 255))
+    with pytest.raises(ResADInputError, match="blank"):
+        load_images([good[0], blank], transform=None, refuse_blank=True)
+    from anomalib_resad.references import is_blank_image
+
+    for seed in range(10):  # whatever the seed, the blank frame is never drawn, and the draw is still seeded
+        drawn = sample_references([*good, blank], 3, seed, usable=lambda path: not is_blank_image(path))
+        assert sorted(drawn) == sorted(good)
+    with pytest.raises(ResADInputError, match="usable"):
+        sample_references([good[0], blank], 2, 0, usable=lambda path: not is_blank_image(path))

@@ -18,7 +18,7 @@ from tests.helpers.models import tiny_resad as helper_tiny_resad
 
 
 def tiny_resad(**overrides: object) -> ResAD:
-    return helper_tiny_resad(**{"train_reference_k": 2, "reference_k": 2, "evaluator": False, **overrides})
+    return helper_tiny_resad(**{"train_k": 2, "k": 2, "evaluator": False, **overrides})
 
 
 @pytest.fixture

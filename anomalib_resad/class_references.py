@@ -1,0 +1,225 @@
+# Copyright (C) 2026 anomalib-resad contributors
+# SPDX-License-Identifier: Apache-2.0
+"""One room for the k-shot references of every class: selection, cached features, calibrated banks.
+
+ResAD needs k normal images of a class wherever it scores that class, and in training it draws fresh references for
+every class in every batch. :class:`ClassReferences` owns all of it:
+
+* **selection** - the first k images of a folder, or k images drawn with a seed from the class's normal pool
+  (:meth:`ClassReferences.select`);
+* **features** - each image's backbone features are computed once and cached (bounded in bytes), so training draws
+  and evaluation banks never re-run the backbone on an image;
+* **banks** - a class's calibrated :class:`~anomalib_resad.feature_converter.ReferenceBank` (features + the
+  leave-one-out calibration of :mod:`anomalib_resad.anomaly_map`), built once per set of files
+  (:meth:`ClassReferences.bank`); training banks (:meth:`ClassReferences.training_bank`) skip the calibration.
+
+It is built from two callables - an encoder (image files -> per-level features) and a calibrator (features ->
+calibration) - so it never reaches into the Lightning module; training, evaluation, ``anomalib export``,
+``resad export``/``references`` and the demo all get their banks from here.
+
+Example:
+    >>> import torch
+    >>> def encode(paths):  # per-level features of each file, and the pre-processed image size
+    ...     return [torch.rand(len(paths), 4, 3, 3)], (12, 12)
+    >>> def calibrate(features, image_size):
+    ...     return torch.ones(4)
+    >>> references = ClassReferences(encode, calibrate)
+    >>> references.set_pools({"widget": ["a.png", "b.png", "c.png"]})
+    >>> selection = references.select("widget", k=2, seed=0)
+    >>> bank = references.bank(selection)
+    >>> bank.k, tuple(bank.levels[0].shape), bank.calibration.tolist()
+    (2, (18, 4), [1.0, 1.0, 1.0, 1.0])
+"""
+
+import logging
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ResADInputError
+from .feature_converter import ReferenceBank
+from .references import ReferenceSelection, is_blank_image, load_images, sample_references, select_folder_references
+from .torch_model import ResADModel
+
+logger = logging.getLogger(__name__)
+
+Encoder = Callable[[Sequence[str]], tuple[list[torch.Tensor], tuple[int, int]]]
+Calibrator = Callable[[Sequence[torch.Tensor], tuple[int, int]], torch.Tensor]
+
+
+class FeatureCache:
+    """Per-image backbone features by file, least recently used first out, bounded in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
+        self._bytes = 0
+
+    def clear(self) -> None:
+        """Drop everything (the backbone or the pre-processing changed)."""
+        self._entries.clear()
+        self._bytes = 0
+
+    def get(self, path: str) -> list[torch.Tensor] | None:
+        """Per-level features ``(C_l, H_l, W_l)`` of an image, or ``None``."""
+        if path in self._entries:
+            self._entries.move_to_end(path)
+            return self._entries[path]
+        return None
+
+    def put(self, path: str, features: list[torch.Tensor]) -> None:
+        """Store the per-level features of one image, evicting old entries beyond the budget."""
+        size = sum(feature.numel() * feature.element_size() for feature in features)
+        if size > self.max_bytes:
+            return
+        self._entries[path] = features
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= sum(feature.numel() * feature.element_size() for feature in evicted)
+
+
+class FileEncoder:
+    """Image files -> per-level backbone features of a :class:`ResADModel`, through a pre-processing transform.
+
+    Reference images are read as RGB and refused when they are blank (constant) frames.
+
+    Args:
+        model (ResADModel): The model whose backbone encodes the images.
+        transform (Callable | None): Pre-processing (resize + normalise) applied to each image.
+    """
+
+    def __init__(self, model: ResADModel, transform: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        self.model = model
+        self.transform = transform
+
+    @torch.no_grad()
+    def __call__(self, paths: Sequence[str]) -> tuple[list[torch.Tensor], tuple[int, int]]:
+        """Features ``(n, C_l, H_l, W_l)`` per level and the pre-processed image size."""
+        device = next(self.model.parameters()).device
+        images = load_images(paths, self.transform, refuse_blank=True).to(device)
+        return self.model.reference_features(images), (int(images.shape[-2]), int(images.shape[-1]))
+
+
+class ClassReferences:
+    """The k-shot references of every class.
+
+    Args:
+        encode (Encoder): Image files -> (per-level features ``(n, C_l, H_l, W_l)``, pre-processed image size).
+        calibrate (Calibrator): (per-level features of k images, image size) -> the class's flat calibration.
+        cache_bytes (int): Memory for cached per-image features. Defaults to 1 GiB.
+    """
+
+    def __init__(self, encode: Encoder, calibrate: Calibrator, cache_bytes: int = 1 << 30) -> None:
+        self.encode = encode
+        self.calibrate = calibrate
+        self.cache = FeatureCache(cache_bytes)
+        self.pools: dict[str, list[str]] = {}
+        self._banks: dict[tuple[str, ...], ReferenceBank] = {}
+        self._image_size: tuple[int, int] | None = None
+
+    @classmethod
+    def for_model(
+        cls,
+        model: ResADModel,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None,
+        cache_bytes: int = 1 << 30,
+    ) -> "ClassReferences":
+        """References encoded and calibrated by ``model``, images pre-processed with ``transform``."""
+        return cls(FileEncoder(model, transform), model.calibrate, cache_bytes)
+
+    def clear(self) -> None:
+        """Forget cached features and banks (the model changed: new training, new weights)."""
+        self.cache.clear()
+        self._banks.clear()
+
+    def set_pools(self, pools: Mapping[str, Sequence[str]]) -> None:
+        """The normal images each class's references may be drawn from (e.g. its training split)."""
+        self.pools = {name: sorted(map(str, paths)) for name, paths in pools.items()}
+
+    # ------------------------------------------------------------------ selection
+    def select(
+        self,
+        class_name: str,
+        k: int,
+        seed: int = 42,
+        folder: str | Path | None = None,
+        source: str = "training split",
+    ) -> ReferenceSelection:
+        """Choose the k reference images of a class: the first k of ``folder``, else a seeded draw from its pool.
+
+        Raises:
+            ResADInputError: No folder and no pool for the class, or fewer than k images.
+        """
+        if folder is not None:
+            return select_folder_references(folder, k, class_name)
+        pool = self.pools.get(class_name)
+        if not pool:
+            msg = (
+                f"No reference images for class '{class_name}': give --model.reference_dir <folder of k normal "
+                "images>, a datamodule with normal training images of the class, or a checkpoint with references."
+            )
+            raise ResADInputError(msg)
+        where = f"the normal training images of class '{class_name}'"
+        paths = sample_references(pool, k, seed, where, usable=lambda path: not is_blank_image(path))
+        return ReferenceSelection(class_name=class_name, paths=paths, source=source, seed=seed)
+
+    # ------------------------------------------------------------------ features and banks
+    def features(self, paths: Sequence[str]) -> list[torch.Tensor]:
+        """Per-level features ``(n, C_l, H_l, W_l)`` of image files, each image encoded once."""
+        paths = [str(path) for path in paths]
+        missing = [path for path in dict.fromkeys(paths) if self.cache.get(path) is None]
+        if missing:
+            encoded, self._image_size = self.encode(missing)
+            computed = {path: [level[index] for level in encoded] for index, path in enumerate(missing)}
+            for path, features in computed.items():
+                self.cache.put(path, features)
+        else:
+            computed = {}
+        per_image = [self.cache.get(path) or computed.get(path) for path in paths]
+        if any(features is None for features in per_image):  # cache smaller than one image: encode directly
+            encoded, self._image_size = self.encode(paths)
+            return encoded
+        return [torch.stack(level) for level in zip(*per_image, strict=True)]
+
+    def bank(self, selection: ReferenceSelection) -> ReferenceBank:
+        """The calibrated bank of a class's selected references (built once per set of files)."""
+        key = tuple(selection.paths)
+        if key not in self._banks:
+            features = self.features(selection.paths)
+            if self._image_size is None:
+                self.encode(selection.paths[:1])  # learn the image size (features were cached earlier)
+            calibration = self.calibrate(features, self._image_size)
+            self._banks[key] = ReferenceBank.from_features(features, calibration)
+            logger.info(
+                "ResAD references of class '%s' (k=%d, %s): %s",
+                selection.class_name,
+                selection.k,
+                selection.source or "given",
+                selection.paths,
+            )
+        return self._banks[key]
+
+    def training_bank(self, class_name: str, k: int, rng: random.Random) -> ReferenceBank:
+        """Fresh, uncalibrated references of a class for one training step (``k`` drawn from its pool)."""
+        pool = self.pools.get(class_name)
+        if not pool:
+            msg = f"No normal training images of class '{class_name}' to draw training references from."
+            raise ResADInputError(msg)
+        paths = rng.sample(pool, k) if len(pool) >= k else rng.choices(pool, k=k)
+        return ReferenceBank.from_features(self.features(paths))
+
+
+def as_numpy_bank(bank: ReferenceBank) -> tuple[list[np.ndarray], np.ndarray]:
+    """A bank as float32 arrays (references file, OpenVINO inputs)."""
+    if bank.calibration is None:
+        msg = "Only calibrated banks can be saved or deployed."
+        raise ValueError(msg)
+    return (
+        [np.ascontiguousarray(level.detach().cpu().numpy(), dtype=np.float32) for level in bank.levels],
+        bank.calibration.detach().cpu().numpy().astype(np.float32),
+    )

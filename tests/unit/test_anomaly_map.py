@@ -1,0 +1,139 @@
+# Copyright (C) 2026 anomalib-resad contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Anomaly maps, image scores and the per-class leave-one-out calibration."""
+
+import pytest
+import torch
+
+from anomalib_resad import ResADInputError
+from anomalib_resad.anomaly_map import (
+    AnomalyMapGenerator,
+    ScoreCalibration,
+    ScoreComponents,
+    leave_one_out_calibration,
+)
+
+
+def level(log_normal: float, log_abnormal: float = -50.0, size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.full((1, size, size), log_normal), torch.full((1, size, size), log_abnormal)
+
+
+def components(generator: AnomalyMapGenerator, levels: list, constants: torch.Tensor, similarity: float = 1.0):
+    similarities = [torch.full_like(log_normal, similarity) for log_normal, _ in levels]
+    return generator.components(levels, similarities, (8, 8), constants)
+
+
+def test_likelihood_at_or_above_the_constant_is_normal_and_below_is_anomalous() -> None:
+    generator = AnomalyMapGenerator(num_levels=1, sigma=1.0)
+    at_constant = components(generator, [level(0.0)], torch.zeros(1))
+    torch.testing.assert_close(at_constant.anomaly_map, torch.zeros(1, 1, 8, 8), atol=1e-6, rtol=0)
+    above = components(generator, [level(5.0)], torch.zeros(1))  # a flow's over-confident likelihood: not negative
+    torch.testing.assert_close(above.anomaly_map, torch.zeros(1, 1, 8, 8), atol=1e-6, rtol=0)
+    below = components(generator, [level(-1.0)], torch.zeros(1))
+    assert float(below.anomaly_map.min()) > 0
+    shifted = components(generator, [level(0.0)], torch.ones(1))  # a higher constant: the same map is anomalous
+    assert float(shifted.anomaly_map.min()) > 0
+
+
+def test_lower_likelihood_means_higher_score() -> None:
+    generator = AnomalyMapGenerator(num_levels=2)
+    likely = components(generator, [level(1.0, -3.0)] * 2, torch.ones(2))
+    unlikely = components(generator, [level(-2.0, -1.0)] * 2, torch.ones(2))
+    assert float(unlikely.score) > float(likely.score)
+
+
+def test_top_mean_score_averages_the_highest_pixels() -> None:
+    generator = AnomalyMapGenerator(num_levels=1, image_score="top_mean", top_fraction=0.25)
+    log_normal = torch.zeros(1, 8, 8)
+    log_normal[0, :2, :2] = -5.0  # one anomalous corner
+    result = generator.components([(log_normal, torch.full_like(log_normal, -50.0))], [torch.ones(1, 8, 8)],
+                                  (8, 8), torch.zeros(1))  # fmt: skip
+    flat = result.anomaly_map.flatten()
+    torch.testing.assert_close(result.score[0], flat.topk(16).values.mean())
+    assert float(result.score) < float(result.map_max)
+
+
+def test_dissimilarity_is_mean_one_minus_match_similarity() -> None:
+    generator = AnomalyMapGenerator(num_levels=2)
+    result = components(generator, [level(0.0), level(0.0)], torch.zeros(2), similarity=0.75)
+    torch.testing.assert_close(result.dissimilarity, torch.tensor([0.25]))
+    torch.testing.assert_close(result.level_max_log_likelihood, torch.zeros(1, 2))
+
+
+def test_calibrated_output_is_in_units_of_the_class_threshold() -> None:
+    generator = AnomalyMapGenerator(num_levels=1, sigma=1.0)
+    raw = components(generator, [level(-1.0)], torch.zeros(1))
+    calibration = ScoreCalibration(torch.zeros(1), 2.0, 4.0, 0.5).to_tensor()
+    similarities = [torch.ones(1, 4, 4)]
+    anomaly_map, score = generator([level(-1.0)], similarities, (8, 8), calibration)
+    torch.testing.assert_close(anomaly_map, raw.anomaly_map / 2.0)
+    torch.testing.assert_close(score, raw.score / 4.0)
+
+
+def test_a_frame_unlike_the_references_scores_above_the_threshold_whatever_its_likelihood() -> None:
+    generator = AnomalyMapGenerator(num_levels=1)
+    calibration = ScoreCalibration(torch.zeros(1), 1.0, 1.0, 0.2).to_tensor()
+    # a blank frame: the flow finds it perfectly likely, but its features match the references badly
+    _, score = generator([level(10.0)], [torch.full((1, 4, 4), 0.5)], (8, 8), calibration)
+    assert float(score) == pytest.approx(0.5 / 0.2)
+    unchecked = AnomalyMapGenerator(num_levels=1, dissimilarity_check=False)
+    _, score = unchecked([level(10.0)], [torch.full((1, 4, 4), 0.5)], (8, 8), calibration)
+    assert float(score) < 1
+
+
+def test_scoring_without_calibration_is_a_clear_error() -> None:
+    generator = AnomalyMapGenerator(num_levels=1)
+    with pytest.raises(ResADInputError, match="no calibrated references"):
+        generator([level(0.0)], [torch.ones(1, 4, 4)], (8, 8))
+
+
+def test_global_constants_follow_training_by_ema() -> None:
+    generator = AnomalyMapGenerator(num_levels=2, level_constants="global")
+    generator.update_global_constant(1, torch.tensor([0.5, 2.0, 1.0]), momentum=0.9)
+    torch.testing.assert_close(generator.global_level_constants, torch.tensor([0.0, 0.2]))
+    calibration = ScoreCalibration(torch.tensor([7.0, 7.0]), 1.0, 1.0, 1.0).to_tensor()
+    torch.testing.assert_close(generator.constants_for(calibration), torch.tensor([0.0, 0.2]))
+    per_class = AnomalyMapGenerator(num_levels=2)
+    torch.testing.assert_close(per_class.constants_for(calibration), torch.tensor([7.0, 7.0]))
+
+
+def fake_scores(level_max: list[list[float]], values: list[float], dissimilarities: list[float]):
+    """A scorer of k references: image i has these level maxima, map/score value and dissimilarity."""
+    calls = []
+
+    def score_reference(index: int, constants: torch.Tensor) -> ScoreComponents:
+        calls.append((index, constants.clone()))
+        value = torch.tensor([values[index] + float(constants.sum())])  # depends on the constants it is given
+        return ScoreComponents(None, value, value, torch.tensor([dissimilarities[index]]),
+                               torch.tensor([level_max[index]]))  # fmt: skip
+
+    return score_reference, calls
+
+
+def test_leave_one_out_rule_constants_then_thresholds() -> None:
+    score_reference, calls = fake_scores([[1.0, -2.0], [3.0, -5.0], [2.0, -1.0]], [0.1, 0.3, 0.2], [0.05, 0.1, 0.2])
+    calibration = leave_one_out_calibration(score_reference, 3, 2, margin=1.5, dissimilarity_margin=2.0)
+    torch.testing.assert_close(calibration.level_constants, torch.tensor([3.0, -1.0]))  # per-level max over refs
+    # thresholds: margin x the largest value scored *with* those constants (sum 2.0 added by the fake scorer)
+    assert calibration.map_threshold == pytest.approx(1.5 * 2.3)
+    assert calibration.score_threshold == pytest.approx(1.5 * 2.3)
+    assert calibration.dissimilarity_threshold == pytest.approx(2.0 * 0.2)
+    assert sorted({index for index, _ in calls}) == [0, 1, 2]  # every reference left out in turn
+
+
+def test_leave_one_out_with_global_constants_and_k1() -> None:
+    score_reference, _ = fake_scores([[9.0], [9.0]], [0.1, 0.3], [0.1, 0.1])
+    calibration = leave_one_out_calibration(score_reference, 2, 1, global_constants=torch.tensor([0.5]))
+    torch.testing.assert_close(calibration.level_constants, torch.tensor([0.5]))
+    assert calibration.score_threshold == pytest.approx(0.8)
+    with pytest.raises(ResADInputError, match="k >= 2"):
+        leave_one_out_calibration(score_reference, 1, 1)
+
+
+def test_calibration_round_trips_through_a_flat_tensor() -> None:
+    calibration = ScoreCalibration(torch.tensor([1.0, -2.0, 3.0]), 0.5, 0.25, 0.125)
+    values = calibration.to_tensor()
+    assert values.tolist() == [1.0, -2.0, 3.0, 0.5, 0.25, 0.125]
+    restored = ScoreCalibration.from_tensor(values)
+    torch.testing.assert_close(restored.level_constants, calibration.level_constants)
+    assert (restored.map_threshold, restored.score_threshold, restored.dissimilarity_threshold) == (0.5, 0.25, 0.125)
