@@ -63,8 +63,8 @@ class FewShotPatchcore:
     @torch.no_grad()
     def set_references(self, selection: ReferenceSelection) -> None:
         """Fill the memory bank with all patches of the reference images."""
-        images = load_images(selection.paths, self.model.pre_processor.transform)
         torch_model = self.model.model
+        images = load_images(selection.paths, self.model.pre_processor.transform).to(self.model.device)
         torch_model.train()
         torch_model.embedding_store.clear()
         torch_model(images)

@@ -1,0 +1,283 @@
+# Copyright (C) 2026 anomalib-resad contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Ablation of ResAD's scoring levers against few-shot PatchCore on the leave-one-dataset-out settings.
+
+One training per setting (the config's ResAD, optionally with ``--flow_steps chunk`` or more epochs), then for every
+target category, k and reference draw - the very same k images for every variant and for PatchCore - every scoring
+variant is computed from *one* forward pass per test image:
+
+* ``constants``: ``global`` (one learned constant per level for every class) vs ``per_class`` (leave-one-out over
+  the k references);
+* ``image score``: the map's ``max`` (reference) vs ``top1`` (mean of its top 1 % pixels) vs ``max+dis`` (max, or
+  the dissimilarity ratio when larger: the odd-frame check);
+* the calibrated verdict (``max`` and ``max+dis``) at threshold margins 0.8 ... 1.25: false-positive
+  rate on normal test images, recall on anomalous ones, next to the oracle F1-max and its recall.
+
+The same verdicts are computed on the *source* classes' held-out validation images (their own references drawn from
+their training split): defaults are chosen there, never on a target class.
+
+    python benchmarks/ablation.py --settings shared_pcb_crack_to_tile --output results/ablation
+    python benchmarks/ablation.py --settings shared_pcb_crack_to_tile --checkpoint results/ablation/<setting>/model.ckpt
+
+Writes ``rows.csv`` (one row per setting x category x k x draw x model/variant) and prints mean tables.
+"""
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+from anomalib.engine import Engine
+from anomalib.metrics import AUPRO, AUROC, F1Max
+from lightning.pytorch import seed_everything
+
+from anomalib_resad import ResAD
+from anomalib_resad.anomaly_map import leave_one_out_calibration
+from anomalib_resad.baselines import FewShotPatchcore
+from anomalib_resad.data.multi_class import CATEGORY_COLUMN, MultiClassDataModule, MultiClassDataset
+from anomalib_resad.evaluation import _resize_of, category_metrics, score_samples
+from anomalib_resad.feature_converter import flatten_levels
+
+REPO = Path(__file__).resolve().parents[1]
+MARGINS = (0.8, 0.9, 1.0, 1.1, 1.25)
+
+
+def _rescale(values: torch.Tensor) -> torch.Tensor:
+    low, high = values.min(), values.max()
+    return (values - low) / (high - low) if high > low else torch.zeros_like(values)
+
+
+def image_metrics(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    from types import SimpleNamespace
+
+    batch = SimpleNamespace(pred_score=_rescale(scores), gt_label=labels)
+    out = {}
+    for name, metric in (("image_AUROC", AUROC), ("image_F1Max", F1Max)):
+        instance = metric(fields=["pred_score", "gt_label"])
+        instance.update(batch)
+        out[name] = float(instance.compute())
+    return out
+
+
+def pixel_metrics(maps: torch.Tensor, masks: torch.Tensor | None, aupro: bool) -> dict[str, float]:
+    from types import SimpleNamespace
+
+    if masks is None or not masks.any():
+        return {"pixel_AUROC": float("nan"), "pixel_AUPRO": float("nan")}
+    batch = SimpleNamespace(anomaly_map=_rescale(maps), gt_mask=masks.int())
+    out = {"pixel_AUPRO": float("nan")}
+    metrics = (("pixel_AUROC", AUROC), ("pixel_AUPRO", AUPRO)) if aupro else (("pixel_AUROC", AUROC),)
+    for name, metric in metrics:
+        instance = metric(fields=["anomaly_map", "gt_mask"])
+        instance.update(batch)
+        out[name] = float(instance.compute())
+    return out
+
+
+def verdicts(calibrated: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """FPR / recall at the calibrated threshold (x margins) and the oracle F1-max's recall."""
+    normal, anomalous = labels == 0, labels == 1
+    out = {}
+    for margin in MARGINS:
+        predicted = calibrated > margin
+        out[f"fpr@{margin}"] = float(predicted[normal].float().mean()) if normal.any() else float("nan")
+        out[f"recall@{margin}"] = float(predicted[anomalous].float().mean()) if anomalous.any() else float("nan")
+    if normal.any() and anomalous.any():
+        best_f1, best_recall, best_fpr = -1.0, 0.0, 0.0
+        for threshold in calibrated.unique():
+            predicted = calibrated >= threshold
+            tp = float((predicted & anomalous).sum())
+            fp = float((predicted & normal).sum())
+            fn = float((~predicted & anomalous).sum())
+            f1 = 2 * tp / max(2 * tp + fp + fn, 1e-9)
+            if f1 > best_f1:
+                best_f1, best_recall, best_fpr = f1, tp / max(float(anomalous.sum()), 1), fp / float(normal.sum())
+        out.update({"oracle_f1": best_f1, "oracle_recall": best_recall, "oracle_fpr": best_fpr})
+    return out
+
+
+@torch.no_grad()
+def resad_variants(resad: ResAD, samples: pd.DataFrame, selection, batch_size: int, aupro: bool) -> list[dict]:
+    """All scoring variants of ResAD on one category from one forward pass per image."""
+    model = resad.model.eval()
+    generator = model.anomaly_map_generator
+    features = resad.references.features(selection.paths)
+    image_size = tuple(int(v) for v in resad.input_size)
+    calibrations = {}
+    for mode in ("global", "per_class"):
+
+        def score_reference(index: int, constants: torch.Tensor, features=features) -> object:
+            others = [torch.cat([level[:index], level[index + 1 :]]) for level in features]
+            query = [level[index : index + 1] for level in features]
+            return model.score_components(query, flatten_levels(others), constants, image_size)
+
+        calibrations[mode] = leave_one_out_calibration(
+            score_reference,
+            selection.k,
+            model.num_levels,
+            global_constants=generator.global_level_constants if mode == "global" else None,
+        )
+    bank = flatten_levels(features)
+    device = features[0].device
+    has_masks = bool(samples.mask_path.astype(str).str.len().gt(0).any())
+    dataset = MultiClassDataset(samples, "segmentation" if has_masks else "classification", _resize_of(resad))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=dataset.collate_fn)
+    transform = resad.pre_processor.transform
+    collected = {mode: {"map": [], "max": [], "top1": [], "dis": []} for mode in calibrations}
+    labels, masks = [], []
+    for batch in loader:
+        images, gt_masks = transform(batch.image, batch.gt_mask)
+        images = images.to(device)
+        log_likelihoods, similarities = model.level_outputs(model.feature_extractor(images), bank)
+        for mode, calibration in calibrations.items():
+            parts = generator.components(log_likelihoods, similarities, images.shape[-2:], calibration.level_constants)
+            flat = parts.anomaly_map.flatten(start_dim=1)
+            top = flat.topk(max(1, round(flat.shape[1] * 0.01)), dim=1).values.mean(dim=1)
+            collected[mode]["map"].append((parts.anomaly_map[:, 0] / calibration.map_threshold).cpu())
+            collected[mode]["max"].append(parts.map_max.cpu())
+            collected[mode]["top1"].append(top.cpu())
+            collected[mode]["dis"].append(parts.dissimilarity.cpu())
+        labels.append(batch.gt_label.reshape(-1))
+        if has_masks:
+            masks.append(gt_masks.reshape(len(images), *images.shape[-2:]).bool().cpu())
+    labels = torch.cat(labels).long()
+    masks = torch.cat(masks) if masks else None
+    rows = []
+    for mode, calibration in calibrations.items():
+        values = {name: torch.cat(parts) for name, parts in collected[mode].items()}
+        pixel = pixel_metrics(values["map"], masks, aupro=aupro)
+        ratio_max = values["max"] / calibration.score_threshold
+        ratio_dis = values["dis"] / calibration.dissimilarity_threshold
+        top_calibrated = values["top1"]  # ranking only
+        for score_name, scores in (
+            ("max", ratio_max),
+            ("top1", top_calibrated),
+            ("max+dis", torch.maximum(ratio_max, ratio_dis)),
+        ):
+            row = {"variant": f"ResAD {mode} {score_name}", **image_metrics(scores, labels), **pixel}
+            if score_name != "top1":
+                row.update(verdicts(scores, labels))
+            rows.append(row)
+    return rows
+
+
+def draw_selection(resad: ResAD, category: str, k: int, seed: int):
+    return resad.references.select(category, k, seed)
+
+
+def run_setting(args: argparse.Namespace, setting: str) -> pd.DataFrame:
+    config = yaml.safe_load((REPO / "configs" / "settings" / f"{setting}.yaml").read_text())
+    output = Path(args.output) / setting
+    output.mkdir(parents=True, exist_ok=True)
+    seed = config.get("seed", 42)
+    seed_everything(seed, workers=True)
+    datamodule = MultiClassDataModule(
+        sources=config["sources"],
+        targets=config["targets"],
+        train_batch_size=config.get("batch_size", 8),
+        eval_batch_size=config.get("batch_size", 8),
+        num_workers=args.num_workers,
+        seed=seed,
+        name=setting,
+    )
+    model_args = {**config["model"], **json.loads(args.model_overrides)}
+    start = time.perf_counter()
+    if args.checkpoint:
+        resad = ResAD.load_from_checkpoint(args.checkpoint, map_location="cpu", **json.loads(args.model_overrides))
+        datamodule.setup()
+        train_seconds = float("nan")
+    else:
+        resad = ResAD(**model_args)
+        trainer = {**config.get("trainer", {}), "enable_progress_bar": False}
+        if args.epochs:
+            trainer["max_epochs"] = args.epochs
+        engine = Engine(default_root_dir=output / "train", logger=False, **trainer)
+        engine.fit(resad, datamodule=datamodule)
+        train_seconds = time.perf_counter() - start
+        engine.trainer.save_checkpoint(output / "model.ckpt")
+    print(f"[{setting}] trained in {train_seconds:.0f} s", flush=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    resad = resad.to(device).eval()
+    pools = {name: datamodule.reference_pool(name) for name in datamodule.target_categories}
+    pools.update({name: datamodule.reference_pool(name) for name in datamodule.source_categories})
+    resad.references.set_pools(pools)
+    patchcore = FewShotPatchcore(
+        backbone=model_args["backbone"],
+        layers=list(resad.model.feature_extractor.layers[-2:]),
+        pre_trained=model_args.get("pre_trained", True),
+        image_size=int(resad.input_size[0]),
+    )
+    patchcore.model.to(device)
+    rows = []
+    groups = [("target", name, datamodule.test_data.samples) for name in datamodule.target_categories]
+    if args.source_val:
+        groups += [("source", name, datamodule.val_data.samples) for name in datamodule.source_categories]
+    for role, category, table in groups:
+        samples = table[table[CATEGORY_COLUMN] == category]
+        if samples.label_index.nunique() < 2:
+            continue
+        for k in args.shots:
+            for draw in range(args.draws):
+                selection = draw_selection(resad, category, k, seed + draw)
+                base = {"setting": setting, "role": role, "category": category, "k": k, "draw": draw,
+                        "train_s": train_seconds}  # fmt: skip
+                variants = resad_variants(resad, samples, selection, args.batch_size, aupro=role == "target")
+                rows.extend({**base, **row} for row in variants)
+                if role == "target":
+                    patchcore.set_references(selection)
+                    metrics = category_metrics(score_samples(patchcore.model, samples, batch_size=args.batch_size))
+                    rows.append({**base, "variant": "PatchCore", **metrics})
+                pd.DataFrame(rows).to_csv(output / "rows.csv", index=False)  # partial results survive a time-out
+                print(f"[{setting}] {role} {category} k={k} draw={draw} done ({time.perf_counter() - start:.0f} s)",
+                      flush=True)  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def summarize(frame: pd.DataFrame) -> str:
+    targets = frame[frame.role == "target"]
+    metrics = ["image_AUROC", "pixel_AUROC", "pixel_AUPRO"]
+    # mean over categories per draw, then mean ± std over draws (std = how much the reference draw moves it)
+    per_draw = targets.groupby(["setting", "variant", "k", "draw"])[metrics].mean()
+    table = per_draw.groupby(["setting", "variant", "k"]).agg(["mean", "std"])
+    lines = [table.to_string(float_format=lambda v: f"{100 * v:.1f}")]
+    verdict_columns = [c for c in frame.columns if c.startswith(("fpr@", "recall@", "oracle_"))]
+    if verdict_columns:
+        verdict = (
+            frame[frame.variant.str.contains(" max")]
+            .groupby(["role", "setting", "variant", "k"])[verdict_columns]
+            .mean()
+        )
+        lines.append(verdict.to_string(float_format=lambda v: f"{100 * v:.1f}"))
+    return "\n\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", default=["shared_pcb_crack_to_tile", "shared_tile_crack_to_pcb",
+                                                          "shared_pcb_tile_to_crack"])  # fmt: skip
+    parser.add_argument("--output", default="results/ablation")
+    parser.add_argument("--shots", nargs="+", type=int, default=[2, 4])
+    parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--model_overrides", default="{}", help='JSON, e.g. \'{"flow_steps": "chunk"}\'')
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--no_source_val", dest="source_val", action="store_false")
+    args = parser.parse_args()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO, check=False
+    ).stdout
+    print(f"commit {commit.strip()}; command args {vars(args)}", flush=True)
+    frames = [run_setting(args, setting) for setting in args.settings]
+    frame = pd.concat(frames, ignore_index=True)
+    frame.to_csv(Path(args.output) / "rows.csv", index=False)
+    print(summarize(frame))
+
+
+if __name__ == "__main__":
+    main()
