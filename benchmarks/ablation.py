@@ -43,7 +43,7 @@ from anomalib_resad.evaluation import _resize_of, category_metrics, score_sample
 from anomalib_resad.feature_converter import flatten_levels
 
 REPO = Path(__file__).resolve().parents[1]
-MARGINS = (0.8, 0.9, 1.0, 1.1, 1.25)
+MARGINS = (0.7, 0.8, 0.85, 0.9, 0.95, 1.0, 1.1, 1.25)
 
 
 def _rescale(values: torch.Tensor) -> torch.Tensor:
