@@ -86,7 +86,8 @@ class FeatureCache:
 class FileEncoder:
     """Image files -> per-level backbone features of a :class:`ResADModel`, through a pre-processing transform.
 
-    Reference images are read as RGB and refused when they are blank (constant) frames.
+    Images are read as RGB. Blank frames are not refused here: training draws from whole pools, as the reference
+    does; evaluation banks check their images (:meth:`ClassReferences.bank`).
 
     Args:
         model (ResADModel): The model whose backbone encodes the images.
@@ -101,7 +102,7 @@ class FileEncoder:
     def __call__(self, paths: Sequence[str]) -> tuple[list[torch.Tensor], tuple[int, int]]:
         """Features ``(n, C_l, H_l, W_l)`` per level and the pre-processed image size."""
         device = next(self.model.parameters()).device
-        images = load_images(paths, self.transform, refuse_blank=True).to(device)
+        images = load_images(paths, self.transform).to(device)
         return self.model.reference_features(images), (int(images.shape[-2]), int(images.shape[-1]))
 
 
@@ -190,6 +191,13 @@ class ClassReferences:
         """The calibrated bank of a class's selected references (built once per set of files)."""
         key = tuple(selection.paths)
         if key not in self._banks:
+            blank = [path for path in selection.paths if is_blank_image(path)]
+            if blank:
+                msg = (
+                    f"Reference image(s) {blank} of class '{selection.class_name}' are blank (constant) frames: they "
+                    "show nothing to compare against. Use k normal images of the class as references."
+                )
+                raise ResADInputError(msg)
             features = self.features(selection.paths)
             if self._image_size is None:
                 self.encode(selection.paths[:1])  # learn the image size (features were cached earlier)
