@@ -11,9 +11,15 @@ with the smallest mechanism that works for the ``anomalib`` command, ``get_model
 * :func:`install` puts a finder on ``sys.meta_path`` that waits for ``import anomalib.models``. Right after anomalib has
   executed that module, every entry point of the group ``anomalib.models`` is loaded and set as an attribute of
   ``anomalib.models`` (so ``get_model({"class_path": "ResAD"})`` works) - and importing the plugin makes its class an
-  ``AnomalibModule`` subclass, which is what the CLI and ``get_model("ResAD")`` search.
+  ``AnomalibModule`` subclass, which is what the CLI and ``get_model("ResAD")`` search. Every plugin of the group is
+  loaded, not only the one named on the command line: anomalib resolves ``--model NAME`` by scanning the subclasses
+  that are already imported, before any hook could see the name.
+* On the ``anomalib`` command line, right after ``anomalib.cli.cli`` has installed rich's traceback printer, the
+  finder wraps it so that a :class:`~anomalib_resad.errors.ResADError` (a problem the user can fix, recognised by its
+  type) prints as one line; every other exception keeps anomalib's report.
 
-Processes that never import anomalib pay nothing else. Set ``ANOMALIB_PLUGINS=0`` to switch the hook off.
+Once both have happened the finder removes itself from ``sys.meta_path``. Processes that never import anomalib pay
+nothing else. Set ``ANOMALIB_PLUGINS=0`` to switch the hook off.
 
 Example:
     >>> from anomalib.models import get_model  # doctest: +SKIP
@@ -25,6 +31,7 @@ import sys
 
 ENTRY_POINT_GROUP = "anomalib.models"
 _TARGET_MODULE = "anomalib.models"
+_CLI_MODULE = "anomalib.cli.cli"
 
 
 def _register_entry_points(models_module: object) -> None:
@@ -54,29 +61,56 @@ def _register_entry_points(models_module: object) -> None:
             exported.append(entry_point.name)
 
 
-class _RegisteringLoader:
-    """Delegating loader: runs the real loader, then registers the plugins."""
+def _install_error_report(cli_module: object) -> None:
+    """On the ``anomalib`` command line: one-line reports of ResAD's user errors (after rich's traceback hook)."""
+    del cli_module
+    try:
+        from anomalib_resad.errors import install_cli_excepthook
+    except ImportError:  # the plugin is not installed in this environment
+        return
+    install_cli_excepthook(only_for=("anomalib",))
 
-    def __init__(self, loader: object) -> None:
+
+class _RegisteringLoader:
+    """Delegating loader: runs the real loader, then the action for that module."""
+
+    def __init__(self, loader: object, fullname: str, finder: "AnomalibModelsFinder") -> None:
         self._loader = loader
+        self._fullname = fullname
+        self._finder = finder
 
     def create_module(self, spec: object) -> object:
         return self._loader.create_module(spec)
 
     def exec_module(self, module: object) -> None:
         self._loader.exec_module(module)
-        _register_entry_points(module)
+        if self._fullname == _TARGET_MODULE:
+            _register_entry_points(module)
+        else:
+            _install_error_report(module)
+        self._finder.done(self._fullname)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._loader, name)
 
 
 class AnomalibModelsFinder:
-    """``sys.meta_path`` finder that only acts on ``anomalib.models``."""
+    """``sys.meta_path`` finder that only acts on ``anomalib.models`` and ``anomalib.cli.cli``, once each."""
+
+    def __init__(self) -> None:
+        self.pending = {_TARGET_MODULE, _CLI_MODULE}
+
+    def done(self, fullname: str) -> None:
+        """Forget a module that has been handled; leave ``sys.meta_path`` when nothing is left to wait for."""
+        self.pending.discard(fullname)
+        if fullname == _TARGET_MODULE and os.path.basename(sys.argv[0] if sys.argv else "") != "anomalib":
+            self.pending.discard(_CLI_MODULE)  # not the anomalib command line: no error report to install
+        if not self.pending and self in sys.meta_path:
+            sys.meta_path.remove(self)
 
     def find_spec(self, fullname: str, path: object = None, target: object = None) -> object:
-        """Return the real spec of ``anomalib.models`` with a loader that also registers the plugins."""
-        if fullname != _TARGET_MODULE:
+        """Return the real spec of a watched module with a loader that acts right after it has executed."""
+        if fullname not in self.pending:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):
@@ -84,7 +118,7 @@ class AnomalibModelsFinder:
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
                 if spec.loader is not None:
-                    spec.loader = _RegisteringLoader(spec.loader)
+                    spec.loader = _RegisteringLoader(spec.loader, fullname, self)
                 return spec
         return None
 
@@ -95,7 +129,12 @@ def install() -> None:
         return
     if any(type(finder).__name__ == AnomalibModelsFinder.__name__ for finder in sys.meta_path):
         return
+    finder = AnomalibModelsFinder()
     if _TARGET_MODULE in sys.modules:  # anomalib was imported before us: register right away
         _register_entry_points(sys.modules[_TARGET_MODULE])
-        return
-    sys.meta_path.insert(0, AnomalibModelsFinder())
+        finder.done(_TARGET_MODULE)
+    if _CLI_MODULE in sys.modules:
+        _install_error_report(sys.modules[_CLI_MODULE])
+        finder.done(_CLI_MODULE)
+    if finder.pending:
+        sys.meta_path.insert(0, finder)

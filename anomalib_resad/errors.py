@@ -24,12 +24,6 @@ from types import TracebackType
 class ResADError(Exception):
     """Base class of the errors ResAD raises for problems the user can fix."""
 
-    last: "ResADError | None" = None  # most recent one: jsonargparse re-raises errors as text in a new ValueError
-
-    def __init__(self, *args: object) -> None:
-        super().__init__(*args)
-        ResADError.last = self
-
 
 class ResADConfigurationError(ResADError, ValueError):
     """Invalid model configuration: unknown backbone or level, mismatched checkpoint, bad hyper-parameter."""
@@ -44,8 +38,6 @@ def _find_resad_error(error: BaseException | None) -> ResADError | None:
     while error is not None and id(error) not in seen:
         if isinstance(error, ResADError):
             return error
-        if ResADError.last is not None and str(ResADError.last).split("\n")[0] in str(error).replace("\n", " "):
-            return ResADError.last  # wrapped as text (e.g. by jsonargparse while building the model)
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None

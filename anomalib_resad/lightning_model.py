@@ -28,9 +28,11 @@ Example:
     >>> Engine(max_epochs=100).train(model, datamodule=Folder(...))  # doctest: +SKIP
 """
 
+import inspect
 import logging
 import math
 import random
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,7 +58,7 @@ from .feature_converter import ReferenceBank
 from .feature_extractor import backbone_normalization
 from .loss import ResADLoss
 from .post_processor import CalibratedPostProcessor
-from .references import ReferenceSelection, check_image_files
+from .references import ReferenceSelection, check_image_files, check_k
 from .torch_model import ResADModel
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,45 @@ CATEGORY_COLUMN = "category"
 FLOW_STEPS = ("batch", "chunk")
 # Hyper-parameters that define the network's structure: a checkpoint only fits a model built with the same ones.
 _ARCHITECTURE_HPARAMS = ("backbone", "layers", "coupling_layers", "pos_embed_dim", "residual")
+# What `anomalib predict/test/export --ckpt_path X` takes from the checkpoint when left at its default on the line.
+_CHECKPOINT_SETTINGS = (
+    *_ARCHITECTURE_HPARAMS,
+    "image_size",
+    "clamp_alpha",
+    "k",
+    "reference_seed",
+    "image_score",
+    "level_constants",
+    "dissimilarity_check",
+    "threshold_margin",
+    "dissimilarity_margin",
+)
+
+
+def checkpoint_settings_from_command_line(arguments: Sequence[str] | None = None) -> dict[str, Any]:
+    """The ResAD hyper-parameters of ``--ckpt_path X`` on the ``anomalib`` command line (empty elsewhere).
+
+    anomalib's CLI builds the model from the command line *before* it reads the checkpoint, so without this
+    ``anomalib predict --model ResAD --ckpt_path X`` would build the default backbone and then refuse the checkpoint.
+    ResAD reads the checkpoint's hyper-parameters first and uses them for every setting left at its default.
+    """
+    arguments = list(sys.argv if arguments is None else arguments)
+    if not arguments or Path(arguments[0]).name != "anomalib":
+        return {}
+    path = None
+    for index, argument in enumerate(arguments):
+        if argument == "--ckpt_path" and index + 1 < len(arguments):
+            path = arguments[index + 1]
+        elif argument.startswith("--ckpt_path="):
+            path = argument.split("=", 1)[1]
+    if not path or not Path(path).is_file():
+        return {}
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except (RuntimeError, OSError, ValueError):
+        return {}  # not a checkpoint ResAD can read: Lightning reports it with its own message
+    saved = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+    return {name: saved[name] for name in _CHECKPOINT_SETTINGS if name in saved}
 
 
 def datamodule_class_name(datamodule: object) -> str:
@@ -165,6 +206,21 @@ class ResAD(AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
+        adopted = _adopt_checkpoint_settings(locals())
+        backbone = adopted.get("backbone", backbone)
+        layers = adopted.get("layers", layers)
+        coupling_layers = adopted.get("coupling_layers", coupling_layers)
+        pos_embed_dim = adopted.get("pos_embed_dim", pos_embed_dim)
+        residual = adopted.get("residual", residual)
+        image_size = adopted.get("image_size", image_size)
+        clamp_alpha = adopted.get("clamp_alpha", clamp_alpha)
+        k = adopted.get("k", k)
+        reference_seed = adopted.get("reference_seed", reference_seed)
+        image_score = adopted.get("image_score", image_score)
+        level_constants = adopted.get("level_constants", level_constants)
+        dissimilarity_check = adopted.get("dissimilarity_check", dissimilarity_check)
+        threshold_margin = adopted.get("threshold_margin", threshold_margin)
+        dissimilarity_margin = adopted.get("dissimilarity_margin", dissimilarity_margin)
         if k < 2:
             msg = (
                 f"k={k}: ResAD needs at least 2 reference images per class at inference - it sets the class's "
@@ -313,7 +369,12 @@ class ResAD(AnomalibModule):
         unchecked = [path for path in paths if path not in self._checked_paths]
         check_image_files(unchecked)
         self._checked_paths.update(unchecked)
-        self.references.set_pools(self._normal_pools(datamodule))
+        pools = self._normal_pools(datamodule)
+        self.references.set_pools(pools)
+        if not self.reference_dir:  # every class's k references must exist: say so now, not after an epoch
+            for name, pool in pools.items():
+                if pool:
+                    check_k(self.k, len(pool), f"the training split of class '{name}'")
 
     def _datamodule(self) -> Any:
         return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -414,6 +475,13 @@ class ResAD(AnomalibModule):
     def on_fit_start(self) -> None:
         """Start with fresh reference features (the datamodule's pools are known from :meth:`setup`)."""
         self.references.clear()
+        if self._datamodule() is None:
+            msg = (
+                "ResAD trains from a datamodule: add --data <datamodule>, e.g. --data MVTecAD --data.root "
+                "./datasets/MVTecAD --data.category bottle, or --data anomalib_resad.data.MultiClassDataModule "
+                "(see configs/settings/*.yaml)."
+            )
+            raise ResADInputError(msg)
         empty = sorted(name for name, pool in self.references.pools.items() if not pool)
         if not self.references.pools or empty:
             msg = (
@@ -610,6 +678,24 @@ class ResAD(AnomalibModule):
             self.reference_selection = ReferenceSelection.from_dict(checkpoint["resad_references"])
             self._pinned_references = True
         self.references.clear()
+
+
+def _adopt_checkpoint_settings(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoint settings (``--ckpt_path`` on the anomalib command line) for arguments left at their defaults."""
+    saved = checkpoint_settings_from_command_line()
+    if not saved:
+        return {}
+    defaults = inspect.signature(ResAD.__init__).parameters
+    adopted = {
+        name: value
+        for name, value in saved.items()
+        if _normalize(arguments[name]) == _normalize(defaults[name].default)
+        and _normalize(value) != _normalize(arguments[name])
+    }
+    if adopted:
+        settings = ", ".join(f"{name}={value!r}" for name, value in adopted.items())
+        logger.warning("ResAD: using the checkpoint's settings %s", settings)
+    return adopted
 
 
 def _normalize(value: object) -> object:

@@ -17,7 +17,12 @@ from anomalib.engine import Engine
 
 from anomalib_resad import ResAD, ResADInputError
 from anomalib_resad.data import MultiClassDataModule
-from anomalib_resad.deploy import ReferenceConditionedInferencer, export_deployment, make_references
+from anomalib_resad.deploy import (
+    ReferenceConditionedInferencer,
+    export_deployment,
+    load_references,
+    make_references,
+)
 from anomalib_resad.offline_weights import LITE0_BACKBONE, LITE0_LAYERS
 from anomalib_resad.references import select_folder_references
 
@@ -136,7 +141,13 @@ def test_new_classes_side_by_side_with_one_exported_model(
     model = ResAD.load_from_checkpoint(checkpoint).eval()
     scores = {}
     for category in ("brick", "grass"):
+        # the class's calibration, computed by the exported OpenVINO calibrator, agrees with eager PyTorch's ...
+        bank, _ = load_references(deployment / "refs" / f"{category}.npz")
         model.set_references(select_folder_references(texture_root / category / "train" / "good", 3, category))
+        eager_calibration = model.model.anomaly_map_generator.calibration
+        torch.testing.assert_close(bank.calibration, eager_calibration, rtol=1e-2, atol=1e-3)
+        # ... and given the same bank and calibration, the exported graph scores like eager PyTorch
+        model.model.set_references(bank)
         for image in images_of(texture_root, category, 2):
             prediction = inferencer.predict(image, class_name=category)
             with torch.no_grad():
@@ -188,4 +199,68 @@ def test_resad_references_command_line(deployment: Path, texture_root: Path, tmp
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     inferencer = ReferenceConditionedInferencer(deployment)
     inferencer.add_class("gravel", output)
-    assert inferencer.banks["gravel"][0].shape[0] == 2 * 24 * 24  # k=2 images, 24x24 level-1 grid at 96 px
+    assert inferencer.banks["gravel"]["reference_0"].shape[0] == 2 * 24 * 24  # k=2 images, 24x24 grid at 96 px
+    assert inferencer.banks["gravel"]["calibration"].shape == (3 + 3,)  # per-level constants + 3 thresholds
+    assert "Wrote" in result.stdout and str(output) in result.stdout  # says what it wrote
+
+
+def odd_frames(texture_root: Path, other_category: str, size: int = 96) -> dict[str, np.ndarray]:
+    """Frames an inspection must never pass: dead camera, blown exposure, a colour cast, noise, another product."""
+    rng = np.random.default_rng(0)
+    other = read_image(images_of(texture_root, other_category, 1)[0], as_tensor=False)
+    return {
+        "black": np.zeros((size, size, 3), np.float32),
+        "white": np.ones((size, size, 3), np.float32),
+        "saturated red": np.stack([np.ones((size, size)), np.zeros((size, size)), np.zeros((size, size))], -1),
+        "noise": np.clip(rng.normal(0.5, 0.25, (size, size, 3)), 0, 1),
+        f"a {other_category} image": np.asarray(other, dtype=np.float32),
+    }
+
+
+def test_frames_unlike_the_references_are_flagged_in_eager_onnx_and_openvino(
+    exported: Path, deployment: Path, checkpoint: Path, texture_root: Path
+) -> None:
+    """Eager and anomalib's exports hold the checkpoint's references (class 'grass'); the conditioned model brick's."""
+    model = ResAD.load_from_checkpoint(checkpoint).eval()
+    stored = model.reference_selection.class_name
+    other = "brick" if stored != "brick" else "gravel"
+    openvino = OpenVINOInferencer(exported / "weights/openvino/model.xml", device="CPU", config=F32)
+    core = ov.Core()
+    onnx = core.compile_model(core.read_model(exported / "weights/onnx/model.onnx"), "CPU", F32)
+    conditioned = ReferenceConditionedInferencer(deployment)
+    conditioned.add_class("brick", deployment / "refs" / "brick.npz")
+    for name, frame in odd_frames(texture_root, other).items():
+        tensor = torch.from_numpy(np.ascontiguousarray(frame.transpose(2, 0, 1))).float().unsqueeze(0)
+        with torch.no_grad():
+            assert bool(model(tensor).pred_label.item()), f"eager passed {name} against {stored} references"
+        assert bool(openvino.predict(frame).pred_label.item()), f"OpenVINO passed {name}"
+        labels = {key.get_any_name(): value for key, value in onnx(tensor.numpy()).items()}["pred_label"]
+        assert bool(np.asarray(labels).item()), f"ONNX passed {name}"
+    for name, frame in odd_frames(texture_root, "grass").items():
+        assert bool(conditioned.predict(frame, class_name="brick").pred_label.item()), f"{name} vs brick refs"
+
+
+def test_a_new_class_gets_its_own_threshold_from_its_k_references(deployment: Path, texture_root: Path) -> None:
+    """Normal images of an unseen class pass at that class's calibrated threshold; its defects mostly do not."""
+    inferencer = ReferenceConditionedInferencer(deployment)
+    inferencer.add_class("brick", deployment / "refs" / "brick.npz")
+    normal = sorted((texture_root / "brick" / "test" / "good").glob("*.png"))
+    defects = sorted(path for path in (texture_root / "brick" / "test").rglob("*.png") if path.parent.name != "good")
+    assert not any(bool(inferencer.predict(path, class_name="brick").pred_label.item()) for path in normal)
+    flagged = [bool(inferencer.predict(path, class_name="brick").pred_label.item()) for path in defects]
+    assert sum(flagged) >= len(flagged) / 2, flagged
+
+
+def test_damaged_references_file_and_unreadable_image_are_named(deployment: Path, tmp_path: Path) -> None:
+    content = dict(np.load(deployment / "refs" / "brick.npz"))
+    content["reference_0"] = content["reference_0"][:-5]
+    np.savez(tmp_path / "damaged.npz", **content)
+    inferencer = ReferenceConditionedInferencer(deployment)
+    with pytest.raises(ResADInputError, match=r"damaged: reference_0 is \("):
+        inferencer.add_class("brick", tmp_path / "damaged.npz")
+    inferencer.add_class("brick", deployment / "refs" / "brick.npz")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ResADInputError, match=r"broken\.png"):
+        inferencer.predict(tmp_path / "broken.png", class_name="brick")
+    with pytest.raises(ResADInputError, match=r"missing\.png' does not exist"):
+        inferencer.predict(tmp_path / "missing.png", class_name="brick")

@@ -51,3 +51,33 @@ def test_python_without_anomalib_does_not_import_the_plugin() -> None:
     if "anomalib_resad_hook" not in run_python("import sys; print(list(sys.modules))").stdout:
         pytest.skip("the .pth hook is not installed in this environment (pip install the project)")
     assert result.stdout.strip() == "False"
+
+
+def test_finder_leaves_sys_meta_path_once_it_has_fired() -> None:
+    code = (
+        "import sys\n"
+        "names = lambda: [type(f).__name__ for f in sys.meta_path]\n"
+        "before = 'AnomalibModelsFinder' in names()\n"
+        "import anomalib.models\n"
+        "print(before, 'AnomalibModelsFinder' in names())\n"
+    )
+    if "anomalib_resad_hook" not in run_python("import sys; print(list(sys.modules))").stdout:
+        pytest.skip("the .pth hook is not installed in this environment (pip install the project)")
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True", "False"]
+
+
+def test_resad_errors_print_one_line_on_the_anomalib_command_line_only() -> None:
+    code = (
+        "import sys; sys.argv[0] = '/usr/bin/anomalib'\n"
+        "import anomalib.cli.cli\n"
+        "from anomalib_resad import ResADInputError\n"
+        "raise ResADInputError('Reference folder x holds no images. Put k normal images in it.')\n"
+    )
+    result = run_python(code)
+    assert result.returncode == 1
+    assert "error: Reference folder x holds no images. Put k normal images in it." in result.stderr
+    assert "Traceback" not in result.stderr
+    other = run_python(code.replace("ResADInputError(", "ValueError(").replace(", ResADInputError", ""))
+    assert "error: Reference folder" not in other.stderr  # any other exception keeps anomalib's full report
