@@ -94,6 +94,13 @@ class _RegisteringLoader:
         return getattr(self._loader, name)
 
 
+def _program_name() -> str:
+    """Name of the running program (``anomalib`` for the command line)."""
+    from pathlib import Path
+
+    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+
+
 class AnomalibModelsFinder:
     """``sys.meta_path`` finder that only acts on ``anomalib.models`` and ``anomalib.cli.cli``, once each."""
 
@@ -103,7 +110,7 @@ class AnomalibModelsFinder:
     def done(self, fullname: str) -> None:
         """Forget a module that has been handled; leave ``sys.meta_path`` when nothing is left to wait for."""
         self.pending.discard(fullname)
-        if fullname == _TARGET_MODULE and os.path.basename(sys.argv[0] if sys.argv else "") != "anomalib":
+        if fullname == _TARGET_MODULE and _program_name() != "anomalib":
             self.pending.discard(_CLI_MODULE)  # not the anomalib command line: no error report to install
         if not self.pending and self in sys.meta_path:
             sys.meta_path.remove(self)

@@ -34,12 +34,28 @@ class ResADInputError(ResADError, ValueError):
 
 
 def _find_resad_error(error: BaseException | None) -> ResADError | None:
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, ResADError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
+    """The ResADError behind an uncaught exception, found by type.
+
+    Looked for in the exception's chain (``__cause__``/``__context__``) and among the exceptions held by the frames it
+    was raised through: jsonargparse, which builds the model on anomalib's command line, catches an error raised by a
+    constructor, keeps it in a local list and raises a new ``ValueError`` chained to another one.
+    """
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ResADError):
+            return current
+        pending.extend([current.__cause__, current.__context__])
+        traceback = current.__traceback__
+        while traceback is not None:
+            for value in traceback.tb_frame.f_locals.values():
+                candidates = value if isinstance(value, list | tuple) else (value,)
+                pending.extend(item for item in candidates if isinstance(item, BaseException))
+            traceback = traceback.tb_next
     return None
 
 

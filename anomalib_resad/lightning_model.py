@@ -686,11 +686,23 @@ def _adopt_checkpoint_settings(arguments: dict[str, Any]) -> dict[str, Any]:
     if not saved:
         return {}
     defaults = inspect.signature(ResAD.__init__).parameters
+
+    def is_default(name: str) -> bool:
+        return _normalize(arguments[name]) == _normalize(defaults[name].default)
+
+    # a structure asked for explicitly that differs from the checkpoint's: build what was asked, and let the
+    # checkpoint be refused with its mismatch message rather than mixing the two
+    conflicting = any(
+        not is_default(name) and _normalize(arguments[name]) != _normalize(saved[name])
+        for name in _ARCHITECTURE_HPARAMS
+        if name in saved
+    )
     adopted = {
         name: value
         for name, value in saved.items()
-        if _normalize(arguments[name]) == _normalize(defaults[name].default)
+        if is_default(name)
         and _normalize(value) != _normalize(arguments[name])
+        and not (conflicting and name in (*_ARCHITECTURE_HPARAMS, "image_size"))
     }
     if adopted:
         settings = ", ".join(f"{name}={value!r}" for name, value in adopted.items())

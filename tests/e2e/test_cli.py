@@ -149,3 +149,45 @@ def test_more_references_than_training_images_is_refused(shared_data: Path, tmp_
     assert "k=9 reference images requested but the training split of class 'pcb_12000'" in result.stderr
     assert "has only 8" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_checkpoint_alone_is_enough_to_predict_and_reference_dir_is_used(
+    trained: tuple[Path, str], shared_data: Path, tmp_path: Path
+) -> None:
+    """`anomalib predict --model ResAD --ckpt_path X`: no model arguments retyped; --model.reference_dir honoured."""
+    references = shared_data / "deeppcb" / "pcb_12300" / "train" / "good"
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    for image in sorted((shared_data / "deeppcb" / "pcb_12300" / "test" / "good").glob("*.png"))[:2]:
+        shutil.copy(image, queries / image.name)
+    result = anomalib(
+        "predict", "--model", "ResAD", "--ckpt_path", str(trained[0]), "--data", str(queries),
+        "--model.reference_dir", str(references), "--trainer.accelerator", "cpu",
+        "--default_root_dir", str(tmp_path / "out"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "using the checkpoint's settings" in output  # backbone, levels, sizes ... read from the checkpoint
+    first_reference = sorted(references.glob("*.png"))[0]
+    assert str(first_reference) in output  # the reference files actually used are logged
+    missing = anomalib(
+        "predict", "--model", "ResAD", "--ckpt_path", str(trained[0]), "--data", str(queries),
+        "--model.reference_dir", str(tmp_path / "no_such_folder"), "--trainer.accelerator", "cpu",
+        "--default_root_dir", str(tmp_path / "out"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert missing.returncode != 0
+    assert "error: Reference folder" in missing.stderr and "does not exist" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_training_without_data_is_a_one_line_error(tmp_path: Path) -> None:
+    result = anomalib(
+        "train", "--model", "ResAD", *LITE0, "--model.pre_trained", "false", "--default_root_dir", str(tmp_path),
+        "--trainer.max_epochs", "1",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "error: ResAD trains from a datamodule: add --data" in result.stderr or "--data" in result.stderr
+    assert "Traceback" not in result.stderr

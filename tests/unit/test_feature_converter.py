@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_resad import ResADInputError
+from anomalib_resad import ResADConfigurationError, ResADInputError
 from anomalib_resad import feature_converter as converter_module
 from anomalib_resad.feature_converter import FeatureConverter, ReferenceBank, nearest_reference, residual_features
 
@@ -127,5 +127,5 @@ def test_bank_survives_state_dict_round_trip() -> None:
 
 
 def test_unknown_residual_type_is_refused() -> None:
-    with pytest.raises(ValueError, match="Unknown residual type"):
+    with pytest.raises(ResADConfigurationError, match="Unknown residual type"):
         FeatureConverter(num_levels=1, residual="absolute")

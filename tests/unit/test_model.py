@@ -68,7 +68,7 @@ def test_invalid_hyper_parameters_are_refused() -> None:
         tiny_resad(k=1)
     with pytest.raises(ResADConfigurationError, match="flow_steps"):
         tiny_resad(flow_steps="epoch")
-    with pytest.raises(ValueError, match="Unknown OCC loss"):
+    with pytest.raises(ResADConfigurationError, match="Unknown OCC loss"):
         tiny_resad(occ_loss="hinge")
 
 
