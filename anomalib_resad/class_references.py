@@ -37,7 +37,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .errors import ResADInputError
@@ -220,14 +219,3 @@ class ClassReferences:
             raise ResADInputError(msg)
         paths = rng.sample(pool, k) if len(pool) >= k else rng.choices(pool, k=k)
         return ReferenceBank.from_features(self.features(paths))
-
-
-def as_numpy_bank(bank: ReferenceBank) -> tuple[list[np.ndarray], np.ndarray]:
-    """A bank as float32 arrays (references file, OpenVINO inputs)."""
-    if bank.calibration is None:
-        msg = "Only calibrated banks can be saved or deployed."
-        raise ValueError(msg)
-    return (
-        [np.ascontiguousarray(level.detach().cpu().numpy(), dtype=np.float32) for level in bank.levels],
-        bank.calibration.detach().cpu().numpy().astype(np.float32),
-    )

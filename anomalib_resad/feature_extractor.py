@@ -138,18 +138,12 @@ class ResADFeatureExtractor(nn.Module):
         self.indices = indices
         self.extractor = TimmFeatureExtractor(backbone=backbone, layers=self.indices, pre_trained=False)
         self.out_dims: list[int] = list(self.extractor.out_dims)
-        self.reductions: list[int] = list(self.extractor.reductions)
         # Weights still to be loaded: True (timm), a path, or None once loaded / restored from a checkpoint.
         self._pending_weights: bool | str | None = (
             (True if pre_trained is True else str(Path(pre_trained).expanduser())) if pre_trained else None
         )
         for parameter in self.extractor.parameters():
             parameter.requires_grad_(False)
-
-    @property
-    def weights_pending(self) -> bool:
-        """Whether pretrained weights are still to be loaded (they load on the first forward pass)."""
-        return self._pending_weights is not None
 
     def load_pretrained_weights(self) -> None:
         """Load the configured pretrained weights now (a no-op when already loaded or restored)."""

@@ -51,7 +51,6 @@ from anomalib_resad.errors import ResADConfigurationError, ResADInputError
 logger = logging.getLogger(__name__)
 
 CATEGORY_COLUMN = "category"
-DATASET_COLUMN = "dataset"
 
 
 @dataclass
@@ -317,7 +316,6 @@ def _category_samples(source: CategorySource, category: str) -> tuple[pd.DataFra
     for subset in (datamodule.train_data, datamodule.test_data):
         samples = subset.samples.copy()
         samples[CATEGORY_COLUMN] = category
-        samples[DATASET_COLUMN] = source.datamodule
         if "mask_path" not in samples:
             samples["mask_path"] = ""
         samples["mask_path"] = samples["mask_path"].fillna("").astype(str)

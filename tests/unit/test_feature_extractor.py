@@ -43,10 +43,10 @@ def test_levels_out_of_order_are_refused() -> None:
 
 def test_local_weights_file_loads_lazily_and_exactly(lite0_weights: Path) -> None:
     extractor = ResADFeatureExtractor(LITE0_BACKBONE, LITE0_LAYERS, pre_trained=str(lite0_weights))
-    assert extractor.weights_pending
+    assert extractor._pending_weights is not None  # loaded lazily, on the first forward pass
     images = torch.rand(1, 3, 64, 64)
     features = extractor(images)
-    assert not extractor.weights_pending
+    assert extractor._pending_weights is None
     reference = timm.create_model(
         LITE0_BACKBONE,
         features_only=True,
@@ -71,7 +71,7 @@ def test_weights_restored_from_a_state_dict_are_not_overwritten(lite0_weights: P
     source = ResADFeatureExtractor(LITE0_BACKBONE, LITE0_LAYERS, pre_trained=False)
     restored = ResADFeatureExtractor(LITE0_BACKBONE, LITE0_LAYERS, pre_trained=str(lite0_weights))
     restored.load_state_dict(source.state_dict())
-    assert not restored.weights_pending
+    assert restored._pending_weights is None
     images = torch.rand(1, 3, 32, 32)
     for ours, expected in zip(restored(images), source(images), strict=True):
         torch.testing.assert_close(ours, expected)
