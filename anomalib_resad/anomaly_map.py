@@ -44,7 +44,7 @@ from anomalib.models.components import GaussianBlur2d
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from .errors import ResADConfigurationError, ResADInputError
+from .errors import ResADConfigurationError, ResADInputError, check_choice
 
 IMAGE_SCORES = ("max", "top_mean")
 LEVEL_CONSTANTS = ("per_class", "global")
@@ -186,12 +186,8 @@ class AnomalyMapGenerator(nn.Module):
         dissimilarity_check: bool = True,
     ) -> None:
         super().__init__()
-        if image_score not in IMAGE_SCORES:
-            msg = f"Unknown image_score '{image_score}': use one of {IMAGE_SCORES}."
-            raise ResADConfigurationError(msg)
-        if level_constants not in LEVEL_CONSTANTS:
-            msg = f"Unknown level_constants '{level_constants}': use one of {LEVEL_CONSTANTS}."
-            raise ResADConfigurationError(msg)
+        check_choice("image_score", image_score, IMAGE_SCORES)
+        check_choice("level_constants", level_constants, LEVEL_CONSTANTS)
         if not 0.0 < top_fraction <= 1.0:
             msg = f"top_fraction must be in (0, 1], got {top_fraction}."
             raise ResADConfigurationError(msg)

@@ -33,6 +33,20 @@ class ResADInputError(ResADError, ValueError):
     """Invalid input data: missing or too few reference images, wrong image size, unreadable image files."""
 
 
+def check_choice(name: str, value: object, choices: tuple[object, ...]) -> None:
+    """Raise a :class:`ResADConfigurationError` naming the valid values when ``value`` is not one of ``choices``.
+
+    Example:
+        >>> check_choice("residual", "absolute", ("squared",))
+        Traceback (most recent call last):
+        ...
+        anomalib_resad.errors.ResADConfigurationError: Unknown residual 'absolute': use one of ('squared',).
+    """
+    if value not in choices:
+        msg = f"Unknown {name} '{value}': use one of {choices}."
+        raise ResADConfigurationError(msg)
+
+
 def _find_resad_error(error: BaseException | None) -> ResADError | None:
     """The ResADError behind an uncaught exception, found by type.
 

@@ -33,7 +33,7 @@ from anomalib.models.components import DynamicBufferMixin
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from .errors import ResADConfigurationError, ResADInputError
+from .errors import ResADInputError, check_choice
 
 RESIDUAL_TYPES = ("squared", "difference")
 # Similarity-matrix elements computed at once while matching (64 MiB of float32). Matching is compute-bound in the
@@ -178,9 +178,7 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
 
     def __init__(self, num_levels: int, residual: str = "squared") -> None:
         super().__init__()
-        if residual not in RESIDUAL_TYPES:
-            msg = f"Unknown residual type '{residual}': use one of {RESIDUAL_TYPES}."
-            raise ResADConfigurationError(msg)
+        check_choice("residual type", residual, RESIDUAL_TYPES)
         self.num_levels = num_levels
         self.residual = residual
         for level in range(num_levels):

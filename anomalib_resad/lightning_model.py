@@ -53,7 +53,7 @@ from torch.optim.lr_scheduler import MultiStepLR
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from .class_references import ClassReferences
-from .errors import ResADConfigurationError, ResADInputError
+from .errors import ResADConfigurationError, ResADInputError, check_choice
 from .feature_converter import ReferenceBank
 from .feature_extractor import backbone_normalization
 from .loss import ResADLoss
@@ -233,9 +233,7 @@ class ResAD(AnomalibModule):
         if pos_embed_dim % 4:
             msg = f"pos_embed_dim must be a multiple of 4 (sin/cos in two axes), got {pos_embed_dim}."
             raise ResADConfigurationError(msg)
-        if flow_steps not in FLOW_STEPS:
-            msg = f"Unknown flow_steps '{flow_steps}': use one of {FLOW_STEPS}."
-            raise ResADConfigurationError(msg)
+        check_choice("flow_steps", flow_steps, FLOW_STEPS)
         if flow_steps == "chunk" and flow_positions is None:
             msg = "flow_steps='chunk' needs a chunk size: set flow_positions (the reference uses 8192)."
             raise ResADConfigurationError(msg)

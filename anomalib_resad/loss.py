@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from .errors import ResADConfigurationError
+from .errors import check_choice
 from .feature_converter import flatten_positions
 
 OCC_LOSSES = ("log_barrier", "paper")
@@ -146,9 +146,7 @@ class ResADLoss(nn.Module):
         boundary_momentum: float = 0.9,
     ) -> None:
         super().__init__()
-        if occ_loss not in OCC_LOSSES:
-            msg = f"Unknown OCC loss '{occ_loss}': use one of {OCC_LOSSES}."
-            raise ResADConfigurationError(msg)
+        check_choice("OCC loss", occ_loss, OCC_LOSSES)
         self.occ_type = occ_loss
         self.pos_beta = pos_beta
         self.margin_tau = margin_tau
