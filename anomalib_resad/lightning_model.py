@@ -28,11 +28,9 @@ Example:
     >>> Engine(max_epochs=100).train(model, datamodule=Folder(...))  # doctest: +SKIP
 """
 
-import inspect
 import logging
 import math
 import random
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +50,7 @@ from torch.nn import functional as F  # noqa: N812
 from torch.optim.lr_scheduler import MultiStepLR
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
+from .checkpoint_settings import ARCHITECTURE_HPARAMS, adopt_checkpoint_settings, normalize_value
 from .class_references import ClassReferences
 from .errors import ResADConfigurationError, ResADInputError, check_choice
 from .feature_converter import ReferenceBank
@@ -65,47 +64,6 @@ logger = logging.getLogger(__name__)
 
 CATEGORY_COLUMN = "category"
 FLOW_STEPS = ("batch", "chunk")
-# Hyper-parameters that define the network's structure: a checkpoint only fits a model built with the same ones.
-_ARCHITECTURE_HPARAMS = ("backbone", "layers", "coupling_layers", "pos_embed_dim", "residual")
-# What `anomalib predict/test/export --ckpt_path X` takes from the checkpoint when left at its default on the line.
-_CHECKPOINT_SETTINGS = (
-    *_ARCHITECTURE_HPARAMS,
-    "image_size",
-    "clamp_alpha",
-    "k",
-    "reference_seed",
-    "image_score",
-    "level_constants",
-    "dissimilarity_check",
-    "threshold_margin",
-    "dissimilarity_margin",
-)
-
-
-def checkpoint_settings_from_command_line(arguments: Sequence[str] | None = None) -> dict[str, Any]:
-    """The ResAD hyper-parameters of ``--ckpt_path X`` on the ``anomalib`` command line (empty elsewhere).
-
-    anomalib's CLI builds the model from the command line *before* it reads the checkpoint, so without this
-    ``anomalib predict --model ResAD --ckpt_path X`` would build the default backbone and then refuse the checkpoint.
-    ResAD reads the checkpoint's hyper-parameters first and uses them for every setting left at its default.
-    """
-    arguments = list(sys.argv if arguments is None else arguments)
-    if not arguments or Path(arguments[0]).name != "anomalib":
-        return {}
-    path = None
-    for index, argument in enumerate(arguments):
-        if argument == "--ckpt_path" and index + 1 < len(arguments):
-            path = arguments[index + 1]
-        elif argument.startswith("--ckpt_path="):
-            path = argument.split("=", 1)[1]
-    if not path or not Path(path).is_file():
-        return {}
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except (RuntimeError, OSError, ValueError):
-        return {}  # not a checkpoint ResAD can read: Lightning reports it with its own message
-    saved = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
-    return {name: saved[name] for name in _CHECKPOINT_SETTINGS if name in saved}
 
 
 def datamodule_class_name(datamodule: object) -> str:
@@ -206,7 +164,7 @@ class ResAD(AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        adopted = _adopt_checkpoint_settings(locals())
+        adopted = adopt_checkpoint_settings(locals(), ResAD.__init__)
         backbone = adopted.get("backbone", backbone)
         layers = adopted.get("layers", layers)
         coupling_layers = adopted.get("coupling_layers", coupling_layers)
@@ -660,8 +618,8 @@ class ResAD(AnomalibModule):
         saved = checkpoint.get("hyper_parameters", {})
         mismatched = {
             name: (saved[name], self.hparams.get(name))
-            for name in _ARCHITECTURE_HPARAMS
-            if name in saved and _normalize(saved[name]) != _normalize(self.hparams.get(name))
+            for name in ARCHITECTURE_HPARAMS
+            if name in saved and normalize_value(saved[name]) != normalize_value(self.hparams.get(name))
         }
         if mismatched:
             details = ", ".join(f"{key}: checkpoint {old!r} vs model {new!r}" for key, (old, new) in mismatched.items())
@@ -676,40 +634,6 @@ class ResAD(AnomalibModule):
             self.reference_selection = ReferenceSelection.from_dict(checkpoint["resad_references"])
             self._pinned_references = True
         self.references.clear()
-
-
-def _adopt_checkpoint_settings(arguments: dict[str, Any]) -> dict[str, Any]:
-    """Checkpoint settings (``--ckpt_path`` on the anomalib command line) for arguments left at their defaults."""
-    saved = checkpoint_settings_from_command_line()
-    if not saved:
-        return {}
-    defaults = inspect.signature(ResAD.__init__).parameters
-
-    def is_default(name: str) -> bool:
-        return _normalize(arguments[name]) == _normalize(defaults[name].default)
-
-    # a structure asked for explicitly that differs from the checkpoint's: build what was asked, and let the
-    # checkpoint be refused with its mismatch message rather than mixing the two
-    conflicting = any(
-        not is_default(name) and _normalize(arguments[name]) != _normalize(saved[name])
-        for name in _ARCHITECTURE_HPARAMS
-        if name in saved
-    )
-    adopted = {
-        name: value
-        for name, value in saved.items()
-        if is_default(name)
-        and _normalize(value) != _normalize(arguments[name])
-        and not (conflicting and name in (*_ARCHITECTURE_HPARAMS, "image_size"))
-    }
-    if adopted:
-        settings = ", ".join(f"{name}={value!r}" for name, value in adopted.items())
-        logger.warning("ResAD: using the checkpoint's settings %s", settings)
-    return adopted
-
-
-def _normalize(value: object) -> object:
-    return [str(item) for item in value] if isinstance(value, list | tuple) else value
 
 
 def _cli_value(value: object) -> str:
