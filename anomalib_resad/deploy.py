@@ -369,13 +369,14 @@ def make_references(
         images (str | Path): Folder of normal images of the class (its first ``k`` in sorted order are used).
         output (str | Path): The references file to write (``.npz``).
         k (int | None): Number of images (at least 2). Defaults to all images of the folder.
-        class_name (str | None): Name of the class. Defaults to the folder's name.
+        class_name (str | None): Name of the class. Defaults to the folder's name (``<class>/train/good``: the class).
         device (str): OpenVINO device for an exported encoder. Defaults to ``"CPU"``.
 
     Returns:
         Path: ``output``.
     """
-    class_name = class_name or Path(images).name
+    folder = Path(images)
+    class_name = class_name or (folder.parent.parent.name if folder.name == "good" else folder.name)
     selection = select_folder_references(images, k, class_name)
     model_dir = Path(model) if not isinstance(model, ResAD) else None
     if model_dir is not None and model_dir.is_dir():

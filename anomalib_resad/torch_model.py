@@ -50,8 +50,8 @@ class ResADModel(nn.Module):
         level_constants (str): ``"per_class"`` (leave-one-out over the references) or ``"global"``.
         dissimilarity_check (bool): Flag frames unlike the references. Defaults to ``True``.
         threshold_margin (float): Factor on the largest leave-one-out score that sets a class's threshold.
-            Defaults to ``1``.
-        dissimilarity_margin (float): The same for the dissimilarity. Defaults to ``1``.
+            Defaults to ``1.25``.
+        dissimilarity_margin (float): The same for the dissimilarity. Defaults to ``1.25``.
     """
 
     def __init__(
@@ -68,8 +68,8 @@ class ResADModel(nn.Module):
         image_score: str = "max",
         level_constants: str = "per_class",
         dissimilarity_check: bool = True,
-        threshold_margin: float = 1.0,
-        dissimilarity_margin: float = 1.0,
+        threshold_margin: float = 1.25,
+        dissimilarity_margin: float = 1.25,
     ) -> None:
         super().__init__()
         self.feature_extractor = ResADFeatureExtractor(backbone, layers, pre_trained)
