@@ -198,8 +198,8 @@ class ClassReferences:
                 )
                 raise ResADInputError(msg)
             features = self.features(selection.paths)
-            if self._image_size is None:
-                self.encode(selection.paths[:1])  # learn the image size (features were cached earlier)
+            if self._image_size is None:  # features cached before a clear(): learn the pre-processed size again
+                _, self._image_size = self.encode(selection.paths[:1])
             calibration = self.calibrate(features, self._image_size)
             self._banks[key] = ReferenceBank.from_features(features, calibration)
             logger.info(
