@@ -35,10 +35,14 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Resize
 
 from .data.multi_class import MultiClassDataset
+from .post_processor import CalibratedPostProcessor
 
 logger = logging.getLogger(__name__)
 
 METRIC_NAMES = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1Max")
+# The model's own verdicts (``pred_label``) on the category's test images: NaN for a model without a per-class
+# threshold (few-shot PatchCore has none: its labels come from a threshold nobody set for the class).
+VERDICT_NAMES = ("normal_FPR", "anomalous_recall")
 
 
 @dataclass
@@ -51,6 +55,7 @@ class CategoryScores:
         anomaly_maps (torch.Tensor): ``(N, H, W)`` anomaly maps.
         labels (torch.Tensor): ``(N,)`` 0 normal / 1 anomalous.
         masks (torch.Tensor | None): ``(N, H, W)`` ground-truth masks, ``None`` without pixel annotations.
+        pred_labels (torch.Tensor | None): ``(N,)`` the model's own verdicts, ``None`` when it gives none.
     """
 
     paths: list[str]
@@ -58,6 +63,7 @@ class CategoryScores:
     anomaly_maps: torch.Tensor
     labels: torch.Tensor
     masks: torch.Tensor | None
+    pred_labels: torch.Tensor | None = None
 
 
 def _resize_of(model: AnomalibModule) -> Resize | None:
@@ -90,7 +96,7 @@ def score_samples(
     was_training = model.training
     model.eval()
     transform = model.pre_processor.transform if model.pre_processor is not None else None
-    paths, scores, maps, labels, masks = [], [], [], [], []
+    paths, scores, maps, labels, masks, verdicts = [], [], [], [], [], []
     for batch in loader:
         images, gt_masks = batch.image.to(model.device), batch.gt_mask
         if transform is not None:
@@ -101,6 +107,8 @@ def score_samples(
         scores.append(output.pred_score.reshape(-1).float().cpu())
         maps.append(anomaly_map.float().cpu())
         labels.append(batch.gt_label.reshape(-1).cpu())
+        if isinstance(model.post_processor, CalibratedPostProcessor):  # the class's own threshold, as deployed
+            verdicts.append(model.post_processor(output).pred_label.reshape(-1).bool().cpu())
         if has_masks:
             masks.append(gt_masks.reshape(anomaly_map.shape).cpu().bool())
     model.train(was_training)
@@ -110,6 +118,7 @@ def score_samples(
         anomaly_maps=torch.cat(maps),
         labels=torch.cat(labels).long(),
         masks=torch.cat(masks) if masks else None,
+        pred_labels=torch.cat(verdicts) if verdicts else None,
     )
 
 
@@ -119,16 +128,21 @@ def _rescale(values: torch.Tensor) -> torch.Tensor:
 
 
 def category_metrics(scores: CategoryScores) -> dict[str, float]:
-    """Image AUROC and F1-max, pixel AUROC and AUPRO of one category (NaN where undefined).
+    """Image AUROC and F1-max, pixel AUROC and AUPRO, and the model's own verdict rates (NaN where undefined).
 
     Args:
         scores (CategoryScores): Predictions and ground truth.
 
     Returns:
-        dict[str, float]: Metric name -> value, names as in :data:`METRIC_NAMES`.
+        dict[str, float]: Metric name -> value, names as in :data:`METRIC_NAMES` and :data:`VERDICT_NAMES`
+        (``normal_FPR``: share of normal images flagged, ``anomalous_recall``: share of anomalous ones flagged).
     """
-    results = dict.fromkeys(METRIC_NAMES, float("nan"))
+    results = dict.fromkeys(METRIC_NAMES + VERDICT_NAMES, float("nan"))
     labels = scores.labels
+    if scores.pred_labels is not None:
+        for name, wanted in (("normal_FPR", 0), ("anomalous_recall", 1)):
+            if (labels == wanted).any():
+                results[name] = float(scores.pred_labels[labels == wanted].float().mean())
     if labels.min() == labels.max():
         logger.warning("Image metrics need normal and anomalous images; this category has one kind only.")
     else:

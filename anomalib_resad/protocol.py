@@ -35,7 +35,7 @@ from lightning.pytorch import seed_everything
 from .baselines import FewShotPatchcore
 from .data.multi_class import CATEGORY_COLUMN, MultiClassDataModule
 from .errors import ResADConfigurationError
-from .evaluation import METRIC_NAMES, category_metrics, save_anomaly_maps, score_samples
+from .evaluation import METRIC_NAMES, VERDICT_NAMES, category_metrics, save_anomaly_maps, score_samples
 from .lightning_model import ResAD
 
 logger = logging.getLogger(__name__)
@@ -54,9 +54,10 @@ def _summarize(results: pd.DataFrame) -> pd.DataFrame:
     much the choice of reference images moves the headline number.
     """
     keys = ["model", "category", "k"]
-    grouped = results.groupby(keys, sort=False)[list(METRIC_NAMES)]
+    columns = [name for name in METRIC_NAMES + VERDICT_NAMES if name in results]
+    grouped = results.groupby(keys, sort=False)[columns]
     per_category = grouped.mean().join(grouped.std(ddof=0), rsuffix="_std").reset_index()
-    per_draw = results.groupby(["model", "k", "draw"], sort=False)[list(METRIC_NAMES)].mean()
+    per_draw = results.groupby(["model", "k", "draw"], sort=False)[columns].mean()
     overall = per_draw.groupby(["model", "k"], sort=False)
     mean = overall.mean().join(overall.std(ddof=0), rsuffix="_std").reset_index()
     mean.insert(1, "category", "mean")
