@@ -9,10 +9,14 @@ across machines.
 
     python benchmarks/bench_inference.py            # both backbones, k = 4
     python benchmarks/bench_inference.py --quick    # fewer iterations
+    python benchmarks/bench_inference.py --json results/bench_inference.json   # also the rows + CPU as JSON
 
 Weights do not change speed, so the default backbone (wide_resnet50_2) runs with random weights (no download);
 the light one uses the offline EfficientNet-Lite0 weights. OpenVINO compiles in f32 (what matches PyTorch) and,
 as an extra row, in its CPU default (bf16 where the CPU supports it).
+
+The ratios depend on the CPU (bf16 and int8 units, AVX-512 or only AVX2): the output starts with the CPU (model,
+cores, the ISA extensions that matter) and the runtime versions, and ``--json`` writes them beside the rows.
 """
 
 import argparse
@@ -51,7 +55,7 @@ def build_model(config_name: str, shots: int) -> "ResAD":  # noqa: F821
 
     torch.manual_seed(0)
     model = ResAD(**CONFIGS[config_name], visualizer=False, evaluator=False).eval()
-    model.model.set_references(torch.rand(shots, 3, 224, 224))
+    model.model.set_references(model.model.make_reference_bank(torch.rand(shots, 3, 224, 224)))
     return model
 
 
@@ -72,6 +76,7 @@ def measure(config_name: str, runtime: str, batch: int, iterations: int, shots: 
         model = build_model(config_name, shots)
         tensor = torch.from_numpy(images)
         precision = "f32"
+        threads = torch.get_num_threads()
 
         def run() -> None:
             with torch.no_grad():
@@ -82,6 +87,7 @@ def measure(config_name: str, runtime: str, batch: int, iterations: int, shots: 
         options = {"INFERENCE_PRECISION_HINT": "f32"} if runtime == "openvino-f32" else {}
         compiled = ov.Core().compile_model(model_path, "CPU", options)
         precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        threads = compiled.get_property("INFERENCE_NUM_THREADS")
 
         def run() -> None:
             compiled(images)
@@ -98,6 +104,7 @@ def measure(config_name: str, runtime: str, batch: int, iterations: int, shots: 
         "images_per_s": batch / seconds,
         "peak_mb": peak_mb,
         "precision": precision,
+        "threads": threads,
         "numpy": np.__version__,
     }
 
@@ -120,6 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
     parser.add_argument("--shots", type=int, default=4)
+    parser.add_argument("--json", type=Path, help="also write the CPU, runtime versions and rows to this JSON file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.worker:
@@ -147,21 +155,38 @@ def main() -> None:
                 for runtime, result in results.items():
                     speedup = results["pytorch"]["ms_per_image"] / result["ms_per_image"]
                     rows.append((config_name, batch, runtime, result, speedup))
-    cores = os.cpu_count()
-    print(f"\nResAD inference on this CPU ({cores} cores, torch threads default), k = {arguments.shots}, 224 px\n")
-    print("| backbone | batch | runtime (precision) | ms / image | images / s | vs PyTorch | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|")
+    from anomalib_resad.cpu_info import cpu_info, describe, runtime_versions  # not in the workers: no torch there
+
+    cpu, versions = cpu_info(), runtime_versions()
+    print(f"\nResAD inference, k = {arguments.shots}, 224 px, runtimes' default threads\n{describe(cpu, versions)}\n")
+    print("| backbone | batch | runtime (precision) | threads | ms / image | images / s | vs PyTorch | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for config_name, batch, runtime, result, speedup in rows:
         print(
-            f"| {config_name} | {batch} | {runtime} ({result['precision']}) | {result['ms_per_image']:.1f} | "
-            f"{result['images_per_s']:.2f} | {speedup:.2f}x | {result['peak_mb']:.0f} |"
+            f"| {config_name} | {batch} | {runtime} ({result['precision']}) | {result['threads']} | "
+            f"{result['ms_per_image']:.1f} | {result['images_per_s']:.2f} | {speedup:.2f}x | {result['peak_mb']:.0f} |"
         )
+    banks = {config_name: {shots: bank_megabytes(config_name, shots) for shots in (2, 4, 8)} for config_name in CONFIGS}
     print("\nReference bank size (float32, 224 px input):\n")
     print("| backbone | k=2 | k=4 | k=8 |")
     print("|---|---|---|---|")
-    for config_name in CONFIGS:
-        sizes = " | ".join(f"{bank_megabytes(config_name, shots):.1f} MiB" for shots in (2, 4, 8))
-        print(f"| {config_name} | {sizes} |")
+    for config_name, sizes in banks.items():
+        print(f"| {config_name} | " + " | ".join(f"{size:.1f} MiB" for size in sizes.values()) + " |")
+    if arguments.json:
+        record = {
+            "cpu": cpu.to_dict(),
+            "cpu_summary": cpu.summary(),
+            "versions": versions,
+            "settings": {"shots": arguments.shots, "image_size": 224, "quick": arguments.quick},
+            "rows": [
+                {"backbone": config_name, "batch": batch, "runtime": runtime, "vs_pytorch": speedup, **result}
+                for config_name, batch, runtime, result, speedup in rows
+            ],
+            "bank_mib": banks,
+        }
+        arguments.json.parent.mkdir(parents=True, exist_ok=True)
+        arguments.json.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"\nWritten: {arguments.json}")
 
 
 if __name__ == "__main__":
