@@ -47,6 +47,7 @@ from torchvision.transforms.v2 import Resize
 
 from .anomaly_map import ScoreComponents, leave_one_out_calibration
 from .errors import ResADConfigurationError, ResADInputError
+from .export_output import ONNX_OPSET_VERSION, quiet_export, written_files
 from .feature_converter import ReferenceBank, flatten_levels
 from .lightning_model import ResAD
 from .references import ReferenceSelection, load_images, select_folder_references
@@ -244,16 +245,18 @@ def _export_onnx(
     module: nn.Module, arguments: tuple, path: Path, names: tuple[list[str], list[str]], dynamic: Any
 ) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(
-        module,
-        arguments,
-        str(path),
-        input_names=names[0],
-        output_names=names[1],
-        dynamic_shapes=dynamic,
-        dynamo=True,
-        opset_version=18,
-    )
+    with quiet_export():
+        torch.onnx.export(
+            module,
+            arguments,
+            str(path),
+            input_names=names[0],
+            output_names=names[1],
+            dynamic_shapes=dynamic,
+            dynamo=True,
+            opset_version=ONNX_OPSET_VERSION,
+            verbose=False,
+        )
     return path
 
 
@@ -340,7 +343,7 @@ def export_deployment(
     }
     (export_root / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     written.append(export_root / METADATA_FILE)
-    print("Wrote " + ", ".join(str(path) for path in written))
+    print("Wrote " + ", ".join(str(file) for path in written for file in written_files(path)))  # .onnx.data, .bin
     return export_root
 
 

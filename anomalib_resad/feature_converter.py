@@ -186,11 +186,16 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
         self.register_buffer("reference_grid", torch.zeros(num_levels, 3, dtype=torch.long))
 
     @property
+    def reference_levels(self) -> list[torch.Tensor]:
+        """The stored per-level reference features ``(M_l, C_l)`` (no shape bookkeeping: traceable by export)."""
+        return [getattr(self, f"reference_{level}") for level in range(self.num_levels)]
+
+    @property
     def bank(self) -> ReferenceBank:
         """The stored reference bank."""
         grid = self.reference_grid.tolist()
         return ReferenceBank(
-            levels=[getattr(self, f"reference_{level}") for level in range(self.num_levels)],
+            levels=self.reference_levels,
             grids=[(height, width) for _, height, width in grid],
             k=int(grid[0][0]),
         )
@@ -247,7 +252,9 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
                     )
                     raise ResADInputError(msg)
                 self.check_query_grid(features)
-            bank = self.bank.levels
+            # not ``self.bank``: reading ``reference_grid`` (a buffer) into Python ints fails ``torch.export``'s
+            # non-strict trace, which then prints the partial graph and retries with the slower strict one
+            bank = self.reference_levels
         residuals, similarities = [], []
         for feature, references in zip(features, bank, strict=True):
             batch, _, height, width = feature.shape

@@ -52,7 +52,9 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from .checkpoint_settings import ARCHITECTURE_HPARAMS, adopt_checkpoint_settings, normalize_value
 from .class_references import ClassReferences
+from .data.checks import check_folder_paths
 from .errors import ResADConfigurationError, ResADInputError, check_choice
+from .export_output import ONNX_OPSET_VERSION, announce_written, quiet_export
 from .feature_converter import ReferenceBank
 from .feature_extractor import backbone_normalization
 from .loss import ResADLoss
@@ -305,7 +307,71 @@ class ResAD(AnomalibModule):
         kwargs.setdefault("pre_trained", False)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
+    # ------------------------------------------------------------------ export
+    def to_onnx(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        """Export to ONNX as anomalib does, quietly (:mod:`~anomalib_resad.export_output`), at opset 18 by default.
+
+        Args:
+            export_root (Path | str): Output folder (the file goes to ``weights/onnx/``).
+            model_file_name (str): File name without suffix. Defaults to ``"model"``.
+            input_size (tuple[int, int] | None): Fixed input size; dynamic when ``None``. Defaults to ``None``.
+            **kwargs (Any): Passed to ``torch.onnx.export`` (``opset_version`` defaults to 18, ``verbose`` to
+                ``False``).
+
+        Returns:
+            Path: The ONNX file.
+        """
+        kwargs.setdefault("opset_version", ONNX_OPSET_VERSION)
+        kwargs.setdefault("verbose", False)
+        with quiet_export() as outermost:
+            path = super().to_onnx(export_root, model_file_name, input_size, **kwargs)
+        if outermost:
+            announce_written("ONNX", path)
+        return path
+
+    def to_openvino(self, export_root: Path | str, *args: Any, **kwargs: Any) -> Path:
+        """Export to OpenVINO as anomalib does (through the quiet :meth:`to_onnx`); print the files written.
+
+        Args:
+            export_root (Path | str): Output folder (the files go to ``weights/openvino/``).
+            *args (Any): anomalib's ``to_openvino`` arguments.
+            **kwargs (Any): anomalib's ``to_openvino`` keyword arguments.
+
+        Returns:
+            Path: The OpenVINO ``.xml`` file.
+        """
+        with quiet_export() as outermost:
+            path = super().to_openvino(export_root, *args, **kwargs)
+        if outermost:
+            announce_written("OpenVINO", path)
+        return path
+
+    def to_torch(self, export_root: Path | str, *args: Any, **kwargs: Any) -> Path:
+        """Export to Torch as anomalib does; print the file written.
+
+        Args:
+            export_root (Path | str): Output folder (the file goes to ``weights/torch/``).
+            *args (Any): anomalib's ``to_torch`` arguments.
+            **kwargs (Any): anomalib's ``to_torch`` keyword arguments.
+
+        Returns:
+            Path: The ``.pt`` file.
+        """
+        path = super().to_torch(export_root, *args, **kwargs)
+        announce_written("Torch", path)
+        return path
+
     # ------------------------------------------------------------------ data bookkeeping
+    def prepare_data(self) -> None:
+        """Name a missing ``Folder`` path in one line before the datamodule's ``setup`` trips over it."""
+        check_folder_paths(self._datamodule())
+
     def setup(self, stage: str) -> None:
         """Check the datamodule's images once, and learn which class each image belongs to."""
         datamodule = self._datamodule()

@@ -191,3 +191,19 @@ def test_training_without_data_is_a_one_line_error(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "error: ResAD trains from a datamodule: add --data" in result.stderr or "--data" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_folder_root_that_does_not_exist_is_a_one_line_error(tmp_path: Path) -> None:
+    """Named before anomalib's Folder reads it (it used to be a ~200-line traceback ending in FileNotFoundError)."""
+    missing = tmp_path / "no_such_dataset"
+    result = anomalib(
+        "train", "--model", "ResAD", *LITE0, "--model.pre_trained", "false",
+        "--data", "Folder", "--data.name", "boards", "--data.root", str(missing), "--data.normal_dir", "good",
+        "--default_root_dir", str(tmp_path), "--trainer.max_epochs", "1",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert f"error: Folder root '{missing}' does not exist. Set --data.root" in result.stderr
+    assert "Traceback" not in result.stderr
+    # the rest of stderr is anomalib's and Lightning's start-up (~15 lines: import warnings, model and callback logs)
+    assert len(result.stderr.splitlines()) < 40, result.stderr[-3000:]

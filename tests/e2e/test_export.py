@@ -76,24 +76,65 @@ def assert_parity(reference: dict[str, np.ndarray], exported: dict[str, np.ndarr
     assert np.array_equal(reference["pred_label"].reshape(-1), np.asarray(exported["pred_label"]).reshape(-1))
 
 
+EXPORTED_FILES = {
+    "torch": ["weights/torch/model.pt"],
+    "onnx": ["weights/onnx/model.onnx", "weights/onnx/model.onnx.data"],  # torch writes the weights beside the graph
+    "openvino": ["weights/openvino/model.xml", "weights/openvino/model.bin"],
+}
+# What `anomalib export --model ResAD` prints, stdout and stderr together, is ~45 lines of anomalib's, Lightning's and
+# our own (the model is built twice - by the command line, then from the checkpoint - and anomalib's command line
+# prints every log record twice, plainly on stderr and through rich on stdout). The ONNX/OpenVINO exports added
+# ~3,100 more: onnxscript/onnx_ir INFO records per rewritten node, torch.export's dump of a failed non-strict trace
+# (~500 lines, twice), a failed opset-14 down-conversion with its traceback. 100 leaves room for a few more library
+# warnings and still fails on any of those.
+MAX_EXPORT_LINES = 100
+
+
 @pytest.fixture(scope="module")
-def exported(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`anomalib export` of all three types through the real command line."""
+def anomalib_exports(
+    checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
+    """`anomalib export` of all three types through the real command line: (export root, each command's result)."""
     root = tmp_path_factory.mktemp("anomalib_export")
     anomalib = Path(sys.executable).parent / "anomalib"
-    for export_type in ("torch", "onnx", "openvino"):
+    results = {}
+    for export_type in EXPORTED_FILES:
         result = subprocess.run(
             [str(anomalib), "export", "--model", "ResAD", "--ckpt_path", str(checkpoint),
              "--export_type", export_type, "--export_root", str(root)],
             capture_output=True, text=True, timeout=900, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )  # fmt: skip
         assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    return root
+        results[export_type] = result
+    return root, results
+
+
+@pytest.fixture(scope="module")
+def exported(anomalib_exports: tuple[Path, dict[str, subprocess.CompletedProcess]]) -> Path:
+    """The folder `anomalib export` wrote all three types to."""
+    return anomalib_exports[0]
 
 
 def test_anomalib_export_writes_every_type(exported: Path) -> None:
     for path in ("weights/torch/model.pt", "weights/onnx/model.onnx", "weights/openvino/model.xml"):
         assert (exported / path).is_file(), path
+
+
+@pytest.mark.parametrize("export_type", list(EXPORTED_FILES))
+def test_anomalib_export_is_quiet_and_names_the_files_it_wrote(
+    anomalib_exports: tuple[Path, dict[str, subprocess.CompletedProcess]], export_type: str
+) -> None:
+    root, results = anomalib_exports
+    result = results[export_type]
+    output = result.stdout + result.stderr
+    assert len(output.splitlines()) < MAX_EXPORT_LINES, output[-3000:]
+    assert "Traceback" not in output
+    assert "[torch.onnx]" not in output  # the exporter's progress report (and its ❌ for the first trace attempt)
+    announced = [line for line in result.stdout.splitlines() if line.startswith("ResAD ") and "export wrote" in line]
+    assert len(announced) == 1, result.stdout[-3000:]
+    files = [str((root / path).resolve()) for path in EXPORTED_FILES[export_type]]
+    assert announced[0].endswith(" export wrote " + ", ".join(files))  # every file, each path unbroken
+    assert all(Path(file).is_file() for file in files)
 
 
 def test_openvino_inferencer_matches_eager(exported: Path, checkpoint: Path, texture_root: Path) -> None:
