@@ -10,9 +10,17 @@
    draws k normal images from the category's training split - or takes them from ``reference_dirs`` - writes the list
    to ``references/<category>/k<k>_draw<d>.json``, and scores the category's test set;
 3. writes per-draw rows (``results.csv``), mean and std over draws (``summary.csv``, ``summary.md``) of image AUROC,
-   pixel AUROC, pixel AUPRO and image F1-max, per category and as a mean over categories, and anomaly-map images
-   of the first draw (``anomaly_maps/<model>/<category>/k<k>/``, anomalib's visualiser);
-4. optionally runs baselines on the same reference images (``baselines: [patchcore]``).
+   pixel AUROC, pixel AUPRO and image F1-max, per category and as a mean over categories, anomaly-map images
+   of the first draw (``anomaly_maps/<model>/<category>/k<k>/``, anomalib's visualiser) and a plot of image AUROC
+   against k (``auroc_vs_k.png``);
+4. optionally runs baselines on the very same reference images (``baselines: [patchcore, winclip, anomaly_dino]``,
+   :mod:`anomalib_resad.baselines`); a baseline whose weights are not on this machine is skipped with one log line
+   and shown as "skipped: no weights";
+5. measures what each model costs per image in the same run (:mod:`anomalib_resad.cost`, ``cost.csv`` and the cost
+   columns of the summary): ms/image at batch 1, images/s at batch 16, peak memory, multiply-adds, the time to set
+   a class up from its k images (``fit_s``) and ResAD's training time (``train_s``);
+6. resumes: every finished cell (model x category x k x draw) is in ``results.csv`` at once, and a run started again
+   with the same ``output_dir`` and settings skips it; ResAD's finished training is reused (:mod:`anomalib_resad.grid`).
 
 Example:
     >>> run_protocol(  # doctest: +SKIP
@@ -22,25 +30,33 @@ Example:
     ... )
 """
 
+import json
 import logging
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from anomalib.data.transforms.utils import extract_transforms_by_type
 from anomalib.engine import Engine
+from anomalib.models.components import AnomalibModule
 from lightning.pytorch import seed_everything
+from torchvision.transforms.v2 import Resize
 
-from .baselines import FewShotPatchcore
+from .baselines import BASELINES, SKIPPED_STATUS, FewShotPatchcore, build_baselines
+from .cost import COST_COLUMNS, measure_cost
 from .data.multi_class import CATEGORY_COLUMN, MultiClassDataModule
 from .errors import ResADConfigurationError
 from .evaluation import METRIC_NAMES, VERDICT_NAMES, category_metrics, save_anomaly_maps, score_samples
+from .grid import CELL_KEYS, CsvStore, Progress, check_run_config, plot_auroc_vs_k
 from .lightning_model import ResAD
+from .references import ReferenceSelection
 
 logger = logging.getLogger(__name__)
 
-BASELINES = ("patchcore",)
+COST_KEYS = ("model", "k")
 
 
 def _with_root(specs: Sequence[dict[str, Any]], root: str | None) -> list[dict[str, Any]]:
@@ -64,6 +80,33 @@ def _summarize(results: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([per_category, mean], ignore_index=True)
 
 
+def _with_cost(
+    summary: pd.DataFrame,
+    results: pd.DataFrame,
+    costs: pd.DataFrame,
+    train_s: float,
+    skipped: Sequence[str],
+    shots: Sequence[int],
+) -> pd.DataFrame:
+    """Add the cost columns to the mean rows, the latency ratio to PatchCore, and rows for skipped models."""
+    summary = summary.copy()
+    summary.insert(3, "status", "ok")
+    if not costs.empty:
+        table = costs[[*COST_KEYS, *COST_COLUMNS]].copy()
+        if "fit_s" in results:
+            table = table.merge(results.groupby(list(COST_KEYS), as_index=False).fit_s.mean(), on=list(COST_KEYS))
+        table["train_s"] = [train_s if model == "ResAD" else 0.0 for model in table.model]
+        patchcore = table[table.model == "PatchCore"].set_index("k").ms_per_image_b1
+        table["latency_vs_PatchCore"] = [
+            row.ms_per_image_b1 / patchcore[row.k] if row.k in patchcore.index else math.nan
+            for row in table.itertuples()
+        ]
+        table.insert(1, "category", "mean")
+        summary = summary.merge(table, on=["model", "category", "k"], how="left")
+    extra = [{"model": model, "category": "mean", "k": k, "status": SKIPPED_STATUS} for model in skipped for k in shots]
+    return pd.concat([summary, pd.DataFrame(extra)], ignore_index=True) if extra else summary
+
+
 def summary_markdown(summary: pd.DataFrame) -> str:
     """Markdown table: one row per model and category, columns ``I-AUROC / P-AUROC`` (mean ± std) per k."""
     shots = sorted(summary.k.unique())
@@ -77,6 +120,10 @@ def summary_markdown(summary: pd.DataFrame) -> str:
                 cells.append("-")
                 continue
             row = row.iloc[0]
+            status = row.get("status", "ok")
+            if isinstance(status, str) and status != "ok":  # e.g. "skipped: no weights"
+                cells.append(status)
+                continue
             cells.append(
                 " / ".join(
                     f"{100 * row[name]:.1f}±{100 * row[name + '_std']:.1f}"
@@ -86,6 +133,43 @@ def summary_markdown(summary: pd.DataFrame) -> str:
         label = f"**{category}**" if category == "mean" else category
         lines.append(f"| {model} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def cost_markdown(summary: pd.DataFrame) -> str:
+    """Markdown table of the cost columns: one row per model and k (empty when no cost was measured)."""
+    if "ms_per_image_b1" not in summary:
+        return ""
+    rows = summary[(summary.category == "mean") & summary.ms_per_image_b1.notna()]
+    if rows.empty:
+        return ""
+    lines = [
+        "| model | k | ms/image (batch 1) | images/s (batch 16) | peak MiB (batch 16) | GMACs/image | "
+        "fit s (k images) | train s | latency / PatchCore |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows.sort_values(["k"], kind="stable").itertuples():
+        ratio = "-" if math.isnan(row.latency_vs_PatchCore) else f"{row.latency_vs_PatchCore:.2f}x"
+        lines.append(
+            f"| {row.model} | {row.k} | {row.ms_per_image_b1:.1f} | {row.images_per_s_b16:.1f} | "
+            f"{row.peak_mem_MiB_b16:.0f} | {row.GMACs_per_image:.2f} | {row.fit_s:.2f} | {row.train_s:.0f} | {ratio} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _input_size(model: AnomalibModule) -> tuple[int, int]:
+    """The pre-processed input size of a model (its pre-processor's resize)."""
+    transform = model.pre_processor.transform if model.pre_processor is not None else None
+    resizes = extract_transforms_by_type(transform, Resize) if transform is not None else []
+    size = resizes[0].size if resizes else (224, 224)
+    return (int(size[0]), int(size[-1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
+
+
+class _Evaluated:
+    """A model of the grid: the anomalib module scored and how it takes a class's k references."""
+
+    def __init__(self, module: AnomalibModule, set_references: Callable[[ReferenceSelection], None]) -> None:
+        self.module = module
+        self.set_references = set_references
 
 
 def run_protocol(
@@ -108,6 +192,10 @@ def run_protocol(
     maps_per_category: int = 8,
     baselines: Sequence[str] = (),
     baseline_layers: Sequence[str] | None = None,
+    baseline_weights: dict[str, str] | None = None,
+    cost: bool = True,
+    cost_repeats: int = 5,
+    resume: bool = True,
 ) -> pd.DataFrame:
     """Train on source categories and evaluate on unseen target categories with k reference images.
 
@@ -130,8 +218,16 @@ def run_protocol(
         batch_size (int): Training and evaluation batch size. Defaults to ``8``.
         num_workers (int): Data loader workers. Defaults to ``2``.
         maps_per_category (int): Anomaly-map images written per category and k (first draw). Defaults to ``8``.
-        baselines (Sequence[str]): Also evaluate these on the same references: ``"patchcore"``. Defaults to none.
-        baseline_layers (Sequence[str] | None): Levels of the baselines' backbone. Defaults to ResAD's two deepest.
+        baselines (Sequence[str]): Also evaluate these on the same references: ``"patchcore"``, ``"winclip"``,
+            ``"anomaly_dino"``. Defaults to none.
+        baseline_layers (Sequence[str] | None): Levels of PatchCore's backbone. Defaults to ResAD's two deepest.
+        baseline_weights (dict[str, str] | None): Baseline -> local weights file (``winclip``: the open_clip
+            ``ViT-B-16-plus-240`` / ``laion400m_e31`` file; ``anomaly_dino``: the timm
+            ``vit_small_patch14_dinov2.lvd142m`` state dict). Defaults to the caches (see :mod:`.baselines`).
+        cost (bool): Measure each model's cost per image (:mod:`anomalib_resad.cost`). Defaults to ``True``.
+        cost_repeats (int): Timed forward passes per batch size (the median is reported). Defaults to ``5``.
+        resume (bool): Keep the finished cells and the finished training found in ``output_dir``; ``False``
+            recomputes everything. Defaults to ``True``.
 
     Returns:
         pd.DataFrame: The summary (also written to ``summary.csv`` / ``summary.md``).
@@ -143,10 +239,31 @@ def run_protocol(
         raise ResADConfigurationError(msg)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    sources, targets = _with_root(sources, source_root), _with_root(targets, target_root)
+    check_run_config(
+        output / "run_config.json",
+        {
+            "sources": sources,
+            "targets": targets,
+            "model": model or {},
+            "trainer": trainer or {},
+            "checkpoint": checkpoint,
+            "seed": seed,
+            "reference_dirs": reference_dirs or {},
+            "allow_overlap": allow_overlap,
+            "include_test": include_test,
+            "batch_size": batch_size,
+            "baseline_layers": list(baseline_layers) if baseline_layers else None,
+            "baseline_weights": baseline_weights or {},
+        },
+        resume=resume,
+    )
+    results = CsvStore(output / "results.csv", CELL_KEYS, resume=resume)
+    costs = CsvStore(output / "cost.csv", COST_KEYS, resume=resume)
     seed_everything(seed, workers=True)
     datamodule = MultiClassDataModule(
-        sources=_with_root(sources, source_root),
-        targets=_with_root(targets, target_root),
+        sources=sources,
+        targets=targets,
         include_test=include_test,
         allow_overlap=allow_overlap,
         train_batch_size=batch_size,
@@ -155,54 +272,112 @@ def run_protocol(
         seed=seed,
         name="protocol",
     )
-    if checkpoint:
-        resad = ResAD.load_from_checkpoint(checkpoint, map_location="cpu")
-        datamodule.setup()
-    else:
-        resad = ResAD(**(model or {}))
-        engine = Engine(default_root_dir=output / "train", logger=False, **(trainer or {}))
-        engine.fit(resad, datamodule=datamodule)
-        callback = engine.trainer.checkpoint_callback
-        checkpoint = callback.best_model_path if callback is not None else None
-        logger.info("Trained in %.0f s; checkpoint %s", time.perf_counter() - start, checkpoint)
+    resad, checkpoint, train_s = _trained_resad(datamodule, output, model, trainer, checkpoint, resume)
 
-    evaluated: dict[str, Any] = {"ResAD": resad}
-    if "patchcore" in baselines:
+    evaluated = {"ResAD": _Evaluated(resad, resad.set_references)}
+
+    def patchcore() -> FewShotPatchcore:
         backbone = resad.model.feature_extractor
-        evaluated["PatchCore"] = FewShotPatchcore(
+        return FewShotPatchcore(
             backbone=backbone.backbone,
             layers=list(baseline_layers or backbone.layers[-2:]),
             pre_trained=(model or {}).get("pre_trained", True),
             image_size=int(resad.input_size[0]) if resad.input_size is not None else 224,
         )
 
-    rows = []
+    built, skipped = build_baselines(baselines, patchcore, baseline_weights)
+    for name, baseline in built.items():
+        baseline.model.to(resad.device)
+        evaluated[name] = _Evaluated(baseline.model, baseline.set_references)
+
     test_samples = datamodule.test_data.samples
     resad.references.set_pools({name: datamodule.reference_pool(name) for name in datamodule.target_categories})
-    for category in datamodule.target_categories:
+    cells = [
+        (category, k, draw)
+        for category in datamodule.target_categories
+        for k in shots
+        for draw in range(1 if reference_dirs and category in reference_dirs else draws)
+    ]
+    progress = Progress(
+        len(cells) * len(evaluated),
+        sum(results.done(name, *cell) for cell in cells for name in evaluated),
+    )
+    for category, k, draw in cells:
+        pending = [name for name in evaluated if not results.done(name, category, k, draw)]
+        if not pending:
+            continue
         samples = test_samples[test_samples[CATEGORY_COLUMN] == category]
-        for k in shots:
-            for draw in range(1 if reference_dirs and category in reference_dirs else draws):
-                folder = reference_dirs.get(category) if reference_dirs else None
-                selection = resad.references.select(category, k, seed + draw, folder=folder)
-                selection.save(output / "references" / category / f"k{k}_draw{draw}.json")
-                for name, evaluator in evaluated.items():
-                    evaluator.set_references(selection)
-                    module = evaluator if name == "ResAD" else evaluator.model
-                    scores = score_samples(module, samples, batch_size=batch_size)
-                    metrics = category_metrics(scores)
-                    if draw == 0 and maps_per_category:
-                        save_anomaly_maps(
-                            scores, output / "anomaly_maps" / name / category / f"k{k}", maps_per_category
-                        )
-                    row = {"model": name, "category": category, "k": k, "draw": draw, "seed": selection.seed}
-                    rows.append({**row, **metrics})
-                    logger.info("%s %s k=%d draw %d: %s", name, category, k, draw, metrics)
-    results = pd.DataFrame(rows)
-    results.to_csv(output / "results.csv", index=False)
-    summary = _summarize(results)
+        folder = reference_dirs.get(category) if reference_dirs else None
+        selection = resad.references.select(category, k, seed + draw, folder=folder)
+        selection.save(output / "references" / category / f"k{k}_draw{draw}.json")
+        for name in pending:
+            entry = evaluated[name]
+            fit_start = time.perf_counter()
+            entry.set_references(selection)
+            fit_s = time.perf_counter() - fit_start
+            scores = score_samples(entry.module, samples, batch_size=batch_size)
+            metrics = category_metrics(scores)
+            if draw == 0 and maps_per_category:
+                save_anomaly_maps(scores, output / "anomaly_maps" / name / category / f"k{k}", maps_per_category)
+            row = {"model": name, "category": category, "k": k, "draw": draw, "seed": selection.seed}
+            results.add({**row, "fit_s": fit_s, **metrics})
+            if cost and not costs.done(name, k):  # once per model and k, with this class's bank
+                measured = measure_cost(entry.module.model, _input_size(entry.module), repeats=cost_repeats)
+                costs.add({"model": name, "k": k, "category": category, **measured.as_row()})
+            progress.finished(
+                f"{name} {category} k={k} draw {draw}: image AUROC {metrics['image_AUROC']:.3f}, "
+                f"pixel AUROC {metrics['pixel_AUROC']:.3f}",
+            )
+
+    table = results.frame()
+    summary = _with_cost(_summarize(table), table, costs.frame(), train_s, list(skipped), shots)
     summary.to_csv(output / "summary.csv", index=False)
-    (output / "summary.md").write_text(summary_markdown(summary))
-    print(summary_markdown(summary))
+    markdown = summary_markdown(summary)
+    costs_markdown = cost_markdown(summary)
+    (output / "summary.md").write_text(markdown + ("\n" + costs_markdown if costs_markdown else ""))
+    plot = plot_auroc_vs_k(summary, output / "auroc_vs_k.png")
+    print(markdown)
+    if costs_markdown:
+        print(costs_markdown)
     print(f"checkpoint: {checkpoint}\nresults: {output}  ({time.perf_counter() - start:.0f} s)")
+    if plot is not None:
+        print(f"plot: {plot}")
     return summary
+
+
+def _trained_resad(
+    datamodule: MultiClassDataModule,
+    output: Path,
+    model: dict[str, Any] | None,
+    trainer: dict[str, Any] | None,
+    checkpoint: str | None,
+    resume: bool,
+) -> tuple[ResAD, str | None, float]:
+    """ResAD from ``checkpoint``, from this output folder's finished training (on resume), or trained now.
+
+    Returns:
+        tuple[ResAD, str | None, float]: The model, its checkpoint and the training time in seconds (NaN when
+        the model came from a given checkpoint).
+    """
+    record = output / "train" / "trained.json"
+    if not checkpoint and resume and record.is_file():
+        trained = json.loads(record.read_text())
+        if trained.get("checkpoint") and Path(trained["checkpoint"]).is_file():
+            logger.info("Reusing the finished training of this output folder: %s", trained["checkpoint"])
+            datamodule.setup()
+            resad = ResAD.load_from_checkpoint(trained["checkpoint"], map_location="cpu")
+            return resad, trained["checkpoint"], float(trained.get("train_s", math.nan))
+    if checkpoint:
+        datamodule.setup()
+        return ResAD.load_from_checkpoint(checkpoint, map_location="cpu"), checkpoint, math.nan
+    start = time.perf_counter()
+    resad = ResAD(**(model or {}))
+    engine = Engine(default_root_dir=output / "train", logger=False, **(trainer or {}))
+    engine.fit(resad, datamodule=datamodule)
+    train_s = time.perf_counter() - start
+    callback = engine.trainer.checkpoint_callback
+    checkpoint = callback.best_model_path if callback is not None else None
+    logger.info("Trained in %.0f s; checkpoint %s", train_s, checkpoint)
+    if checkpoint:  # written last: only a finished training is reused
+        record.write_text(json.dumps({"checkpoint": str(checkpoint), "train_s": train_s}, indent=2) + "\n")
+    return resad, checkpoint, train_s
