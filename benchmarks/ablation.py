@@ -10,6 +10,14 @@ variant is computed from *one* forward pass per test image:
   the k references);
 * ``image score``: the map's ``max`` (reference) vs ``top1`` (mean of its top 1 % pixels) vs ``max+dis`` (max, or
   the dissimilarity ratio when larger: the odd-frame check);
+* diagnostics, ranking only: ``nll max`` / ``nll top1`` - the same flows' per-level negative log-likelihood
+  ``relu(c_l - logp_l)`` summed over levels, *uncapped* (the product map saturates at ``1 - exp(-x)``), and
+  ``nn max`` - no flows at all, the blurred map of ``1 - cos`` to the nearest reference feature (PatchCore's score on
+  ResAD's own levels and matching): whether the flows add anything to the image verdict; ``nn`` on the two deepest
+  levels only (``nn2``, PatchCore's levels; also calibrated by leave-one-out like the map) and after PatchCore's 3x3
+  neighbourhood averaging (``nn2 pool``, which the reference ResAD does not do): whether ResAD's matching input, not
+  its flows, is what trails PatchCore; ``max+nn2``: the mean of the flow score's and the ``nn2`` score's calibrated
+  ratios;
 * the calibrated verdict (``max`` and ``max+dis``) at threshold margins 0.8 ... 1.25: false-positive
   rate on normal test images, recall on anomalous ones, next to the oracle F1-max and its recall.
 
@@ -34,13 +42,14 @@ import yaml
 from anomalib.engine import Engine
 from anomalib.metrics import AUPRO, AUROC, F1Max
 from lightning.pytorch import seed_everything
+from torch.nn import functional as F  # noqa: N812
 
 from anomalib_resad import ResAD
 from anomalib_resad.anomaly_map import leave_one_out_calibration
 from anomalib_resad.baselines import FewShotPatchcore
 from anomalib_resad.data.multi_class import CATEGORY_COLUMN, MultiClassDataModule, MultiClassDataset
 from anomalib_resad.evaluation import _resize_of, category_metrics, score_samples
-from anomalib_resad.feature_converter import flatten_levels
+from anomalib_resad.feature_converter import flatten_levels, flatten_positions, nearest_reference
 
 REPO = Path(__file__).resolve().parents[1]
 MARGINS = (0.7, 0.8, 0.85, 0.9, 0.95, 1.0, 1.1, 1.25)
@@ -127,26 +136,65 @@ def resad_variants(resad: ResAD, samples: pd.DataFrame, selection, batch_size: i
     dataset = MultiClassDataset(samples, "segmentation" if has_masks else "classification", _resize_of(resad))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=dataset.collate_fn)
     transform = resad.pre_processor.transform
-    collected = {mode: {"map": [], "max": [], "top1": [], "dis": []} for mode in calibrations}
+    collected = {mode: {"map": [], "max": [], "top1": [], "dis": [], "nll_max": [], "nll_top1": []}
+                 for mode in calibrations}  # fmt: skip
+    nearest = {name: [] for name in ("nn", "nn2", "nn2 pool")}
+    pooled_bank = [F.avg_pool2d(level, 3, stride=1, padding=1) for level in features[-2:]]
+
+    def nearest_score(query: list[torch.Tensor], references: list[torch.Tensor], size: torch.Size) -> torch.Tensor:
+        maps = []
+        for feature, reference in zip(query, references, strict=True):
+            _, similarity = nearest_reference(flatten_positions(feature), flatten_positions(reference))
+            level_map = (1 - similarity).reshape(feature.shape[0], 1, *feature.shape[-2:])
+            maps.append(generator._upsample(level_map, size))
+        return generator.blur(sum(maps)).flatten(start_dim=1).amax(dim=1).cpu()
+
     labels, masks = [], []
+
+    def top_mean(maps: torch.Tensor) -> torch.Tensor:
+        flat = maps.flatten(start_dim=1)
+        return flat.topk(max(1, round(flat.shape[1] * 0.01)), dim=1).values.mean(dim=1)
+
     for batch in loader:
         images, gt_masks = transform(batch.image, batch.gt_mask)
         images = images.to(device)
-        log_likelihoods, similarities = model.level_outputs(model.feature_extractor(images), bank)
+        query = model.feature_extractor(images)
+        log_likelihoods, similarities = model.level_outputs(query, bank)
+        size = images.shape[-2:]
+        nn_map = generator.blur(sum(generator._upsample((1 - s).unsqueeze(1), size) for s in similarities))
+        nearest["nn"].append(nn_map.flatten(start_dim=1).amax(dim=1).cpu())
+        nearest["nn2"].append(nearest_score(query[-2:], features[-2:], size))
+        pooled = [F.avg_pool2d(level, 3, stride=1, padding=1) for level in query[-2:]]
+        nearest["nn2 pool"].append(nearest_score(pooled, pooled_bank, size))
         for mode, calibration in calibrations.items():
             parts = generator.components(log_likelihoods, similarities, images.shape[-2:], calibration.level_constants)
-            flat = parts.anomaly_map.flatten(start_dim=1)
-            top = flat.topk(max(1, round(flat.shape[1] * 0.01)), dim=1).values.mean(dim=1)
+            top = top_mean(parts.anomaly_map)
             collected[mode]["map"].append((parts.anomaly_map[:, 0] / calibration.map_threshold).cpu())
             collected[mode]["max"].append(parts.map_max.cpu())
             collected[mode]["top1"].append(top.cpu())
             collected[mode]["dis"].append(parts.dissimilarity.cpu())
+            constants = calibration.level_constants
+            nll = sum(
+                generator._upsample(torch.relu(constants[level] - log_normal).unsqueeze(1), size)
+                for level, (log_normal, _) in enumerate(log_likelihoods)
+            )
+            nll = generator.blur(nll)
+            collected[mode]["nll_max"].append(nll.flatten(start_dim=1).amax(dim=1).cpu())
+            collected[mode]["nll_top1"].append(top_mean(nll).cpu())
         labels.append(batch.gt_label.reshape(-1))
         if has_masks:
             masks.append(gt_masks.reshape(len(images), *images.shape[-2:]).bool().cpu())
     labels = torch.cat(labels).long()
     masks = torch.cat(masks) if masks else None
-    rows = []
+    # leave-one-out threshold of the flow-free nearest-neighbour score (as the calibration does for the map)
+    nn2_threshold = max(
+        float(nearest_score([level[index : index + 1] for level in features[-2:]],
+                            [torch.cat([level[:index], level[index + 1 :]]) for level in features[-2:]],
+                            image_size)[0])
+        for index in range(selection.k)
+    )  # fmt: skip
+    ratio_nn2 = torch.cat(nearest["nn2"]) / max(nn2_threshold, 1e-6)
+    rows = [{"variant": "ResAD nn2 calibrated", **image_metrics(ratio_nn2, labels), **verdicts(ratio_nn2, labels)}]
     for mode, calibration in calibrations.items():
         values = {name: torch.cat(parts) for name, parts in collected[mode].items()}
         pixel = pixel_metrics(values["map"], masks, aupro=aupro)
@@ -162,6 +210,15 @@ def resad_variants(resad: ResAD, samples: pd.DataFrame, selection, batch_size: i
             if score_name != "top1":
                 row.update(verdicts(scores, labels))
             rows.append(row)
+        fused = (ratio_max + ratio_nn2) / 2  # both in units of their own leave-one-out threshold
+        rows.append({"variant": f"ResAD {mode} max+nn2", **image_metrics(fused, labels), **verdicts(fused, labels)})
+        rows.extend(
+            {"variant": f"ResAD {mode} nll {name}", **image_metrics(values[f"nll_{name}"], labels)}
+            for name in ("max", "top1")
+        )
+    rows.extend(
+        {"variant": f"ResAD {name} max", **image_metrics(torch.cat(values), labels)} for name, values in nearest.items()
+    )
     return rows
 
 
@@ -225,7 +282,8 @@ def run_setting(args: argparse.Namespace, setting: str) -> pd.DataFrame:
                 selection = draw_selection(resad, category, k, seed + draw)
                 base = {"setting": setting, "role": role, "category": category, "k": k, "draw": draw,
                         "train_s": train_seconds}  # fmt: skip
-                variants = resad_variants(resad, samples, selection, args.batch_size, aupro=role == "target")
+                aupro = role == "target" and args.aupro
+                variants = resad_variants(resad, samples, selection, args.batch_size, aupro=aupro)
                 rows.extend({**base, **row} for row in variants)
                 if role == "target":
                     patchcore.set_references(selection)
@@ -247,7 +305,7 @@ def summarize(frame: pd.DataFrame) -> str:
     verdict_columns = [c for c in frame.columns if c.startswith(("fpr@", "recall@", "oracle_"))]
     if verdict_columns:
         verdict = (
-            frame[frame.variant.str.contains(" max")]
+            frame[frame[verdict_columns[0]].notna()]
             .groupby(["role", "setting", "variant", "k"])[verdict_columns]
             .mean()
         )
@@ -268,6 +326,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--no_source_val", dest="source_val", action="store_false")
+    parser.add_argument("--no_aupro", dest="aupro", action="store_false", help="skip ResAD's pixel AUPRO (slow)")
     args = parser.parse_args()
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO, check=False
