@@ -25,6 +25,13 @@ image score by its score threshold, so ``1`` is the decision boundary of every c
 levels and positions of ``1 - cos`` of each position's nearest reference feature. It has its own leave-one-out
 threshold, and the image score is the larger of the two ratios.
 
+**Nearest-neighbour score** (``nearest_score=True``, not in the reference). The flows are trained on the source
+classes; on a target class unlike them they can rank images worse than their own input does. The nearest-neighbour
+map - ``1 - cos`` of each position's nearest reference feature on the two deepest levels, summed, upsampled and
+blurred like the map - is PatchCore's score on ResAD's own matching and costs nothing extra (the matching is done
+anyway). With the option, the image score is the mean of the flow score's and the nearest-neighbour score's
+ratios to their own leave-one-out thresholds: the class's boundary stays at ``1``. See docs/benchmark.md (ablation).
+
 Example:
     >>> import torch
     >>> generator = AnomalyMapGenerator(num_levels=1)
@@ -48,6 +55,8 @@ from .errors import ResADConfigurationError, ResADInputError, check_choice
 
 IMAGE_SCORES = ("max", "top_mean")
 LEVEL_CONSTANTS = ("per_class", "global")
+CALIBRATION_THRESHOLDS = 4  # map, score, dissimilarity, nearest: a calibration holds L + 4 values
+NEAREST_LEVELS = 2  # the nearest-neighbour score uses the deepest levels, as PatchCore does
 
 
 class ScoreComponents(NamedTuple):
@@ -59,6 +68,8 @@ class ScoreComponents(NamedTuple):
         map_max (torch.Tensor): ``(B,)`` the map's maximum.
         dissimilarity (torch.Tensor): ``(B,)`` mean ``1 - cos`` of the nearest-reference matches.
         level_max_log_likelihood (torch.Tensor): ``(B, L)`` largest normal log-likelihood per level.
+        nearest (torch.Tensor): ``(B,)`` maximum of the nearest-neighbour map (``1 - cos`` of the matches on the two
+            deepest levels, summed, upsampled and blurred).
     """
 
     anomaly_map: torch.Tensor
@@ -66,13 +77,15 @@ class ScoreComponents(NamedTuple):
     map_max: torch.Tensor
     dissimilarity: torch.Tensor
     level_max_log_likelihood: torch.Tensor
+    nearest: torch.Tensor
 
 
 @dataclass
 class ScoreCalibration:
     """Per-class scoring constants and thresholds, set from the class's k reference images alone.
 
-    Stored as one flat tensor (:meth:`to_tensor`, layout ``[c_0 .. c_{L-1}, map, score, dissimilarity]``) wherever a
+    Stored as one flat tensor (:meth:`to_tensor`, layout ``[c_0 .. c_{L-1}, map, score, dissimilarity, nearest]``,
+    ``L + 4`` values) wherever a
     class's references live: the model's buffers (checkpoint, ``anomalib export``), a references ``.npz`` file and
     the ``calibration`` input of the reference-conditioned export.
 
@@ -81,23 +94,29 @@ class ScoreCalibration:
         map_threshold (float): Anomaly-map value above which a pixel is anomalous.
         score_threshold (float): Image score above which an image is anomalous.
         dissimilarity_threshold (float): Dissimilarity above which a frame is unlike the references.
+        nearest_threshold (float): Nearest-neighbour score above which an image is anomalous.
     """
 
     level_constants: torch.Tensor
     map_threshold: float
     score_threshold: float
     dissimilarity_threshold: float
+    nearest_threshold: float
 
     def to_tensor(self) -> torch.Tensor:
-        """Flat float32 tensor ``(L + 3,)``."""
-        thresholds = torch.tensor([self.map_threshold, self.score_threshold, self.dissimilarity_threshold])
+        """Flat float32 tensor ``(L + 4,)``."""
+        thresholds = torch.tensor(
+            [self.map_threshold, self.score_threshold, self.dissimilarity_threshold, self.nearest_threshold]
+        )
         return torch.cat([self.level_constants.detach().float().cpu(), thresholds])
 
     @classmethod
     def from_tensor(cls, values: torch.Tensor) -> "ScoreCalibration":
         """Inverse of :meth:`to_tensor`."""
         values = values.detach().float().cpu()
-        return cls(values[:-3].clone(), float(values[-3]), float(values[-2]), float(values[-1]))
+        return cls(
+            values[:-CALIBRATION_THRESHOLDS].clone(), *(float(value) for value in values[-CALIBRATION_THRESHOLDS:])
+        )
 
 
 def leave_one_out_calibration(
@@ -151,12 +170,14 @@ def leave_one_out_calibration(
     map_max = max(float(result.map_max.max()) for result in results)
     score = max(float(result.score.max()) for result in results)
     dissimilarity = max(float(result.dissimilarity.max()) for result in results)
+    nearest = max(float(result.nearest.max()) for result in results)
     eps = 1e-6  # a threshold of 0 would divide by zero (k identical references)
     return ScoreCalibration(
         level_constants=constants,
         map_threshold=max(margin * map_max, eps),
         score_threshold=max(margin * score, eps),
         dissimilarity_threshold=max(dissimilarity_margin * dissimilarity, eps),
+        nearest_threshold=max(margin * nearest, eps),
     )
 
 
@@ -170,10 +191,12 @@ class AnomalyMapGenerator(nn.Module):
         top_fraction (float): Share of the map's pixels averaged by ``"top_mean"``. Defaults to ``0.01``.
         level_constants (str): ``"per_class"`` (from the references, default) or ``"global"`` (learned in training).
         dissimilarity_check (bool): Flag frames unlike the references through the dissimilarity. Defaults to ``True``.
+        nearest_score (bool): Image score = mean of the flow score's and the nearest-neighbour score's calibrated
+            ratios (see the module docstring). Defaults to ``False`` (the reference's flow score alone).
 
     Attributes:
         global_level_constants (torch.Tensor): ``(L,)`` constants learned in training (EMA).
-        calibration (torch.Tensor): ``(L + 3,)`` the stored class's :class:`ScoreCalibration` (zeros: none yet).
+        calibration (torch.Tensor): ``(L + 4,)`` the stored class's :class:`ScoreCalibration` (zeros: none yet).
     """
 
     def __init__(
@@ -184,6 +207,7 @@ class AnomalyMapGenerator(nn.Module):
         top_fraction: float = 0.01,
         level_constants: str = "per_class",
         dissimilarity_check: bool = True,
+        nearest_score: bool = False,
     ) -> None:
         super().__init__()
         check_choice("image_score", image_score, IMAGE_SCORES)
@@ -196,8 +220,9 @@ class AnomalyMapGenerator(nn.Module):
         self.top_fraction = top_fraction
         self.level_constants = level_constants
         self.dissimilarity_check = dissimilarity_check
+        self.nearest_score = nearest_score
         self.register_buffer("global_level_constants", torch.zeros(num_levels))
-        self.register_buffer("calibration", torch.zeros(num_levels + 3))
+        self.register_buffer("calibration", torch.zeros(num_levels + CALIBRATION_THRESHOLDS))
         kernel_size = 2 * int(4.0 * sigma + 0.5) + 1  # scipy.ndimage.gaussian_filter's truncate=4, as in the reference
         # "replicate" borders work for maps of any size ("reflect" needs maps larger than the kernel radius)
         self.blur = GaussianBlur2d(
@@ -210,7 +235,18 @@ class AnomalyMapGenerator(nn.Module):
     @property
     def has_calibration(self) -> bool:
         """Whether a class calibration is stored."""
-        return bool(self.calibration[-3:].gt(0).all())
+        thresholds = self.calibration[-CALIBRATION_THRESHOLDS:]
+        return bool(thresholds[:-1].gt(0).all()) and (not self.nearest_score or bool(thresholds[-1] > 0))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        """Read checkpoints of before the nearest-neighbour threshold (``L + 3`` values): that threshold is unset.
+
+        Such a model scores as before; with ``nearest_score`` it asks for its references to be set again.
+        """
+        stored = state_dict.get(f"{prefix}calibration")
+        if stored is not None and stored.numel() == self.num_levels + CALIBRATION_THRESHOLDS - 1:
+            state_dict[f"{prefix}calibration"] = torch.cat([stored, stored.new_zeros(1)])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def update_global_constant(self, level: int, normal_log_likelihoods: torch.Tensor, momentum: float) -> None:
@@ -260,7 +296,11 @@ class AnomalyMapGenerator(nn.Module):
             score = flat.topk(count, dim=1).values.mean(dim=1)
         dissimilarity = torch.stack([(1 - similarity).flatten(start_dim=1).mean(dim=1) for similarity in similarities])
         level_max = torch.stack([log_normal.flatten(start_dim=1).amax(dim=1) for log_normal, _ in log_likelihoods])
-        return ScoreComponents(anomaly_map, score, map_max, dissimilarity.mean(dim=0), level_max.T)
+        nearest_map = 0.0
+        for similarity in similarities[-NEAREST_LEVELS:]:
+            nearest_map = nearest_map + self._upsample((1 - similarity).unsqueeze(1), image_size)
+        nearest = self.blur(nearest_map).flatten(start_dim=1).amax(dim=1)
+        return ScoreComponents(anomaly_map, score, map_max, dissimilarity.mean(dim=0), level_max.T, nearest)
 
     def forward(
         self,
@@ -275,7 +315,7 @@ class AnomalyMapGenerator(nn.Module):
             log_likelihoods (Sequence[tuple[torch.Tensor, torch.Tensor]]): See :meth:`components`.
             similarities (Sequence[torch.Tensor]): See :meth:`components`.
             image_size (tuple[int, int] | torch.Size): Output size ``(H, W)``.
-            calibration (torch.Tensor | None): ``(L + 3,)`` the class's calibration; the stored one when ``None``.
+            calibration (torch.Tensor | None): ``(L + 4,)`` the class's calibration; the stored one when ``None``.
 
         Returns:
             tuple[torch.Tensor, torch.Tensor]: Anomaly map ``(B, 1, H, W)`` and image score ``(B,)``.
@@ -290,8 +330,12 @@ class AnomalyMapGenerator(nn.Module):
                 raise ResADInputError(msg)
             calibration = self.calibration
         parts = self.components(log_likelihoods, similarities, image_size, self.constants_for(calibration))
-        map_threshold, score_threshold, dissimilarity_threshold = calibration[-3], calibration[-2], calibration[-1]
+        map_threshold, score_threshold, dissimilarity_threshold, nearest_threshold = calibration[
+            -CALIBRATION_THRESHOLDS:
+        ].unbind()
         score = parts.score / score_threshold
+        if self.nearest_score:
+            score = (score + parts.nearest / nearest_threshold) / 2
         if self.dissimilarity_check:
             score = torch.maximum(score, parts.dissimilarity / dissimilarity_threshold)
         return parts.anomaly_map / map_threshold, score

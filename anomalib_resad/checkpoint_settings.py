@@ -34,6 +34,7 @@ CHECKPOINT_SETTINGS = (
     "image_score",
     "level_constants",
     "dissimilarity_check",
+    "nearest_score",
     "threshold_margin",
     "dissimilarity_margin",
 )

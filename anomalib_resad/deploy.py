@@ -45,7 +45,7 @@ from PIL.Image import Image as PILImage
 from torch import nn
 from torchvision.transforms.v2 import Resize
 
-from .anomaly_map import ScoreComponents, leave_one_out_calibration
+from .anomaly_map import CALIBRATION_THRESHOLDS, ScoreComponents, leave_one_out_calibration
 from .errors import ResADConfigurationError, ResADInputError
 from .export_output import ONNX_OPSET_VERSION, quiet_export, written_files
 from .feature_converter import ReferenceBank, flatten_levels
@@ -54,7 +54,8 @@ from .references import ReferenceSelection, load_images, select_folder_reference
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: references files and the conditioned model carry the class's calibration
+# 2: references files and the conditioned model carry the class's calibration; 3: it has the nearest-neighbour threshold
+FORMAT_VERSION = 3
 MODEL_FILE = "model"
 ENCODER_FILE = "reference_encoder"
 CALIBRATOR_FILE = "reference_calibrator"
@@ -139,8 +140,8 @@ def load_references(path: str | Path, expected: dict[str, Any] | None = None) ->
         raise ResADInputError(msg) from error
     if calibration is None or metadata.get("format_version", 1) < FORMAT_VERSION:
         msg = (
-            f"References file '{path}' was made by an older anomalib-resad without the class's calibration "
-            "(per-class threshold). Make it again with: resad references --model <deployment> --images <folder> ..."
+            f"References file '{path}' was made by an older anomalib-resad without the class's full calibration "
+            "(per-class thresholds). Make it again with: resad references --model <deployment> --images <folder> ..."
         )
         raise ResADInputError(msg)
     if expected is not None:
@@ -156,7 +157,7 @@ def load_references(path: str | Path, expected: dict[str, Any] | None = None) ->
 
 
 def _check_shapes(path: Path, levels: list[np.ndarray], calibration: np.ndarray, metadata: dict[str, Any]) -> None:
-    """Arrays must be ``(k * H_l * W_l, C_l)`` per level and a calibration of ``L + 3`` values."""
+    """Arrays must be ``(k * H_l * W_l, C_l)`` per level and a calibration of ``L + 4`` values."""
     problems = []
     k = int(metadata.get("k", 0))
     for level, (array, channels, grid) in enumerate(
@@ -165,8 +166,9 @@ def _check_shapes(path: Path, levels: list[np.ndarray], calibration: np.ndarray,
         expected = (k * int(grid[0]) * int(grid[1]), int(channels))
         if tuple(array.shape) != expected:
             problems.append(f"reference_{level} is {tuple(array.shape)}, expected {expected}")
-    if tuple(calibration.shape) != (len(levels) + 3,):
-        problems.append(f"calibration is {tuple(calibration.shape)}, expected ({len(levels) + 3},)")
+    expected = len(levels) + CALIBRATION_THRESHOLDS
+    if tuple(calibration.shape) != (expected,):
+        problems.append(f"calibration is {tuple(calibration.shape)}, expected ({expected},)")
     if problems:
         msg = f"References file '{path}' is damaged: {'; '.join(problems)}. Make it again with: resad references ..."
         raise ResADInputError(msg)
@@ -214,7 +216,7 @@ class ReferenceCalibrator(nn.Module):
     the others, exactly as eager PyTorch does.
     """
 
-    OUTPUTS = ("score", "map_max", "dissimilarity", "level_max_log_likelihood")
+    OUTPUTS = ("score", "map_max", "dissimilarity", "level_max_log_likelihood", "nearest")
 
     def __init__(self, model: ResAD) -> None:
         super().__init__()
@@ -228,7 +230,7 @@ class ReferenceCalibrator(nn.Module):
         image = self.pre_processor(image) if self.pre_processor is not None else image
         features = self.model.feature_extractor(image)
         parts = self.model.score_components(features, references, level_constants, image.shape[-2:])
-        return parts.score, parts.map_max, parts.dissimilarity, parts.level_max_log_likelihood
+        return parts.score, parts.map_max, parts.dissimilarity, parts.level_max_log_likelihood, parts.nearest
 
 
 def _load_model(model: ResAD | str | Path) -> ResAD:
@@ -287,7 +289,7 @@ def export_deployment(
     encoder = ReferenceEncoder(resad).eval()
     with torch.no_grad():
         example_bank = list(encoder(torch.rand(example_k, 3, height, width)))
-    example_calibration = torch.tensor([0.0] * levels + [1.0, 1.0, 1.0])
+    example_calibration = torch.tensor([0.0] * levels + [1.0] * CALIBRATION_THRESHOLDS)
     conditioned = ReferenceConditionedModel(resad).eval()
     calibrator = ReferenceCalibrator(resad).eval()
     output_names = ["pred_score", "pred_label", "anomaly_map", "pred_mask"]
@@ -420,8 +422,8 @@ def _openvino_reference_bank(
         inputs = {"image": pixels[index : index + 1], "level_constants": constants.numpy().astype(np.float32)}
         inputs.update({f"reference_{level}": bank for level, bank in enumerate(others)})
         outputs = [torch.from_numpy(np.asarray(value)) for value in calibrator(inputs).values()]
-        score, map_max, dissimilarity, level_max = outputs
-        return ScoreComponents(None, score, map_max, dissimilarity, level_max)
+        score, map_max, dissimilarity, level_max, nearest = outputs
+        return ScoreComponents(None, score, map_max, dissimilarity, level_max, nearest)
 
     calibration = leave_one_out_calibration(
         score_reference,

@@ -114,6 +114,10 @@ class ResAD(AnomalibModule):
             training). Defaults to ``"per_class"``.
         dissimilarity_check (bool): Flag frames unlike the references (blank, noise, another product).
             Defaults to ``True``.
+        nearest_score (bool): Image score = mean of the flow score's and the nearest-neighbour score's ratios to
+            their leave-one-out thresholds (``1 - cos`` to the nearest reference feature on the two deepest levels:
+            PatchCore's score on ResAD's own matching, at no extra cost). Not in the reference. Defaults to
+            ``False``; docs/benchmark.md has the measurements.
         threshold_margin (float): A class's threshold = this x the largest leave-one-out score of its references.
             Defaults to ``1.25``: the smallest margin of the measured sweep (0.7-1.25) whose false-positive rate on
             the source classes' validation images was <= 10 % (docs/benchmark.md).
@@ -159,6 +163,7 @@ class ResAD(AnomalibModule):
         image_score: str = "max",
         level_constants: str = "per_class",
         dissimilarity_check: bool = True,
+        nearest_score: bool = False,
         threshold_margin: float = 1.25,
         dissimilarity_margin: float = 1.25,
         reference_cache_mb: float = 1024,
@@ -180,6 +185,7 @@ class ResAD(AnomalibModule):
         image_score = adopted.get("image_score", image_score)
         level_constants = adopted.get("level_constants", level_constants)
         dissimilarity_check = adopted.get("dissimilarity_check", dissimilarity_check)
+        nearest_score = adopted.get("nearest_score", nearest_score)
         threshold_margin = adopted.get("threshold_margin", threshold_margin)
         dissimilarity_margin = adopted.get("dissimilarity_margin", dissimilarity_margin)
         if k < 2:
@@ -217,6 +223,7 @@ class ResAD(AnomalibModule):
             image_score=image_score,
             level_constants=level_constants,
             dissimilarity_check=dissimilarity_check,
+            nearest_score=nearest_score,
             threshold_margin=threshold_margin,
             dissimilarity_margin=dissimilarity_margin,
         )

@@ -49,6 +49,8 @@ class ResADModel(nn.Module):
         image_score (str): ``"max"`` (reference) or ``"top_mean"``. Defaults to ``"max"``.
         level_constants (str): ``"per_class"`` (leave-one-out over the references) or ``"global"``.
         dissimilarity_check (bool): Flag frames unlike the references. Defaults to ``True``.
+        nearest_score (bool): Image score = mean of the flow score's and the nearest-neighbour score's calibrated
+            ratios (:mod:`~anomalib_resad.anomaly_map`). Defaults to ``False``.
         threshold_margin (float): Factor on the largest leave-one-out score that sets a class's threshold.
             Defaults to ``1.25``.
         dissimilarity_margin (float): The same for the dissimilarity. Defaults to ``1.25``.
@@ -68,6 +70,7 @@ class ResADModel(nn.Module):
         image_score: str = "max",
         level_constants: str = "per_class",
         dissimilarity_check: bool = True,
+        nearest_score: bool = False,
         threshold_margin: float = 1.25,
         dissimilarity_margin: float = 1.25,
     ) -> None:
@@ -83,6 +86,7 @@ class ResADModel(nn.Module):
             image_score=image_score,
             level_constants=level_constants,
             dissimilarity_check=dissimilarity_check,
+            nearest_score=nearest_score,
         )
         self.threshold_margin = threshold_margin
         self.dissimilarity_margin = dissimilarity_margin
@@ -109,7 +113,7 @@ class ResADModel(nn.Module):
             image_size (tuple[int, int]): Size of the pre-processed images (the maps' resolution).
 
         Returns:
-            torch.Tensor: The flat calibration ``(L + 3,)``.
+            torch.Tensor: The flat calibration ``(L + 4,)``.
         """
         was_training = self.training
         self.eval()  # BatchNorm on running statistics, as at inference
@@ -180,7 +184,7 @@ class ResADModel(nn.Module):
             images (torch.Tensor): Pre-processed images ``(B, 3, H, W)``.
             reference_bank (Sequence[torch.Tensor] | None): Per-level banks ``(M_l, C_l)`` to use instead of the
                 stored one (all images must belong to the bank's class).
-            calibration (torch.Tensor | None): That bank's calibration ``(L + 3,)``; the stored one when ``None``.
+            calibration (torch.Tensor | None): That bank's calibration ``(L + 4,)``; the stored one when ``None``.
 
         Returns:
             InferenceBatch: ``pred_score`` ``(B,)`` and ``anomaly_map`` ``(B, 1, H, W)``.

@@ -18,8 +18,15 @@ def level(log_normal: float, log_abnormal: float = -50.0, size: int = 4) -> tupl
     return torch.full((1, size, size), log_normal), torch.full((1, size, size), log_abnormal)
 
 
-def components(generator: AnomalyMapGenerator, levels: list, constants: torch.Tensor, similarity: float = 1.0):
-    similarities = [torch.full_like(log_normal, similarity) for log_normal, _ in levels]
+def components(
+    generator: AnomalyMapGenerator,
+    levels: list,
+    constants: torch.Tensor,
+    similarity: float = 1.0,
+    similarities: list[torch.Tensor] | None = None,
+):
+    if similarities is None:
+        similarities = [torch.full_like(log_normal, similarity) for log_normal, _ in levels]
     return generator.components(levels, similarities, (8, 8), constants)
 
 
@@ -63,7 +70,7 @@ def test_dissimilarity_is_mean_one_minus_match_similarity() -> None:
 def test_calibrated_output_is_in_units_of_the_class_threshold() -> None:
     generator = AnomalyMapGenerator(num_levels=1, sigma=1.0)
     raw = components(generator, [level(-1.0)], torch.zeros(1))
-    calibration = ScoreCalibration(torch.zeros(1), 2.0, 4.0, 0.5).to_tensor()
+    calibration = ScoreCalibration(torch.zeros(1), 2.0, 4.0, 0.5, 1.0).to_tensor()
     similarities = [torch.ones(1, 4, 4)]
     anomaly_map, score = generator([level(-1.0)], similarities, (8, 8), calibration)
     torch.testing.assert_close(anomaly_map, raw.anomaly_map / 2.0)
@@ -72,7 +79,7 @@ def test_calibrated_output_is_in_units_of_the_class_threshold() -> None:
 
 def test_a_frame_unlike_the_references_scores_above_the_threshold_whatever_its_likelihood() -> None:
     generator = AnomalyMapGenerator(num_levels=1)
-    calibration = ScoreCalibration(torch.zeros(1), 1.0, 1.0, 0.2).to_tensor()
+    calibration = ScoreCalibration(torch.zeros(1), 1.0, 1.0, 0.2, 1.0).to_tensor()
     # a blank frame: the flow finds it perfectly likely, but its features match the references badly
     _, score = generator([level(10.0)], [torch.full((1, 4, 4), 0.5)], (8, 8), calibration)
     assert float(score) == pytest.approx(0.5 / 0.2)
@@ -91,33 +98,39 @@ def test_global_constants_follow_training_by_ema() -> None:
     generator = AnomalyMapGenerator(num_levels=2, level_constants="global")
     generator.update_global_constant(1, torch.tensor([0.5, 2.0, 1.0]), momentum=0.9)
     torch.testing.assert_close(generator.global_level_constants, torch.tensor([0.0, 0.2]))
-    calibration = ScoreCalibration(torch.tensor([7.0, 7.0]), 1.0, 1.0, 1.0).to_tensor()
+    calibration = ScoreCalibration(torch.tensor([7.0, 7.0]), 1.0, 1.0, 1.0, 1.0).to_tensor()
     torch.testing.assert_close(generator.constants_for(calibration), torch.tensor([0.0, 0.2]))
     per_class = AnomalyMapGenerator(num_levels=2)
     torch.testing.assert_close(per_class.constants_for(calibration), torch.tensor([7.0, 7.0]))
 
 
-def fake_scores(level_max: list[list[float]], values: list[float], dissimilarities: list[float]):
-    """A scorer of k references: image i has these level maxima, map/score value and dissimilarity."""
+def fake_scores(
+    level_max: list[list[float]], values: list[float], dissimilarities: list[float], nearest: list[float] | None = None
+):
+    """A scorer of k references: image i has these level maxima, map/score value, dissimilarity, nearest score."""
+    nearest = nearest or [0.0] * len(values)
     calls = []
 
     def score_reference(index: int, constants: torch.Tensor) -> ScoreComponents:
         calls.append((index, constants.clone()))
         value = torch.tensor([values[index] + float(constants.sum())])  # depends on the constants it is given
         return ScoreComponents(None, value, value, torch.tensor([dissimilarities[index]]),
-                               torch.tensor([level_max[index]]))  # fmt: skip
+                               torch.tensor([level_max[index]]), torch.tensor([nearest[index]]))  # fmt: skip
 
     return score_reference, calls
 
 
 def test_leave_one_out_rule_constants_then_thresholds() -> None:
-    score_reference, calls = fake_scores([[1.0, -2.0], [3.0, -5.0], [2.0, -1.0]], [0.1, 0.3, 0.2], [0.05, 0.1, 0.2])
+    score_reference, calls = fake_scores(
+        [[1.0, -2.0], [3.0, -5.0], [2.0, -1.0]], [0.1, 0.3, 0.2], [0.05, 0.1, 0.2], nearest=[0.4, 0.6, 0.5]
+    )
     calibration = leave_one_out_calibration(score_reference, 3, 2, margin=1.5, dissimilarity_margin=2.0)
     torch.testing.assert_close(calibration.level_constants, torch.tensor([3.0, -1.0]))  # per-level max over refs
     # thresholds: margin x the largest value scored *with* those constants (sum 2.0 added by the fake scorer)
     assert calibration.map_threshold == pytest.approx(1.5 * 2.3)
     assert calibration.score_threshold == pytest.approx(1.5 * 2.3)
     assert calibration.dissimilarity_threshold == pytest.approx(2.0 * 0.2)
+    assert calibration.nearest_threshold == pytest.approx(1.5 * 0.6)
     assert sorted({index for index, _ in calls}) == [0, 1, 2]  # every reference left out in turn
 
 
@@ -131,9 +144,44 @@ def test_leave_one_out_with_global_constants_and_k1() -> None:
 
 
 def test_calibration_round_trips_through_a_flat_tensor() -> None:
-    calibration = ScoreCalibration(torch.tensor([1.0, -2.0, 3.0]), 0.5, 0.25, 0.125)
+    calibration = ScoreCalibration(torch.tensor([1.0, -2.0, 3.0]), 0.5, 0.25, 0.125, 2.0)
     values = calibration.to_tensor()
-    assert values.tolist() == [1.0, -2.0, 3.0, 0.5, 0.25, 0.125]
+    assert values.tolist() == [1.0, -2.0, 3.0, 0.5, 0.25, 0.125, 2.0]
     restored = ScoreCalibration.from_tensor(values)
     torch.testing.assert_close(restored.level_constants, calibration.level_constants)
-    assert (restored.map_threshold, restored.score_threshold, restored.dissimilarity_threshold) == (0.5, 0.25, 0.125)
+    thresholds = (restored.map_threshold, restored.score_threshold, restored.dissimilarity_threshold)
+    assert thresholds == (0.5, 0.25, 0.125) and restored.nearest_threshold == 2.0
+
+
+def test_nearest_score_is_the_blurred_match_distance_of_the_two_deepest_levels() -> None:
+    generator = AnomalyMapGenerator(num_levels=3, sigma=1.0)
+    likelihoods = [level(0.0), level(0.0), level(0.0)]
+    shallow_bad = [torch.zeros(1, 4, 4), torch.ones(1, 4, 4), torch.ones(1, 4, 4)]  # cos 0 at the shallowest level
+    assert float(components(generator, likelihoods, torch.zeros(3), similarities=shallow_bad).nearest) == 0.0
+    deep = [torch.ones(1, 4, 4), torch.full((1, 4, 4), 0.75), torch.full((1, 4, 4), 0.5)]
+    # constant maps: 1 - cos summed over the two deepest levels, unchanged by upsampling and blurring
+    nearest = components(generator, likelihoods, torch.zeros(3), similarities=deep).nearest
+    torch.testing.assert_close(nearest, torch.tensor([0.75]))
+
+
+def test_with_nearest_score_the_image_score_averages_the_two_calibrated_ratios() -> None:
+    calibration = ScoreCalibration(torch.zeros(1), 1.0, 4.0, 10.0, 0.25).to_tensor()
+    similarities = [torch.full((1, 4, 4), 0.5)]  # nearest score 0.5 -> ratio 2
+    flow_only = AnomalyMapGenerator(num_levels=1, sigma=1.0)
+    fused = AnomalyMapGenerator(num_levels=1, sigma=1.0, nearest_score=True)
+    raw = components(flow_only, [level(-1.0)], torch.zeros(1), similarities=similarities)
+    _, flow_score = flow_only([level(-1.0)], similarities, (8, 8), calibration)
+    _, fused_score = fused([level(-1.0)], similarities, (8, 8), calibration)
+    torch.testing.assert_close(flow_score, raw.score / 4.0)
+    torch.testing.assert_close(fused_score, (raw.score / 4.0 + 0.5 / 0.25) / 2)
+
+
+def test_checkpoints_without_the_nearest_threshold_still_load() -> None:
+    generator = AnomalyMapGenerator(num_levels=2)
+    old = {**generator.state_dict(), "calibration": torch.tensor([1.0, 2.0, 0.5, 0.5, 0.5])}  # L + 3 values
+    generator.load_state_dict(old)
+    assert generator.calibration.tolist() == [1.0, 2.0, 0.5, 0.5, 0.5, 0.0]
+    assert generator.has_calibration  # scores as before
+    fused = AnomalyMapGenerator(num_levels=2, nearest_score=True)
+    fused.load_state_dict(old)
+    assert not fused.has_calibration  # needs its references set again: a clear error, not a division by zero
