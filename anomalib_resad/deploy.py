@@ -453,7 +453,16 @@ def _read_metadata(model_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         msg = f"'{model_dir}' is not a ResAD deployment folder (no {METADATA_FILE}). Make one with: resad export ..."
         raise ResADInputError(msg)
-    return json.loads(path.read_text())
+    metadata = json.loads(path.read_text())
+    if metadata.get("format_version", 1) < FORMAT_VERSION:
+        msg = (
+            f"'{model_dir}' was exported by an older anomalib-resad (format {metadata.get('format_version', 1)}, "
+            f"this one reads {FORMAT_VERSION}: the class calibration gained a threshold). Export it again with: "
+            "resad export --checkpoint <model.ckpt> --export_root <folder>, then remake its references with "
+            "resad references."
+        )
+        raise ResADInputError(msg)
+    return metadata
 
 
 class ReferenceConditionedInferencer(OpenVINOInferencer):

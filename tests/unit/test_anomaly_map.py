@@ -185,3 +185,13 @@ def test_checkpoints_without_the_nearest_threshold_still_load() -> None:
     fused = AnomalyMapGenerator(num_levels=2, nearest_score=True)
     fused.load_state_dict(old)
     assert not fused.has_calibration  # needs its references set again: a clear error, not a division by zero
+
+
+def test_a_deployment_of_the_previous_format_is_refused_with_the_command_that_remakes_it(tmp_path) -> None:
+    import json
+
+    from anomalib_resad.deploy import METADATA_FILE, ReferenceConditionedInferencer
+
+    (tmp_path / METADATA_FILE).write_text(json.dumps({"format_version": 2}))
+    with pytest.raises(ResADInputError, match=r"older anomalib-resad .*resad export --checkpoint"):
+        ReferenceConditionedInferencer(tmp_path)
