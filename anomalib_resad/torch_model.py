@@ -50,7 +50,7 @@ class ResADModel(nn.Module):
         level_constants (str): ``"per_class"`` (leave-one-out over the references) or ``"global"``.
         dissimilarity_check (bool): Flag frames unlike the references. Defaults to ``True``.
         nearest_score (bool): Image score = mean of the flow score's and the nearest-neighbour score's calibrated
-            ratios (:mod:`~anomalib_resad.anomaly_map`). Defaults to ``False``.
+            ratios (:mod:`~anomalib_resad.anomaly_map`). Defaults to ``True``.
         threshold_margin (float): Factor on the largest leave-one-out score that sets a class's threshold.
             Defaults to ``1.25``.
         dissimilarity_margin (float): The same for the dissimilarity. Defaults to ``1.25``.
@@ -70,7 +70,7 @@ class ResADModel(nn.Module):
         image_score: str = "max",
         level_constants: str = "per_class",
         dissimilarity_check: bool = True,
-        nearest_score: bool = False,
+        nearest_score: bool = True,
         threshold_margin: float = 1.25,
         dissimilarity_margin: float = 1.25,
     ) -> None:

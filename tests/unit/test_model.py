@@ -32,8 +32,16 @@ def test_eval_forward_returns_inference_batch(tiny_model: ResADModel) -> None:
     assert isinstance(output, InferenceBatch)
     assert tuple(output.anomaly_map.shape) == (3, 1, 64, 64)
     assert tuple(output.pred_score.shape) == (3,)
+    generator = tiny_model.anomaly_map_generator
+    assert generator.nearest_score  # the default: flow and nearest-neighbour ratios averaged
+    generator.nearest_score = False
+    try:
+        with torch.no_grad():
+            flow_only = tiny_model(torch.rand(3, 3, 64, 64))
+    finally:
+        generator.nearest_score = True
     # calibrated units: the image score is the map's maximum (same threshold for "max"), or the dissimilarity ratio
-    assert bool((output.pred_score >= output.anomaly_map.amax(dim=(1, 2, 3)) - 1e-5).all())
+    assert bool((flow_only.pred_score >= flow_only.anomaly_map.amax(dim=(1, 2, 3)) - 1e-5).all())
 
 
 def test_scores_of_an_image_do_not_depend_on_the_rest_of_the_batch(tiny_model: ResADModel) -> None:
@@ -59,6 +67,16 @@ def test_checkpoint_of_another_backbone_is_refused_clearly() -> None:
     checkpoint = {"hyper_parameters": {**dict(model.hparams), "backbone": "wide_resnet50_2"}}
     with pytest.raises(ResADConfigurationError, match="backbone: checkpoint 'wide_resnet50_2' vs model 'resnet18'"):
         model.on_load_checkpoint(checkpoint)
+
+
+def test_checkpoints_of_before_the_nearest_score_are_scored_as_before() -> None:
+    model = tiny_resad()
+    saved = {name: value for name, value in model.hparams.items() if name != "nearest_score"}
+    model.on_load_checkpoint({"hyper_parameters": saved})
+    assert not model.model.anomaly_map_generator.nearest_score  # its calibration has no nearest threshold
+    current = tiny_resad()
+    current.on_load_checkpoint({"hyper_parameters": dict(current.hparams)})
+    assert current.model.anomaly_map_generator.nearest_score
 
 
 def test_invalid_hyper_parameters_are_refused() -> None:
