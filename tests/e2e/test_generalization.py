@@ -48,3 +48,17 @@ def test_outputs_for_reproduction(quick_protocol: Path) -> None:
     assert list((quick_protocol / "anomaly_maps" / "ResAD" / "pcb_44000" / "k4").glob("*.png"))
     assert "| ResAD | **mean** |" in (quick_protocol / "summary.md").read_text()
     assert list((quick_protocol / "train").rglob("*.ckpt"))
+
+
+def test_calibrated_threshold_on_unseen_board_groups_at_k4(quick_protocol: Path) -> None:
+    """The verdict (``pred_label``) on a class the model never saw, its threshold set from its 4 references alone."""
+    results = pd.read_csv(quick_protocol / "results.csv").set_index(["model", "category"])
+    resad, patchcore = results.loc["ResAD"], results.loc["PatchCore"]
+    # few-shot PatchCore has no per-class threshold: no verdict rates rather than ones from a threshold nobody set
+    assert patchcore.normal_FPR.isna().all() and patchcore.anomalous_recall.isna().all()
+    assert resad.normal_FPR.notna().all() and resad.anomalous_recall.notna().all(), resad
+    # measured on these two groups (ablation, 3 epochs trained on magnetic tile + CrackForest, k=4, 3 draws, the
+    # default margin 1.25): 0 of 20 / 21 normal test images flagged in every draw - and 0-14 % of the defective
+    # ones, so no recall bound is asserted (docs/benchmark.md: the threshold is conservative on DeepPCB). A bound
+    # of 10 % allows two false alarms among the 41 normal images.
+    assert resad.normal_FPR.mean() <= 0.1, resad[["normal_FPR", "anomalous_recall"]]
