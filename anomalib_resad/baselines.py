@@ -44,6 +44,7 @@ import timm
 import torch
 from anomalib.data.predict import PredictDataset
 from anomalib.models import AnomalyDINO, Patchcore, WinClip
+from anomalib.models.components import AnomalibModule
 from anomalib.models.image.winclip import torch_model as winclip_torch_model
 from torch.utils.data import DataLoader
 
@@ -62,6 +63,20 @@ WINCLIP_TAG = winclip_torch_model.PRETRAINED  # "laion400m_e31"
 ANOMALY_DINO_ENCODER = "vit_small_patch14_dinov2.lvd142m"
 _OPEN_CLIP_HF_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 _TIMM_HF_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _store_reference_embeddings(module: AnomalibModule, selection: ReferenceSelection) -> torch.nn.Module:
+    """Run a memory-bank model's torch model in training mode on the reference images (fills ``embedding_store``).
+
+    PatchCore and AnomalyDINO collect their memory bank this way in anomalib's ``training_step``; the caller turns
+    the store into the bank (each model its own way) and puts the model back in eval mode.
+    """
+    torch_model = module.model
+    images = load_images(selection.paths, module.pre_processor.transform).to(module.device)
+    torch_model.train()
+    torch_model.embedding_store.clear()
+    torch_model(images)
+    return torch_model
 
 
 class FewShotPatchcore:
@@ -104,11 +119,7 @@ class FewShotPatchcore:
     @torch.no_grad()
     def set_references(self, selection: ReferenceSelection) -> None:
         """Fill the memory bank with all patches of the reference images."""
-        torch_model = self.model.model
-        images = load_images(selection.paths, self.model.pre_processor.transform).to(self.model.device)
-        torch_model.train()
-        torch_model.embedding_store.clear()
-        torch_model(images)
+        torch_model = _store_reference_embeddings(self.model, selection)
         torch_model.memory_bank = torch.vstack(torch_model.embedding_store)
         torch_model.embedding_store.clear()
         torch_model.eval()
@@ -326,11 +337,7 @@ class FewShotAnomalyDINO:
     @torch.no_grad()
     def set_references(self, selection: ReferenceSelection) -> None:
         """Fill the memory bank with all patches of the reference images (anomalib's ``fit``)."""
-        torch_model = self.model.model
-        images = load_images(selection.paths, self.model.pre_processor.transform).to(self.model.device)
-        torch_model.train()
-        torch_model.embedding_store.clear()
-        torch_model(images)
+        torch_model = _store_reference_embeddings(self.model, selection)
         torch_model.fit()
         torch_model.eval()
 

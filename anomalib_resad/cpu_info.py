@@ -189,23 +189,17 @@ def _package_version(name: str) -> str:
         return "not installed"
 
 
+def _git(repository: str | Path, *arguments: str) -> str:
+    """Output of ``git -C repository arguments...`` (raises on failure)."""
+    command = ["git", "-C", str(repository), *arguments]
+    return subprocess.run(command, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+
+
 def source_commit(repository: str | Path = _REPOSITORY) -> str | None:
     """``git rev-parse --short HEAD`` of the source tree, ``+dirty`` with uncommitted changes; ``None`` outside git."""
     try:
-        commit = subprocess.run(
-            ["git", "-C", str(repository), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-        changes = subprocess.run(
-            ["git", "-C", str(repository), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
+        commit = _git(repository, "rev-parse", "--short", "HEAD")
+        changes = _git(repository, "status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{commit}+dirty" if changes else commit or None
