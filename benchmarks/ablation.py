@@ -27,7 +27,9 @@ their training split): defaults are chosen there, never on a target class.
     python benchmarks/ablation.py --settings shared_pcb_crack_to_tile --output results/ablation
     python benchmarks/ablation.py --settings shared_pcb_crack_to_tile --checkpoint results/ablation/<setting>/model.ckpt
 
-Writes ``rows.csv`` (one row per setting x category x k x draw x model/variant) and prints mean tables.
+Writes ``rows.csv`` (one row per setting x category x k x draw x model/variant) and ``<setting>/image_scores.csv`` (per
+test image: label and the calibrated flow, ``nn2`` and dissimilarity ratios, for verdict-rule studies), and prints mean
+tables.
 """
 
 import argparse
@@ -110,8 +112,14 @@ def verdicts(calibrated: torch.Tensor, labels: torch.Tensor) -> dict[str, float]
 
 
 @torch.no_grad()
-def resad_variants(resad: ResAD, samples: pd.DataFrame, selection, batch_size: int, aupro: bool) -> list[dict]:
-    """All scoring variants of ResAD on one category from one forward pass per image."""
+def resad_variants(
+    resad: ResAD, samples: pd.DataFrame, selection, batch_size: int, aupro: bool
+) -> tuple[list[dict], pd.DataFrame]:
+    """All scoring variants of ResAD on one category from one forward pass per image.
+
+    Also returns the per-image calibrated statistics (label; flow score, ``nn2`` and dissimilarity as ratios to their
+    leave-one-out thresholds, per-class constants), so that verdict rules can be studied without new forward passes.
+    """
     model = resad.model.eval()
     generator = model.anomaly_map_generator
     features = resad.references.features(selection.paths)
@@ -212,6 +220,17 @@ def resad_variants(resad: ResAD, samples: pd.DataFrame, selection, batch_size: i
             rows.append(row)
         fused = (ratio_max + ratio_nn2) / 2  # both in units of their own leave-one-out threshold
         rows.append({"variant": f"ResAD {mode} max+nn2", **image_metrics(fused, labels), **verdicts(fused, labels)})
+        # the product's default: fused score with the odd-frame check (max with the dissimilarity ratio) ...
+        checked = torch.maximum(fused, ratio_dis)
+        rows.append(
+            {"variant": f"ResAD {mode} max+nn2+dis", **image_metrics(checked, labels), **verdicts(checked, labels)}
+        )
+        # ... and the check gated at its own threshold: same labels at margin 1, the ranking below it untouched
+        gated = torch.where(ratio_dis > 1, checked, fused)
+        rows.append({"variant": f"ResAD {mode} max+nn2+dis gated", **image_metrics(gated, labels)})
+        if mode == "per_class":
+            per_image = pd.DataFrame({"label": labels.numpy(), "max": ratio_max.numpy(), "nn2": ratio_nn2.numpy(),
+                                      "dis": ratio_dis.numpy()})  # fmt: skip
         rows.extend(
             {"variant": f"ResAD {mode} nll {name}", **image_metrics(values[f"nll_{name}"], labels)}
             for name in ("max", "top1")
@@ -219,7 +238,7 @@ def resad_variants(resad: ResAD, samples: pd.DataFrame, selection, batch_size: i
     rows.extend(
         {"variant": f"ResAD {name} max", **image_metrics(torch.cat(values), labels)} for name, values in nearest.items()
     )
-    return rows
+    return rows, per_image
 
 
 def draw_selection(resad: ResAD, category: str, k: int, seed: int):
@@ -269,7 +288,7 @@ def run_setting(args: argparse.Namespace, setting: str) -> pd.DataFrame:
         image_size=int(resad.input_size[0]),
     )
     patchcore.model.to(device)
-    rows = []
+    rows, per_image = [], []
     groups = [("target", name, datamodule.test_data.samples) for name in datamodule.target_categories]
     if args.source_val:
         groups += [("source", name, datamodule.val_data.samples) for name in datamodule.source_categories]
@@ -283,13 +302,16 @@ def run_setting(args: argparse.Namespace, setting: str) -> pd.DataFrame:
                 base = {"setting": setting, "role": role, "category": category, "k": k, "draw": draw,
                         "train_s": train_seconds}  # fmt: skip
                 aupro = role == "target" and args.aupro
-                variants = resad_variants(resad, samples, selection, args.batch_size, aupro=aupro)
+                variants, images = resad_variants(resad, samples, selection, args.batch_size, aupro=aupro)
                 rows.extend({**base, **row} for row in variants)
+                keys = ("setting", "role", "category", "k", "draw")
+                per_image.append(images.assign(**{key: base[key] for key in keys}))
                 if role == "target":
                     patchcore.set_references(selection)
                     metrics = category_metrics(score_samples(patchcore.model, samples, batch_size=args.batch_size))
                     rows.append({**base, "variant": "PatchCore", **metrics})
                 pd.DataFrame(rows).to_csv(output / "rows.csv", index=False)  # partial results survive a time-out
+                pd.concat(per_image).to_csv(output / "image_scores.csv", index=False)
                 print(f"[{setting}] {role} {category} k={k} draw={draw} done ({time.perf_counter() - start:.0f} s)",
                       flush=True)  # fmt: skip
     return pd.DataFrame(rows)
