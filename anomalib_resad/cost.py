@@ -16,7 +16,10 @@ pre-processing, image decoding and data loading are not timed (they are the same
 * **multiply-adds per image**: ``torch.utils.flop_counter.FlopCounterMode`` (part of PyTorch) on a batch-1 pass,
   halved (it counts a multiply-add as 2 FLOPs). It counts matrix products and convolutions (``mm``, ``addmm``,
   ``bmm``, ``convolution``, scaled-dot-product attention ...), which dominate all these models; element-wise
-  operations, sorting and top-k are not counted.
+  operations, sorting and top-k are not counted;
+* **OpenVINO f32** (:func:`measure_openvino_cost`): the same latency and throughput for the model exported the anomalib
+  way (``to_openvino``: pre- and post-processing and the class's references inside the graph), compiled for the CPU in
+  f32 (what matches PyTorch) with as many threads as PyTorch uses.
 
 Example:
     >>> import torch
@@ -30,20 +33,28 @@ Example:
 import contextlib
 import ctypes
 import gc
+import logging
 import math
 import re
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .export_output import quiet_export
+
+logger = logging.getLogger(__name__)
+
 # The column names of a cost row (``resad evaluate`` writes them to ``cost.csv`` and the summary).
 COST_COLUMNS = ("ms_per_image_b1", "images_per_s_b16", "peak_mem_MiB_b16", "GMACs_per_image")
+OPENVINO_COST_COLUMNS = ("openvino_ms_per_image_b1", "openvino_images_per_s_b16")
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -207,3 +218,57 @@ def measure_cost(
         peak_mem_MiB_b16=memory,
         macs_per_image=macs,
     )
+
+
+def measure_openvino_cost(
+    model: nn.Module,
+    image_size: tuple[int, int],
+    batch_sizes: tuple[int, int] = (1, 16),
+    repeats: int = 5,
+    warmup: int = 2,
+) -> dict[str, float]:
+    """Latency at batch 1 and throughput at batch 16 of ``model`` exported to OpenVINO and run in f32 on the CPU.
+
+    The model is exported as ``anomalib export --export_type openvino`` does (its ``to_openvino``, on the CPU, with
+    whatever references or memory bank it holds), then compiled with ``INFERENCE_PRECISION_HINT=f32`` and
+    ``torch.get_num_threads()`` threads, so the figures compare with :func:`measure_cost`'s eager ones. Inputs are
+    random images in ``[0, 1]`` at ``image_size`` (the graph's pre-processing runs on them, as in deployment).
+
+    Args:
+        model (nn.Module): An anomalib model (``AnomalibModule``) ready to predict.
+        image_size (tuple[int, int]): Input size ``(H, W)``.
+        batch_sizes (tuple[int, int]): Latency batch and throughput batch. Defaults to ``(1, 16)``.
+        repeats (int): Timed inferences per batch size (median taken). Defaults to ``5``.
+        warmup (int): Untimed inferences before timing. Defaults to ``2``.
+
+    Returns:
+        dict[str, float]: :data:`OPENVINO_COST_COLUMNS`; NaN (with one logged line saying why) when the model cannot
+        be exported or OpenVINO is missing.
+    """
+    nan = dict.fromkeys(OPENVINO_COST_COLUMNS, math.nan)
+    try:
+        import openvino as ov
+    except ImportError:
+        logger.warning("OpenVINO cost not measured: openvino is not installed (pip install openvino).")
+        return nan
+    device = _device_of(model)
+    was_training = model.training
+    model.cpu().eval()
+    try:
+        with tempfile.TemporaryDirectory() as root, quiet_export():
+            xml = model.to_openvino(root, input_size=tuple(image_size))
+            options = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+            compiled = ov.Core().compile_model(xml, "CPU", options)
+    except Exception as error:  # a model that cannot be exported gets NaN columns (logged), not a failed grid
+        logger.warning("OpenVINO cost of %s not measured: export failed (%s)", type(model).__name__, error)
+        return nan
+    finally:
+        model.to(device).train(was_training)
+    rng = np.random.default_rng(0)
+    small, large = batch_sizes
+    single = rng.random((small, 3, *image_size), dtype=np.float32)
+    batch = rng.random((large, 3, *image_size), dtype=np.float32)
+    cpu = torch.device("cpu")
+    latency = time_call(lambda: compiled(single), cpu, repeats, warmup)
+    throughput = time_call(lambda: compiled(batch), cpu, repeats, min(warmup, 1))
+    return {"openvino_ms_per_image_b1": 1000 * latency / small, "openvino_images_per_s_b16": large / throughput}

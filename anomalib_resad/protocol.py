@@ -46,7 +46,7 @@ from lightning.pytorch import seed_everything
 from torchvision.transforms.v2 import Resize
 
 from .baselines import BASELINES, SKIPPED_STATUS, FewShotPatchcore, build_baselines
-from .cost import COST_COLUMNS, measure_cost
+from .cost import COST_COLUMNS, OPENVINO_COST_COLUMNS, measure_cost, measure_openvino_cost
 from .data.multi_class import CATEGORY_COLUMN, MultiClassDataModule
 from .errors import ResADConfigurationError
 from .evaluation import METRIC_NAMES, VERDICT_NAMES, category_metrics, save_anomaly_maps, score_samples
@@ -92,7 +92,7 @@ def _with_cost(
     summary = summary.copy()
     summary.insert(3, "status", "ok")
     if not costs.empty:
-        table = costs[[*COST_KEYS, *COST_COLUMNS]].copy()
+        table = costs.reindex(columns=[*COST_KEYS, *COST_COLUMNS, *OPENVINO_COST_COLUMNS])  # NaN: not measured
         if "fit_s" in results:
             table = table.merge(results.groupby(list(COST_KEYS), as_index=False).fit_s.mean(), on=list(COST_KEYS))
         table["train_s"] = [train_s if model == "ResAD" else 0.0 for model in table.model]
@@ -143,14 +143,21 @@ def cost_markdown(summary: pd.DataFrame) -> str:
     if rows.empty:
         return ""
     lines = [
-        "| model | k | ms/image (batch 1) | images/s (batch 16) | peak MiB (batch 16) | GMACs/image | "
-        "fit s (k images) | train s | latency / PatchCore |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | k | ms/image (batch 1) | images/s (batch 16) | OpenVINO f32 ms/image (batch 1) | "
+        "OpenVINO f32 images/s (batch 16) | peak MiB (batch 16) | GMACs/image | fit s (k images) | train s | "
+        "latency / PatchCore |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def number(value: float, digits: int) -> str:
+        return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
     for row in rows.sort_values(["k"], kind="stable").itertuples():
         ratio = "-" if math.isnan(row.latency_vs_PatchCore) else f"{row.latency_vs_PatchCore:.2f}x"
+        openvino = [getattr(row, column, math.nan) for column in OPENVINO_COST_COLUMNS]
         lines.append(
             f"| {row.model} | {row.k} | {row.ms_per_image_b1:.1f} | {row.images_per_s_b16:.1f} | "
+            f"{number(openvino[0], 1)} | {number(openvino[1], 1)} | "
             f"{row.peak_mem_MiB_b16:.0f} | {row.GMACs_per_image:.2f} | {row.fit_s:.2f} | {row.train_s:.0f} | {ratio} |"
         )
     return "\n".join(lines) + "\n"
@@ -195,6 +202,7 @@ def run_protocol(
     baseline_weights: dict[str, str] | None = None,
     cost: bool = True,
     cost_repeats: int = 5,
+    openvino_cost: bool = True,
     resume: bool = True,
 ) -> pd.DataFrame:
     """Train on source categories and evaluate on unseen target categories with k reference images.
@@ -226,6 +234,9 @@ def run_protocol(
             ``vit_small_patch14_dinov2.lvd142m`` state dict). Defaults to the caches (see :mod:`.baselines`).
         cost (bool): Measure each model's cost per image (:mod:`anomalib_resad.cost`). Defaults to ``True``.
         cost_repeats (int): Timed forward passes per batch size (the median is reported). Defaults to ``5``.
+        openvino_cost (bool): With ``cost``, also export each model to OpenVINO (as ``anomalib export`` does) and
+            time it in f32 (:func:`~anomalib_resad.cost.measure_openvino_cost`; about a minute of export per model
+            and k). Defaults to ``True``.
         resume (bool): Keep the finished cells and the finished training found in ``output_dir``; ``False``
             recomputes everything. Defaults to ``True``.
 
@@ -322,8 +333,11 @@ def run_protocol(
             row = {"model": name, "category": category, "k": k, "draw": draw, "seed": selection.seed}
             results.add({**row, "fit_s": fit_s, **metrics})
             if cost and not costs.done(name, k):  # once per model and k, with this class's bank
-                measured = measure_cost(entry.module.model, _input_size(entry.module), repeats=cost_repeats)
-                costs.add({"model": name, "k": k, "category": category, **measured.as_row()})
+                size = _input_size(entry.module)
+                measured = measure_cost(entry.module.model, size, repeats=cost_repeats).as_row()
+                if openvino_cost:
+                    measured.update(measure_openvino_cost(entry.module, size, repeats=cost_repeats))
+                costs.add({"model": name, "k": k, "category": category, **measured})
             progress.finished(
                 f"{name} {category} k={k} draw {draw}: image AUROC {metrics['image_AUROC']:.3f}, "
                 f"pixel AUROC {metrics['pixel_AUROC']:.3f}",

@@ -43,6 +43,14 @@ def test_resad_beats_chance_and_few_shot_patchcore_on_unseen_board_groups(quick_
     assert resad.image_AUROC.mean() > patchcore.image_AUROC.mean()
 
 
+def test_cost_of_both_models_eager_and_openvino(quick_protocol: Path) -> None:
+    cost = pd.read_csv(quick_protocol / "cost.csv").set_index("model")
+    assert sorted(cost.index) == ["PatchCore", "ResAD"]
+    # both models exported (references baked in) and timed in OpenVINO f32, next to eager PyTorch
+    assert (cost.openvino_ms_per_image_b1 > 0).all() and (cost.openvino_images_per_s_b16 > 0).all(), cost
+    assert (cost.ms_per_image_b1 > 0).all() and (cost.GMACs_per_image > 0).all(), cost
+
+
 def test_outputs_for_reproduction(quick_protocol: Path) -> None:
     assert sorted(path.name for path in (quick_protocol / "references").iterdir()) == ["pcb_44000", "pcb_77000"]
     assert list((quick_protocol / "anomaly_maps" / "ResAD" / "pcb_44000" / "k4").glob("*.png"))

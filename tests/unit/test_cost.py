@@ -10,7 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from anomalib_resad.cost import COST_COLUMNS, count_macs, measure_cost, peak_memory_mib
+from anomalib_resad.cost import (
+    COST_COLUMNS,
+    OPENVINO_COST_COLUMNS,
+    count_macs,
+    measure_cost,
+    measure_openvino_cost,
+    peak_memory_mib,
+)
+from tests.helpers.models import tiny_resad
 
 
 class Sleeper(nn.Module):
@@ -64,3 +72,19 @@ def test_peak_memory_grows_with_the_batch() -> None:
     small = peak_memory_mib(lambda: Allocator()(torch.zeros(1, 3, 4, 4)), torch.device("cpu"))
     assert not math.isnan(small)
     assert small < cost.peak_mem_MiB_b16 / 2
+
+
+def test_openvino_cost_exports_the_model_with_its_references_and_times_it() -> None:
+    model = tiny_resad(evaluator=False).eval()
+    model.model.set_references(model.model.make_reference_bank(torch.rand(2, 3, 64, 64)))
+    cost = measure_openvino_cost(model, (64, 64), repeats=2, warmup=1)
+    assert set(cost) == set(OPENVINO_COST_COLUMNS)
+    assert 0 < cost["openvino_ms_per_image_b1"] < 10_000
+    assert cost["openvino_images_per_s_b16"] > 0
+    assert not model.training and next(model.parameters()).device.type == "cpu"
+
+
+def test_openvino_cost_of_a_model_that_cannot_be_exported_is_nan_and_says_why(caplog: pytest.LogCaptureFixture) -> None:
+    cost = measure_openvino_cost(Sleeper(0.0), (2, 5))  # a plain nn.Module: no anomalib export
+    assert all(math.isnan(value) for value in cost.values())
+    assert "OpenVINO cost of Sleeper not measured: export failed" in caplog.text

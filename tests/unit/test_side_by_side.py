@@ -81,6 +81,14 @@ def grid(texture_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                 return _original(self, selection, *args, **kwargs)
 
             patch.setattr(owner, "set_references", recording)
+        exported: list[str] = []
+
+        def openvino_cost(model: object, image_size: tuple[int, int], **kwargs: object) -> dict[str, float]:
+            """Stands in for the export (about a minute per model here; the real one: tests/unit/test_cost.py)."""
+            exported.append(type(model).__name__)
+            return {"openvino_ms_per_image_b1": 2.0 * len(exported), "openvino_images_per_s_b16": 100.0}
+
+        patch.setattr(protocol, "measure_openvino_cost", openvino_cost)
         loggers = [logging.getLogger(name) for name in ("anomalib_resad.baselines", "anomalib_resad.grid")]
         levels = [logger.level for logger in loggers]
         for logger in loggers:
@@ -94,7 +102,8 @@ def grid(texture_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             for logger, level in zip(loggers, levels, strict=True):
                 logger.removeHandler(records)
                 logger.setLevel(level)
-    yield {"output": output, "summary": summary, "selections": selections, "messages": records.messages}
+    yield {"output": output, "summary": summary, "selections": selections, "messages": records.messages,
+           "exported": exported}  # fmt: skip
 
 
 def test_resad_and_patchcore_fill_every_cell_with_the_same_references(grid: dict) -> None:
@@ -143,6 +152,18 @@ def test_cost_columns_come_from_the_same_run(grid: dict) -> None:
         assert mean.loc[("PatchCore", k), "latency_vs_PatchCore"] == pytest.approx(1.0)
         assert mean.loc[("ResAD", k), "train_s"] > 0 and mean.loc[("PatchCore", k), "train_s"] == 0
     assert "| ms/image (batch 1) |" in (grid["output"] / "summary.md").read_text()
+
+
+def test_openvino_cost_is_measured_once_per_model_and_k_on_the_anomalib_module(grid: dict) -> None:
+    # the whole anomalib model is exported (pre/post-processing and the class's references in the graph), once per
+    # model and k, in the order the cells ran
+    assert grid["exported"] == ["ResAD", "Patchcore", "ResAD", "Patchcore"]
+    cost = pd.read_csv(grid["output"] / "cost.csv").set_index(["model", "k"])
+    assert cost.openvino_ms_per_image_b1.to_dict() == {("ResAD", 2): 2.0, ("PatchCore", 2): 4.0,
+                                                       ("ResAD", 3): 6.0, ("PatchCore", 3): 8.0}  # fmt: skip
+    markdown = (grid["output"] / "summary.md").read_text()
+    assert "| OpenVINO f32 ms/image (batch 1) |" in markdown
+    assert "| ResAD | 3 |" in markdown and "| 6.0 | 100.0 |" in markdown
 
 
 def test_plot_is_written_beside_the_summary(grid: dict) -> None:
