@@ -12,8 +12,9 @@ across machines.
     python benchmarks/bench_inference.py --json results/bench_inference.json   # also the rows + CPU as JSON
 
 Weights do not change speed, so the default backbone (wide_resnet50_2) runs with random weights (no download);
-the light one uses the offline EfficientNet-Lite0 weights. OpenVINO compiles in f32 (what matches PyTorch) and,
-as an extra row, in its CPU default (bf16 where the CPU supports it).
+the light one uses the offline EfficientNet-Lite0 weights. OpenVINO compiles in f32 (what matches PyTorch), in its CPU
+default (bf16 where the CPU supports it) and, quantised to INT8 by NNCF (``openvino-int8``: INT8 where NNCF put
+quantisers, f32 elsewhere).
 
 The ratios depend on the CPU (bf16 and int8 units, AVX-512 or only AVX2): the output starts with the CPU (model,
 cores, the ISA extensions that matter) and the runtime versions, and ``--json`` writes them beside the rows.
@@ -61,8 +62,20 @@ def build_model(config_name: str, shots: int) -> "ResAD":  # noqa: F821
 
 def export(config_name: str, shots: int, folder: str) -> dict:
     """Run in a subprocess: export the model to OpenVINO IR (anomalib's ``to_openvino``), so the timed runtime
-    process holds only the OpenVINO model (its peak RSS is then that of deployment)."""
-    return {"path": str(build_model(config_name, shots).to_openvino(folder, input_size=(224, 224)))}
+    process holds only the OpenVINO model (its peak RSS is then that of deployment), and quantise a copy to INT8 with
+    NNCF (``nncf.quantize`` with its defaults, as ``anomalib export --compression_type int8_ptq``; random calibration
+    images: the work per image, hence the speed, does not depend on them - accuracy is measured by
+    ``benchmarks/bench_quantization.py`` on a trained model)."""
+    import nncf
+    import numpy as np
+    import openvino as ov
+
+    path = build_model(config_name, shots).to_openvino(folder, input_size=(224, 224))
+    images = np.random.default_rng(1).random((16, 1, 3, 224, 224), dtype=np.float32)
+    quantized = nncf.quantize(ov.Core().read_model(path), nncf.Dataset(list(images)), subset_size=len(images))
+    int8 = Path(folder) / "int8.xml"
+    ov.save_model(quantized, int8)
+    return {"path": str(path), "int8": str(int8)}
 
 
 def measure(config_name: str, runtime: str, batch: int, iterations: int, shots: int, model_path: str) -> dict:
@@ -84,9 +97,10 @@ def measure(config_name: str, runtime: str, batch: int, iterations: int, shots: 
     else:  # nothing of torch or anomalib_resad in this process
         import openvino as ov
 
-        options = {"INFERENCE_PRECISION_HINT": "f32"} if runtime == "openvino-f32" else {}
+        options = {"INFERENCE_PRECISION_HINT": "f32"} if runtime in ("openvino-f32", "openvino-int8") else {}
         compiled = ov.Core().compile_model(model_path, "CPU", options)
         precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        precision = f"int8 + {precision}" if runtime == "openvino-int8" else precision
         threads = compiled.get_property("INFERENCE_NUM_THREADS")
 
         def run() -> None:
@@ -145,13 +159,16 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as root:
         for index, config_name in enumerate(CONFIGS):
-            model_path = worker("export", config_name, arguments.shots, str(Path(root) / str(index)))["path"]
+            paths = worker("export", config_name, arguments.shots, str(Path(root) / str(index)))
             for batch in (1, 8):
                 iterations = (3 if arguments.quick else 10) if batch == 1 else (1 if arguments.quick else 3)
                 results = {
-                    runtime: worker("measure", config_name, runtime, batch, iterations, arguments.shots, model_path)
-                    for runtime in ("pytorch", "openvino-f32", "openvino-default")
-                }
+                    runtime: worker(
+                        "measure", config_name, runtime, batch, iterations, arguments.shots,
+                        paths["int8" if runtime == "openvino-int8" else "path"],
+                    )
+                    for runtime in ("pytorch", "openvino-f32", "openvino-default", "openvino-int8")
+                }  # fmt: skip
                 for runtime, result in results.items():
                     speedup = results["pytorch"]["ms_per_image"] / result["ms_per_image"]
                     rows.append((config_name, batch, runtime, result, speedup))
