@@ -23,7 +23,15 @@ import torch
 logger = logging.getLogger(__name__)
 
 # Hyper-parameters that define the network's structure: a checkpoint only fits a model built with the same ones.
-ARCHITECTURE_HPARAMS = ("backbone", "layers", "coupling_layers", "pos_embed_dim", "residual")
+ARCHITECTURE_HPARAMS = (
+    "backbone",
+    "layers",
+    "coupling_layers",
+    "pos_embed_dim",
+    "residual",
+    "distribution_matching",
+    "codebook_size",
+)
 # What `anomalib predict/test/export --ckpt_path X` takes from the checkpoint when left at its default on the line.
 CHECKPOINT_SETTINGS = (
     *ARCHITECTURE_HPARAMS,
@@ -37,6 +45,7 @@ CHECKPOINT_SETTINGS = (
     "nearest_score",
     "threshold_margin",
     "dissimilarity_margin",
+    "efdm_alpha",
 )
 
 

@@ -123,6 +123,12 @@ class ResAD(AnomalibModule):
             Defaults to ``1.25``: the smallest margin of the measured sweep (0.7-1.25) whose false-positive rate on
             the source classes' validation images was <= 10 % (docs/benchmark.md).
         dissimilarity_margin (float): The same for the dissimilarity check. Defaults to ``1.25``.
+        distribution_matching (bool): ResAD++ (the reference code): a codebook of normal residuals trained beside
+            the flows, and test-time EFDM of the residuals toward it (:mod:`~anomalib_resad.residual_codebook`).
+            Defaults to ``False`` (the NeurIPS ResAD).
+        codebook_size (int): Codes per level. Defaults to ``1536`` (reference).
+        efdm_alpha (float): EFDM's share of the residual kept (``fdm_alpha``). Defaults to ``0.4`` (reference).
+        codebook_lr (float): Adam learning rate of the codebook. Defaults to ``1e-5`` (reference).
         reference_cache_mb (float): Memory for cached reference features. Defaults to ``1024``.
         pre_processor (PreProcessor | bool): Defaults to resize to ``image_size`` + the backbone's normalisation.
         post_processor (PostProcessor | bool): Defaults to :class:`CalibratedPostProcessor` (per-class thresholds).
@@ -167,6 +173,10 @@ class ResAD(AnomalibModule):
         nearest_score: bool = True,
         threshold_margin: float = 1.25,
         dissimilarity_margin: float = 1.25,
+        distribution_matching: bool = False,
+        codebook_size: int = 1536,
+        efdm_alpha: float = 0.4,
+        codebook_lr: float = 1e-5,
         reference_cache_mb: float = 1024,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
@@ -189,6 +199,9 @@ class ResAD(AnomalibModule):
         nearest_score = adopted.get("nearest_score", nearest_score)
         threshold_margin = adopted.get("threshold_margin", threshold_margin)
         dissimilarity_margin = adopted.get("dissimilarity_margin", dissimilarity_margin)
+        distribution_matching = adopted.get("distribution_matching", distribution_matching)
+        codebook_size = adopted.get("codebook_size", codebook_size)
+        efdm_alpha = adopted.get("efdm_alpha", efdm_alpha)
         if k < 2:
             msg = (
                 f"k={k}: ResAD needs at least 2 reference images per class at inference - it sets the class's "
@@ -227,6 +240,9 @@ class ResAD(AnomalibModule):
             nearest_score=nearest_score,
             threshold_margin=threshold_margin,
             dissimilarity_margin=dissimilarity_margin,
+            distribution_matching=distribution_matching,
+            codebook_size=codebook_size,
+            efdm_alpha=efdm_alpha,
         )
         self.loss = ResADLoss(
             num_levels=self.model.num_levels,
@@ -241,6 +257,7 @@ class ResAD(AnomalibModule):
         self.train_k = train_k
         self.first_stage_epochs = first_stage_epochs
         self.lr = lr
+        self.codebook_lr = codebook_lr
         self.weight_decay = weight_decay
         self.lr_milestones = list(lr_milestones)
         self.flow_steps = flow_steps
@@ -304,8 +321,12 @@ class ResAD(AnomalibModule):
         union is the same update - a step only moves the parameters that received a gradient, which is what the
         per-chunk flow steps (``flow_steps="chunk"``) rely on.
         """
-        parameters = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
-        optimizer = torch.optim.Adam(parameters, lr=self.lr, weight_decay=self.weight_decay)
+        codebook = set(self.model.codebook.parameters()) if self.model.codebook is not None else set()
+        parameters = [p for p in self.model.parameters() if p.requires_grad and p not in codebook]
+        groups = [{"params": parameters}]
+        if codebook:  # the reference's VQ Adam: lr 1e-5, same weight decay
+            groups.append({"params": list(codebook), "lr": self.codebook_lr})
+        optimizer = torch.optim.Adam(groups, lr=self.lr, weight_decay=self.weight_decay)
         scheduler = MultiStepLR(optimizer, milestones=self.lr_milestones, gamma=0.1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
@@ -570,6 +591,12 @@ class ResAD(AnomalibModule):
         )
         return self.loss.flow_loss(level, log_normal, log_abnormal, mask)
 
+    def _codebook_loss(self, residuals: list[torch.Tensor], level_masks: list[torch.Tensor]) -> torch.Tensor:
+        """ResAD++'s codebook loss on the raw residuals' normal positions (zero without the option)."""
+        if self.model.codebook is None:
+            return residuals[0].new_zeros(())
+        return self.model.codebook.loss(residuals, level_masks)
+
     def _zero_loss(self) -> torch.Tensor:
         """A zero loss that touches every parameter: keeps DDP ranks in step on a batch with nothing to learn."""
         return sum(parameter.sum() for parameter in self.model.parameters() if parameter.requires_grad) * 0.0
@@ -583,7 +610,7 @@ class ResAD(AnomalibModule):
             return self._chunked_training_step(residuals, constrained, level_masks, batch_size)
         if not residuals:
             return {"loss": self._zero_loss()}
-        occ_loss = self.loss.occ_loss(constrained, residuals, level_masks)
+        occ_loss = self.loss.occ_loss(constrained, residuals, level_masks) + self._codebook_loss(residuals, level_masks)
         flow = self.model.residual_flow
         flow_loss = constrained[0].new_zeros(())
         for level, (feature, mask) in enumerate(zip(constrained, level_masks, strict=True)):
@@ -608,7 +635,11 @@ class ResAD(AnomalibModule):
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         optimizer.zero_grad()
-        occ_loss = self.loss.occ_loss(constrained, residuals, level_masks) if residuals else self._zero_loss()
+        occ_loss = (
+            self.loss.occ_loss(constrained, residuals, level_masks) + self._codebook_loss(residuals, level_masks)
+            if residuals
+            else self._zero_loss()
+        )
         self.manual_backward(occ_loss)
         optimizer.step()
         flow = self.model.residual_flow

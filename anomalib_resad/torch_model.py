@@ -30,6 +30,7 @@ from .anomaly_map import AnomalyMapGenerator, ScoreComponents, leave_one_out_cal
 from .feature_constraintor import FeatureConstraintor
 from .feature_converter import FeatureConverter, ReferenceBank, flatten_levels
 from .feature_extractor import ResADFeatureExtractor
+from .residual_codebook import ResidualCodebook
 from .residual_flow import ResidualFlow
 
 
@@ -54,6 +55,10 @@ class ResADModel(nn.Module):
         threshold_margin (float): Factor on the largest leave-one-out score that sets a class's threshold.
             Defaults to ``1.25``.
         dissimilarity_margin (float): The same for the dissimilarity. Defaults to ``1.25``.
+        distribution_matching (bool): ResAD++'s codebook of normal residuals and test-time EFDM
+            (:mod:`~anomalib_resad.residual_codebook`). Defaults to ``False`` (the NeurIPS ResAD).
+        codebook_size (int): Codes per level. Defaults to ``1536`` (reference).
+        efdm_alpha (float): EFDM's share of the residual kept. Defaults to ``0.4`` (reference).
     """
 
     def __init__(
@@ -73,6 +78,9 @@ class ResADModel(nn.Module):
         nearest_score: bool = True,
         threshold_margin: float = 1.25,
         dissimilarity_margin: float = 1.25,
+        distribution_matching: bool = False,
+        codebook_size: int = 1536,
+        efdm_alpha: float = 0.4,
     ) -> None:
         super().__init__()
         self.feature_extractor = ResADFeatureExtractor(backbone, layers, pre_trained)
@@ -90,6 +98,8 @@ class ResADModel(nn.Module):
         )
         self.threshold_margin = threshold_margin
         self.dissimilarity_margin = dissimilarity_margin
+        # ResAD++: residuals moved toward a codebook of normal residuals at test time (None: the NeurIPS ResAD)
+        self.codebook = ResidualCodebook(channels, codebook_size, efdm_alpha) if distribution_matching else None
 
     @property
     def num_levels(self) -> int:
@@ -158,6 +168,8 @@ class ResADModel(nn.Module):
     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
         """Per-level log-likelihood maps and match similarities of backbone features (the paper's figure, per box)."""
         residuals, similarities = self.feature_converter(features, reference_bank)
+        if self.codebook is not None and not self.training:  # EFDM at test time only, as the reference
+            residuals = self.codebook(residuals)
         constrained = self.feature_constraintor(residuals)
         return self.residual_flow(constrained), similarities
 
