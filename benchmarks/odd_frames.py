@@ -25,6 +25,7 @@ from PIL import Image
 from anomalib_resad import ResAD
 from anomalib_resad.anomaly_map import ScoreCalibration
 from anomalib_resad.data.multi_class import MultiClassDataModule
+from anomalib_resad.feature_converter import flatten_positions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,6 +52,39 @@ def read(path: str, size: tuple[int, int]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def two_way_distances(query: list[torch.Tensor], references: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query image: mean ``1 - cos`` of its positions' best reference match (forward, ResAD's dissimilarity) and
+    of the references' positions' best match in that image (reverse: what of the references the image lacks),
+    averaged over levels. ``query`` ``(B, C, H, W)`` and ``references`` ``(k, C, H, W)`` per level."""
+    forward, reverse = [], []
+    for level_query, level_references in zip(query, references, strict=True):
+        bank = torch.nn.functional.normalize(flatten_positions(level_references), dim=1)
+        vectors = torch.nn.functional.normalize(level_query.flatten(2).transpose(1, 2), dim=2)  # (B, HW, C)
+        similarity = vectors @ bank.T  # (B, HW, kHW)
+        forward.append((1 - similarity.amax(dim=2)).mean(dim=1))
+        reverse.append((1 - similarity.amax(dim=1)).mean(dim=1))
+    return torch.stack(forward).mean(dim=0), torch.stack(reverse).mean(dim=0)
+
+
+@torch.no_grad()
+def two_way_ratios(resad: ResAD, features: list[torch.Tensor], frames: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Forward, reverse and symmetric (their mean) distances of frames over the references' leave-one-out maxima."""
+    k = int(features[0].shape[0])
+    loo = [
+        two_way_distances([level[i : i + 1] for level in features],
+                          [torch.cat([level[:i], level[i + 1 :]]) for level in features])
+        for i in range(k)
+    ]  # fmt: skip
+    images = resad.pre_processor.transform(frames)
+    forward, reverse = two_way_distances(resad.model.feature_extractor(images), features)
+    loo_forward = max(float(f) for f, _ in loo)
+    loo_reverse = max(float(r) for _, r in loo)
+    loo_symmetric = max(float(f + r) / 2 for f, r in loo)
+    return {"forward": forward / loo_forward, "reverse": reverse / loo_reverse,
+            "symmetric": (forward + reverse) / 2 / loo_symmetric}  # fmt: skip
+
+
+@torch.no_grad()
 def dissimilarity_ratios(resad: ResAD, bank, frames: torch.Tensor) -> torch.Tensor:
     """``dissimilarity / leave-one-out maximum`` of frames ``(N, 3, H, W)`` in ``[0, 1]`` against a class's bank."""
     model = resad.model
@@ -71,6 +105,8 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--others", type=int, default=4, help="images of each other class used as 'another product'")
     parser.add_argument("--output", type=Path, default=None, help="also write the rows to this CSV")
+    parser.add_argument("--normals", type=int, default=8, help="normal test images of the class, for comparison")
+    parser.add_argument("--two_way", action="store_true", help="also the reverse (coverage) and symmetric distances")
     args = parser.parse_args()
     config = yaml.safe_load((REPO / "configs" / "settings" / f"{args.setting}.yaml").read_text())
     seed = config.get("seed", 42)
@@ -86,22 +122,35 @@ def main() -> None:
     for category in categories:
         # "another product": normal images of the other classes of the setting (never this class's)
         others = [path for name in categories if name != category for path in pools[name][: args.others]]
+        samples = datamodule.test_data.samples
+        normal = samples[(samples.category == category) & (samples.label_index == 0)].image_path.tolist()
         for k in args.shots:
             for draw in range(args.draws):
-                bank = resad.references.bank(resad.references.select(category, k, seed + draw))
+                selection = resad.references.select(category, k, seed + draw)
+                bank = resad.references.bank(selection)
                 batch = {name: frame.unsqueeze(0) for name, frame in frames.items()}
                 batch["another product"] = torch.stack([read(path, size) for path in others])
+                if normal:
+                    batch["normal (test)"] = torch.stack([read(path, size) for path in normal[: args.normals]])
+                features = resad.references.features(selection.paths) if args.two_way else None
                 for kind, images in batch.items():
-                    ratios = dissimilarity_ratios(resad, bank, images)
-                    rows += [{"category": category, "k": k, "draw": draw, "frame": kind, "ratio": float(r)}
-                             for r in ratios]  # fmt: skip
+                    ratios = {"dissimilarity": dissimilarity_ratios(resad, bank, images)}
+                    if features is not None:
+                        ratios.update(two_way_ratios(resad, features, images))
+                    for statistic, values in ratios.items():
+                        rows += [{"category": category, "k": k, "draw": draw, "frame": kind, "statistic": statistic,
+                                  "ratio": float(r)} for r in values]  # fmt: skip
     frame = pd.DataFrame(rows)
     if args.output:
         frame.to_csv(args.output, index=False)
-    table = frame.groupby(["k", "category", "frame"]).ratio.agg(["min", "median"]).unstack("frame")
     print(f"Dissimilarity of odd frames / leave-one-out maximum, {args.setting}, checkpoint {args.checkpoint}")
-    print("(min and median over draws and images; a frame is flagged while this exceeds dissimilarity_margin)\n")
-    print(table.round(2).to_string())
+    print("(min over draws and images; a frame is flagged while this exceeds dissimilarity_margin; for normal test")
+    print("images the max, which a margin must stay above)\n")
+    for statistic, rows_of in frame.groupby("statistic", sort=False):
+        odd = rows_of[rows_of.frame != "normal (test)"].groupby(["k", "category", "frame"]).ratio.min()
+        table = odd.unstack("frame")
+        table["normal (test) max"] = rows_of[rows_of.frame == "normal (test)"].groupby(["k", "category"]).ratio.max()
+        print(f"{statistic}:\n{table.round(2).to_string()}\n")
 
 
 if __name__ == "__main__":
