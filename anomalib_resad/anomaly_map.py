@@ -23,7 +23,8 @@ residuals far from anything it saw (a blank frame), which must not make a score 
 image score by its score threshold, so ``1`` is the decision boundary of every class. Frames unlike the references
 (blank, saturated, noise, another product) are caught by a second statistic, the *dissimilarity*: the mean over
 levels and positions of ``1 - cos`` of each position's nearest reference feature. It has its own leave-one-out
-threshold, and the image score is the larger of the two ratios.
+threshold; above it, the image score is the larger of the two ratios (below it, the score alone: the check sets
+labels, it does not reorder the images it passes).
 
 **Nearest-neighbour score** (``nearest_score=True``, not in the reference). The flows are trained on the source
 classes; on a target class unlike them they can rank images worse than their own input does. The nearest-neighbour
@@ -337,7 +338,10 @@ class AnomalyMapGenerator(nn.Module):
         if self.nearest_score:
             score = (score + parts.nearest / nearest_threshold) / 2
         if self.dissimilarity_check:
-            score = torch.maximum(score, parts.dissimilarity / dissimilarity_threshold)
+            # the check takes over only above its own threshold: the labels are those of max(score, dissimilarity),
+            # and below it the images keep the score's ranking (no normal image is ranked up by a mere lighting change)
+            dissimilarity = parts.dissimilarity / dissimilarity_threshold
+            score = torch.where(dissimilarity > 1, torch.maximum(score, dissimilarity), score)
         return parts.anomaly_map / map_threshold, score
 
     @staticmethod

@@ -88,6 +88,19 @@ def test_a_frame_unlike_the_references_scores_above_the_threshold_whatever_its_l
     assert float(score) < 1
 
 
+def test_the_odd_frame_check_sets_labels_without_reordering_the_frames_it_passes() -> None:
+    generator = AnomalyMapGenerator(num_levels=1)
+    calibration = ScoreCalibration(torch.zeros(1), 1.0, 1.0, 0.2, 1.0).to_tensor()
+    likely, unlikely = level(10.0), level(-1.0)  # flow score 0 and > 0
+    # below its threshold (0.19 / 0.2 < 1) the dissimilarity does not lift a score: the two keep their order
+    _, quiet = generator([likely], [torch.full((1, 4, 4), 0.81)], (8, 8), calibration)
+    _, scored = generator([unlikely], [torch.full((1, 4, 4), 0.99)], (8, 8), calibration)
+    assert float(quiet) < 1 and float(quiet) < float(scored)
+    # above it, the frame is flagged whatever its flow score
+    _, odd = generator([likely], [torch.full((1, 4, 4), 0.7)], (8, 8), calibration)
+    assert float(odd) == pytest.approx(0.3 / 0.2)
+
+
 def test_scoring_without_calibration_is_a_clear_error() -> None:
     generator = AnomalyMapGenerator(num_levels=1)
     with pytest.raises(ResADInputError, match="no calibrated references"):
