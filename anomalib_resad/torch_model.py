@@ -54,7 +54,7 @@ class ResADModel(nn.Module):
             ratios (:mod:`~anomalib_resad.anomaly_map`). Defaults to ``True``.
         threshold_margin (float): Factor on the largest leave-one-out score that sets a class's threshold.
             Defaults to ``1.25``.
-        dissimilarity_margin (float): The same for the dissimilarity. Defaults to ``1.25``.
+        dissimilarity_margin (float): The same for the dissimilarity. Defaults to ``1.5``.
         distribution_matching (bool): ResAD++'s codebook of normal residuals and test-time EFDM
             (:mod:`~anomalib_resad.residual_codebook`). Defaults to ``False`` (the NeurIPS ResAD).
         codebook_size (int): Codes per level. Defaults to ``1536`` (reference).
@@ -77,7 +77,7 @@ class ResADModel(nn.Module):
         dissimilarity_check: bool = True,
         nearest_score: bool = True,
         threshold_margin: float = 1.25,
-        dissimilarity_margin: float = 1.25,
+        dissimilarity_margin: float = 1.5,
         distribution_matching: bool = False,
         codebook_size: int = 1536,
         efdm_alpha: float = 0.4,
