@@ -220,6 +220,22 @@ def measure_cost(
     )
 
 
+def _compile_for_batch(core: object, xml: Path, shape: tuple[int, ...], options: dict, name: str) -> object | None:
+    """The exported graph compiled for inputs of ``shape`` (reshaped if needed); ``None``, logged, if it cannot be."""
+    import openvino as ov
+
+    try:
+        graph = core.read_model(xml)
+        if not graph.input(0).get_partial_shape().compatible(ov.PartialShape(list(shape))):
+            graph.reshape({graph.input(0).get_any_name(): ov.PartialShape(list(shape))})
+        return core.compile_model(graph, "CPU", options)
+    except RuntimeError as error:
+        reason = next((line for line in str(error).splitlines()[::-1] if line.strip()), "")
+        logger.warning("OpenVINO cost of %s at batch %d not measured: its exported graph does not run it (%s)",
+                       name, shape[0], reason)  # fmt: skip
+        return None
+
+
 def measure_openvino_cost(
     model: nn.Module,
     image_size: tuple[int, int],
@@ -243,7 +259,8 @@ def measure_openvino_cost(
 
     Returns:
         dict[str, float]: :data:`OPENVINO_COST_COLUMNS`; NaN (with one logged line saying why) when the model cannot
-        be exported or OpenVINO is missing.
+        be exported or OpenVINO is missing. A graph exported with a fixed batch size (anomalib's PatchCore export
+        fixes the batch it was traced with) is reshaped to each measured batch, as a deployment would.
     """
     nan = dict.fromkeys(OPENVINO_COST_COLUMNS, math.nan)
     try:
@@ -254,21 +271,34 @@ def measure_openvino_cost(
     device = _device_of(model)
     was_training = model.training
     model.cpu().eval()
-    try:
-        with tempfile.TemporaryDirectory() as root, quiet_export():
-            xml = model.to_openvino(root, input_size=tuple(image_size))
-            options = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
-            compiled = ov.Core().compile_model(xml, "CPU", options)
-    except Exception as error:  # a model that cannot be exported gets NaN columns (logged), not a failed grid
-        logger.warning("OpenVINO cost of %s not measured: export failed (%s)", type(model).__name__, error)
-        return nan
-    finally:
-        model.to(device).train(was_training)
     rng = np.random.default_rng(0)
     small, large = batch_sizes
-    single = rng.random((small, 3, *image_size), dtype=np.float32)
-    batch = rng.random((large, 3, *image_size), dtype=np.float32)
+    inputs = {
+        "openvino_ms_per_image_b1": rng.random((small, 3, *image_size), dtype=np.float32),
+        "openvino_images_per_s_b16": rng.random((large, 3, *image_size), dtype=np.float32),
+    }
+    options = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    core = ov.Core()
+    cost = dict(nan)
+    with tempfile.TemporaryDirectory() as root:
+        try:
+            with quiet_export():
+                xml = model.to_openvino(root, input_size=tuple(image_size))
+        except Exception as error:  # a model that cannot be exported gets NaN columns (logged), not a failed grid
+            logger.warning("OpenVINO cost of %s not measured: export failed (%s)", type(model).__name__, error)
+            return nan
+        finally:
+            model.to(device).train(was_training)
+        # some anomalib exports fix the batch size they were traced with (PatchCore: 2): each measured batch gets
+        # the graph reshaped to it, as a deployment would; a graph that cannot be reshaped gets NaN for that column
+        graphs = {column: _compile_for_batch(core, xml, images.shape, options, type(model).__name__)
+                  for column, images in inputs.items()}  # fmt: skip
     cpu = torch.device("cpu")
-    latency = time_call(lambda: compiled(single), cpu, repeats, warmup)
-    throughput = time_call(lambda: compiled(batch), cpu, repeats, min(warmup, 1))
-    return {"openvino_ms_per_image_b1": 1000 * latency / small, "openvino_images_per_s_b16": large / throughput}
+    for column, compiled in graphs.items():
+        if compiled is None:
+            continue
+        images = inputs[column]
+        warm = warmup if len(images) == small else min(warmup, 1)
+        seconds = time_call(lambda c=compiled, x=images: c(x), cpu, repeats, warm)
+        cost[column] = 1000 * seconds / len(images) if column.endswith("b1") else len(images) / seconds
+    return cost

@@ -88,3 +88,17 @@ def test_openvino_cost_of_a_model_that_cannot_be_exported_is_nan_and_says_why(ca
     cost = measure_openvino_cost(Sleeper(0.0), (2, 5))  # a plain nn.Module: no anomalib export
     assert all(math.isnan(value) for value in cost.values())
     assert "OpenVINO cost of Sleeper not measured: export failed" in caplog.text
+
+
+def test_openvino_cost_of_an_export_that_cannot_run_a_batch_is_nan_per_column(caplog: pytest.LogCaptureFixture) -> None:
+    """anomalib 2.7's PatchCore export fixes the batch it was traced with and cannot be reshaped: NaN, logged, no
+    crash of the grid (this happened in `resad evaluate` before the check)."""
+    from anomalib.models import Patchcore
+
+    patchcore = Patchcore(backbone="resnet18", layers=["layer2", "layer3"], pre_trained=False, post_processor=False,
+                          evaluator=False, visualizer=False)  # fmt: skip
+    patchcore.model.memory_bank = torch.randn(50, 384)
+    cost = measure_openvino_cost(patchcore.eval(), (64, 64), repeats=1, warmup=0)
+    assert all(math.isnan(value) for value in cost.values())
+    assert "OpenVINO cost of Patchcore at batch 1 not measured: its exported graph does not run it" in caplog.text
+    assert "at batch 16 not measured" in caplog.text
