@@ -594,11 +594,15 @@ class ResAD(AnomalibModule):
         )
         return self.loss.flow_loss(level, log_normal, log_abnormal, mask)
 
-    def _codebook_loss(self, residuals: list[torch.Tensor], level_masks: list[torch.Tensor]) -> torch.Tensor:
-        """ResAD++'s codebook loss on the raw residuals' normal positions (zero without the option)."""
+    def _codebook_loss(
+        self, residuals: list[torch.Tensor], level_masks: list[torch.Tensor], batch_size: int
+    ) -> torch.Tensor:
+        """ResAD++'s codebook loss on the raw residuals' normal positions, logged on its own (zero without it)."""
         if self.model.codebook is None:
             return residuals[0].new_zeros(())
-        return self.model.codebook.loss(residuals, level_masks)
+        loss = self.model.codebook.loss(residuals, level_masks)
+        self.log("train_codebook_loss", loss.detach(), on_epoch=True, on_step=False, batch_size=batch_size)
+        return loss
 
     def _zero_loss(self) -> torch.Tensor:
         """A zero loss that touches every parameter: keeps DDP ranks in step on a batch with nothing to learn."""
@@ -613,14 +617,15 @@ class ResAD(AnomalibModule):
             return self._chunked_training_step(residuals, constrained, level_masks, batch_size)
         if not residuals:
             return {"loss": self._zero_loss()}
-        occ_loss = self.loss.occ_loss(constrained, residuals, level_masks) + self._codebook_loss(residuals, level_masks)
+        occ_loss = self.loss.occ_loss(constrained, residuals, level_masks)
+        codebook_loss = self._codebook_loss(residuals, level_masks, batch_size)
         flow = self.model.residual_flow
         flow_loss = constrained[0].new_zeros(())
         for level, (feature, mask) in enumerate(zip(constrained, level_masks, strict=True)):
             vectors, conditions, position_mask = flow.sample_positions(feature.detach(), mask, self.flow_positions)
             flow_loss = flow_loss + self._level_flow_loss(level, vectors, conditions, position_mask)
         self._log_losses(occ_loss, flow_loss, batch_size)
-        return {"loss": occ_loss + flow_loss}
+        return {"loss": occ_loss + codebook_loss + flow_loss}
 
     def _chunked_training_step(
         self,
@@ -638,12 +643,9 @@ class ResAD(AnomalibModule):
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
         optimizer.zero_grad()
-        occ_loss = (
-            self.loss.occ_loss(constrained, residuals, level_masks) + self._codebook_loss(residuals, level_masks)
-            if residuals
-            else self._zero_loss()
-        )
-        self.manual_backward(occ_loss)
+        occ_loss = self.loss.occ_loss(constrained, residuals, level_masks) if residuals else self._zero_loss()
+        codebook_loss = self._codebook_loss(residuals, level_masks, batch_size) if residuals else 0.0
+        self.manual_backward(occ_loss + codebook_loss)
         optimizer.step()
         flow = self.model.residual_flow
         total_flow_loss, steps = 0.0, 0
