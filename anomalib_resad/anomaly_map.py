@@ -21,10 +21,14 @@ residuals far from anything it saw (a blank frame), which must not make a score 
 
 **Calibrated outputs.** :meth:`AnomalyMapGenerator.forward` divides the map by the class's map threshold and the
 image score by its score threshold, so ``1`` is the decision boundary of every class. Frames unlike the references
-(blank, saturated, noise, another product) are caught by a second statistic, the *dissimilarity*: the mean over
-levels and positions of ``1 - cos`` of each position's nearest reference feature. It has its own leave-one-out
-threshold; above it, the image score is the larger of the two ratios (below it, the score alone: the check sets
-labels, it does not reorder the images it passes).
+(blank, saturated, noise, another product) are caught by two more statistics, each with its own leave-one-out
+threshold: the *dissimilarity*, the mean over levels and positions of ``1 - cos`` of each image position's nearest
+reference feature (what of the image the references lack), and the *reverse dissimilarity*, the mean of ``1 - cos``
+of each *reference* position's nearest feature in the image (what of the references the image lacks). The second is
+needed where the references are mostly uniform: a black or white frame matches a circuit board's background better
+than the board's references match each other (forward ratio 0.05-1.3 on DeepPCB), but leaves the tracks and pads
+unmatched (reverse ratio >= 1.7; docs/benchmark.md). Above either threshold, the image score is the largest of the
+ratios (below both, the score alone: the check sets labels, it does not reorder the images it passes).
 
 **Nearest-neighbour score** (``nearest_score=True``, not in the reference). The flows are trained on the source
 classes; on a target class unlike them they can rank images worse than their own input does. The nearest-neighbour
@@ -43,6 +47,7 @@ Example:
     ((2, 1, 16, 16), (2,))
 """
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -54,9 +59,11 @@ from torch.nn import functional as F  # noqa: N812
 
 from .errors import ResADConfigurationError, ResADInputError, check_choice
 
+logger = logging.getLogger(__name__)
+
 IMAGE_SCORES = ("max", "top_mean")
 LEVEL_CONSTANTS = ("per_class", "global")
-CALIBRATION_THRESHOLDS = 4  # map, score, dissimilarity, nearest: a calibration holds L + 4 values
+CALIBRATION_THRESHOLDS = 5  # map, score, dissimilarity, nearest, reverse dissimilarity: L + 5 values
 NEAREST_LEVELS = 2  # the nearest-neighbour score uses the deepest levels, as PatchCore does
 
 
@@ -71,6 +78,8 @@ class ScoreComponents(NamedTuple):
         level_max_log_likelihood (torch.Tensor): ``(B, L)`` largest normal log-likelihood per level.
         nearest (torch.Tensor): ``(B,)`` maximum of the nearest-neighbour map (``1 - cos`` of the matches on the two
             deepest levels, summed, upsampled and blurred).
+        reverse_dissimilarity (torch.Tensor): ``(B,)`` mean ``1 - cos`` of each reference position's best match in
+            the image, averaged over levels.
     """
 
     anomaly_map: torch.Tensor
@@ -79,14 +88,15 @@ class ScoreComponents(NamedTuple):
     dissimilarity: torch.Tensor
     level_max_log_likelihood: torch.Tensor
     nearest: torch.Tensor
+    reverse_dissimilarity: torch.Tensor
 
 
 @dataclass
 class ScoreCalibration:
     """Per-class scoring constants and thresholds, set from the class's k reference images alone.
 
-    Stored as one flat tensor (:meth:`to_tensor`, layout ``[c_0 .. c_{L-1}, map, score, dissimilarity, nearest]``,
-    ``L + 4`` values) wherever a
+    Stored as one flat tensor (:meth:`to_tensor`, layout ``[c_0 .. c_{L-1}, map, score, dissimilarity, nearest,
+    reverse dissimilarity]``, ``L + 5`` values) wherever a
     class's references live: the model's buffers (checkpoint, ``anomalib export``), a references ``.npz`` file and
     the ``calibration`` input of the reference-conditioned export.
 
@@ -96,6 +106,8 @@ class ScoreCalibration:
         score_threshold (float): Image score above which an image is anomalous.
         dissimilarity_threshold (float): Dissimilarity above which a frame is unlike the references.
         nearest_threshold (float): Nearest-neighbour score above which an image is anomalous.
+        reverse_dissimilarity_threshold (float): Reverse dissimilarity above which a frame is unlike the references
+            (``0``: not calibrated - references set before the statistic existed; that check is then off).
     """
 
     level_constants: torch.Tensor
@@ -103,11 +115,18 @@ class ScoreCalibration:
     score_threshold: float
     dissimilarity_threshold: float
     nearest_threshold: float
+    reverse_dissimilarity_threshold: float
 
     def to_tensor(self) -> torch.Tensor:
-        """Flat float32 tensor ``(L + 4,)``."""
+        """Flat float32 tensor ``(L + 5,)``."""
         thresholds = torch.tensor(
-            [self.map_threshold, self.score_threshold, self.dissimilarity_threshold, self.nearest_threshold]
+            [
+                self.map_threshold,
+                self.score_threshold,
+                self.dissimilarity_threshold,
+                self.nearest_threshold,
+                self.reverse_dissimilarity_threshold,
+            ]
         )
         return torch.cat([self.level_constants.detach().float().cpu(), thresholds])
 
@@ -118,6 +137,31 @@ class ScoreCalibration:
         return cls(
             values[:-CALIBRATION_THRESHOLDS].clone(), *(float(value) for value in values[-CALIBRATION_THRESHOLDS:])
         )
+
+
+def odd_frame_statistics(
+    similarities: Sequence[torch.Tensor], coverage: Sequence[torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two statistics of the odd-frame check, from a batch's matches against a class's references.
+
+    Args:
+        similarities (Sequence[torch.Tensor]): Per level, each image position's best similarity ``(B, H_l, W_l)``.
+        coverage (Sequence[torch.Tensor] | None): Per level, each reference position's best similarity in each image
+            ``(B, M_l)``; ``None`` gives a reverse dissimilarity of zeros.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: The dissimilarity and the reverse dissimilarity ``(B,)``: mean
+        ``1 - cos`` over positions, then over levels.
+
+    Example:
+        >>> dissimilarity, reverse = odd_frame_statistics([torch.full((1, 2, 2), 0.75)], [torch.tensor([[1.0, 0.0]])])
+        >>> dissimilarity.tolist(), reverse.tolist()
+        ([0.25], [0.5])
+    """
+    dissimilarity = torch.stack([(1 - level).flatten(start_dim=1).mean(dim=1) for level in similarities]).mean(dim=0)
+    if coverage is None:
+        return dissimilarity, torch.zeros_like(dissimilarity)
+    return dissimilarity, torch.stack([(1 - level).mean(dim=1) for level in coverage]).mean(dim=0)
 
 
 def leave_one_out_calibration(
@@ -132,9 +176,9 @@ def leave_one_out_calibration(
 
     The rule: ``c_l`` = the largest log-likelihood at level l over all leave-one-out positions (``global_constants``
     instead when given); each threshold = ``margin`` x the largest leave-one-out value of its statistic (the
-    dissimilarity with ``dissimilarity_margin``). Leave-one-out banks hold one image fewer than the bank used on
-    queries, so the reference images look a little *less* normal here than normal queries will: the thresholds err
-    towards fewer false alarms.
+    dissimilarity and the reverse dissimilarity with ``dissimilarity_margin``). Leave-one-out banks hold one image
+    fewer than the bank used on queries, so the reference images look a little *less* normal here than normal queries
+    will: the thresholds err towards fewer false alarms.
 
     This function is the one place where the rule lives: eager PyTorch and the exported OpenVINO calibrator both call
     it, each with its own ``score_reference``.
@@ -146,7 +190,8 @@ def leave_one_out_calibration(
         num_levels (int): Number of feature levels.
         global_constants (torch.Tensor | None): Use these ``(L,)`` constants instead of per-class ones.
         margin (float): Factor on the largest leave-one-out map and image score. Defaults to ``1``.
-        dissimilarity_margin (float): Factor on the largest leave-one-out dissimilarity. Defaults to ``1``.
+        dissimilarity_margin (float): Factor on the largest leave-one-out dissimilarity and reverse dissimilarity.
+            Defaults to ``1``.
 
     Returns:
         ScoreCalibration: The class's calibration.
@@ -172,6 +217,7 @@ def leave_one_out_calibration(
     score = max(float(result.score.max()) for result in results)
     dissimilarity = max(float(result.dissimilarity.max()) for result in results)
     nearest = max(float(result.nearest.max()) for result in results)
+    reverse = max(float(result.reverse_dissimilarity.max()) for result in results)
     eps = 1e-6  # a threshold of 0 would divide by zero (k identical references)
     return ScoreCalibration(
         level_constants=constants,
@@ -179,6 +225,7 @@ def leave_one_out_calibration(
         score_threshold=max(margin * score, eps),
         dissimilarity_threshold=max(dissimilarity_margin * dissimilarity, eps),
         nearest_threshold=max(margin * nearest, eps),
+        reverse_dissimilarity_threshold=max(dissimilarity_margin * reverse, eps),
     )
 
 
@@ -191,13 +238,14 @@ class AnomalyMapGenerator(nn.Module):
         image_score (str): ``"max"`` (reference) or ``"top_mean"``. Defaults to ``"max"``.
         top_fraction (float): Share of the map's pixels averaged by ``"top_mean"``. Defaults to ``0.01``.
         level_constants (str): ``"per_class"`` (from the references, default) or ``"global"`` (learned in training).
-        dissimilarity_check (bool): Flag frames unlike the references through the dissimilarity. Defaults to ``True``.
+        dissimilarity_check (bool): Flag frames unlike the references through the dissimilarity and the reverse
+            dissimilarity. Defaults to ``True``.
         nearest_score (bool): Image score = mean of the flow score's and the nearest-neighbour score's calibrated
             ratios (see the module docstring). Defaults to ``False`` (the reference's flow score alone).
 
     Attributes:
         global_level_constants (torch.Tensor): ``(L,)`` constants learned in training (EMA).
-        calibration (torch.Tensor): ``(L + 4,)`` the stored class's :class:`ScoreCalibration` (zeros: none yet).
+        calibration (torch.Tensor): ``(L + 5,)`` the stored class's :class:`ScoreCalibration` (zeros: none yet).
     """
 
     def __init__(
@@ -237,16 +285,25 @@ class AnomalyMapGenerator(nn.Module):
     def has_calibration(self) -> bool:
         """Whether a class calibration is stored."""
         thresholds = self.calibration[-CALIBRATION_THRESHOLDS:]
-        return bool(thresholds[:-1].gt(0).all()) and (not self.nearest_score or bool(thresholds[-1] > 0))
+        return bool(thresholds[:3].gt(0).all()) and (not self.nearest_score or bool(thresholds[3] > 0))
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
-        """Read checkpoints of before the nearest-neighbour threshold (``L + 3`` values): that threshold is unset.
+        """Read checkpoints of before the nearest-neighbour (``L + 3`` values) or reverse (``L + 4``) threshold.
 
-        Such a model scores as before; with ``nearest_score`` it asks for its references to be set again.
+        The missing thresholds are unset (``0``). Such a model scores as before: without the reverse check (a warning
+        says so while references are stored); with ``nearest_score`` and no nearest threshold it asks for its
+        references to be set again.
         """
         stored = state_dict.get(f"{prefix}calibration")
-        if stored is not None and stored.numel() == self.num_levels + CALIBRATION_THRESHOLDS - 1:
-            state_dict[f"{prefix}calibration"] = torch.cat([stored, stored.new_zeros(1)])
+        full = self.num_levels + CALIBRATION_THRESHOLDS
+        if stored is not None and full - 2 <= stored.numel() < full:
+            state_dict[f"{prefix}calibration"] = torch.cat([stored, stored.new_zeros(full - stored.numel())])
+            if bool(stored[self.num_levels :].gt(0).any()):
+                logger.warning(
+                    "These stored references were calibrated before the reverse odd-frame check (blank or saturated "
+                    "frames against mostly uniform references): it stays off until the references are set again "
+                    "(ResAD.set_references, --model.reference_dir, or `resad references`)."
+                )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
@@ -266,8 +323,9 @@ class AnomalyMapGenerator(nn.Module):
         similarities: Sequence[torch.Tensor],
         image_size: tuple[int, int] | torch.Size,
         level_constants: torch.Tensor,
+        coverage: Sequence[torch.Tensor] | None = None,
     ) -> ScoreComponents:
-        """Uncalibrated map, image score and dissimilarity.
+        """Uncalibrated map, image score and dissimilarities.
 
         Args:
             log_likelihoods (Sequence[tuple[torch.Tensor, torch.Tensor]]): Per level, the normal and abnormal
@@ -276,6 +334,9 @@ class AnomalyMapGenerator(nn.Module):
                 ``(B, H_l, W_l)``.
             image_size (tuple[int, int] | torch.Size): Output size ``(H, W)``.
             level_constants (torch.Tensor): ``(L,)`` the constants ``c_l``.
+            coverage (Sequence[torch.Tensor] | None): Per level, each reference position's best similarity in each
+                image ``(B, M_l)`` (:class:`~anomalib_resad.feature_converter.ResidualMatches`). ``None``: no
+                reverse dissimilarity (zeros).
 
         Returns:
             ScoreComponents: The scoring results.
@@ -295,13 +356,13 @@ class AnomalyMapGenerator(nn.Module):
         else:
             count = max(1, round(flat.shape[1] * self.top_fraction))
             score = flat.topk(count, dim=1).values.mean(dim=1)
-        dissimilarity = torch.stack([(1 - similarity).flatten(start_dim=1).mean(dim=1) for similarity in similarities])
         level_max = torch.stack([log_normal.flatten(start_dim=1).amax(dim=1) for log_normal, _ in log_likelihoods])
         nearest_map = 0.0
         for similarity in similarities[-NEAREST_LEVELS:]:
             nearest_map = nearest_map + self._upsample((1 - similarity).unsqueeze(1), image_size)
         nearest = self.blur(nearest_map).flatten(start_dim=1).amax(dim=1)
-        return ScoreComponents(anomaly_map, score, map_max, dissimilarity.mean(dim=0), level_max.T, nearest)
+        dissimilarity, reverse = odd_frame_statistics(similarities, coverage)
+        return ScoreComponents(anomaly_map, score, map_max, dissimilarity, level_max.T, nearest, reverse)
 
     def forward(
         self,
@@ -309,6 +370,7 @@ class AnomalyMapGenerator(nn.Module):
         similarities: Sequence[torch.Tensor],
         image_size: tuple[int, int] | torch.Size,
         calibration: torch.Tensor | None = None,
+        coverage: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Calibrated anomaly map and image score: ``1`` is the class's decision boundary.
 
@@ -316,7 +378,8 @@ class AnomalyMapGenerator(nn.Module):
             log_likelihoods (Sequence[tuple[torch.Tensor, torch.Tensor]]): See :meth:`components`.
             similarities (Sequence[torch.Tensor]): See :meth:`components`.
             image_size (tuple[int, int] | torch.Size): Output size ``(H, W)``.
-            calibration (torch.Tensor | None): ``(L + 4,)`` the class's calibration; the stored one when ``None``.
+            calibration (torch.Tensor | None): ``(L + 5,)`` the class's calibration; the stored one when ``None``.
+            coverage (Sequence[torch.Tensor] | None): See :meth:`components`.
 
         Returns:
             tuple[torch.Tensor, torch.Tensor]: Anomaly map ``(B, 1, H, W)`` and image score ``(B,)``.
@@ -330,18 +393,22 @@ class AnomalyMapGenerator(nn.Module):
                 )
                 raise ResADInputError(msg)
             calibration = self.calibration
-        parts = self.components(log_likelihoods, similarities, image_size, self.constants_for(calibration))
-        map_threshold, score_threshold, dissimilarity_threshold, nearest_threshold = calibration[
+        parts = self.components(log_likelihoods, similarities, image_size, self.constants_for(calibration), coverage)
+        map_threshold, score_threshold, dissimilarity_threshold, nearest_threshold, reverse_threshold = calibration[
             -CALIBRATION_THRESHOLDS:
         ].unbind()
         score = parts.score / score_threshold
         if self.nearest_score:
             score = (score + parts.nearest / nearest_threshold) / 2
         if self.dissimilarity_check:
-            # the check takes over only above its own threshold: the labels are those of max(score, dissimilarity),
-            # and below it the images keep the score's ranking (no normal image is ranked up by a mere lighting change)
-            dissimilarity = parts.dissimilarity / dissimilarity_threshold
-            score = torch.where(dissimilarity > 1, torch.maximum(score, dissimilarity), score)
+            # the check takes over only above its own thresholds: the labels are those of max(score, ratios), and
+            # below them the images keep the score's ranking (no normal image is ranked up by a mere lighting change).
+            # A reverse threshold of 0 is references calibrated before that statistic: its check is off.
+            reverse = torch.where(
+                reverse_threshold > 0, parts.reverse_dissimilarity / reverse_threshold.clamp(min=1e-12), 0.0
+            )
+            odd = torch.maximum(parts.dissimilarity / dissimilarity_threshold, reverse)
+            score = torch.where(odd > 1, torch.maximum(score, odd), score)
         return parts.anomaly_map / map_threshold, score
 
     @staticmethod

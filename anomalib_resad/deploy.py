@@ -54,8 +54,9 @@ from .references import ReferenceSelection, load_images, select_folder_reference
 
 logger = logging.getLogger(__name__)
 
-# 2: references files and the conditioned model carry the class's calibration; 3: it has the nearest-neighbour threshold
-FORMAT_VERSION = 3
+# 2: references files and the conditioned model carry the class's calibration; 3: it has the nearest-neighbour
+# threshold; 4: and the reverse-dissimilarity threshold (the calibrator has that output)
+FORMAT_VERSION = 4
 MODEL_FILE = "model"
 ENCODER_FILE = "reference_encoder"
 CALIBRATOR_FILE = "reference_calibrator"
@@ -157,7 +158,7 @@ def load_references(path: str | Path, expected: dict[str, Any] | None = None) ->
 
 
 def _check_shapes(path: Path, levels: list[np.ndarray], calibration: np.ndarray, metadata: dict[str, Any]) -> None:
-    """Arrays must be ``(k * H_l * W_l, C_l)`` per level and a calibration of ``L + 4`` values."""
+    """Arrays must be ``(k * H_l * W_l, C_l)`` per level and a calibration of ``L + 5`` values."""
     problems = []
     k = int(metadata.get("k", 0))
     for level, (array, channels, grid) in enumerate(
@@ -216,7 +217,7 @@ class ReferenceCalibrator(nn.Module):
     the others, exactly as eager PyTorch does.
     """
 
-    OUTPUTS = ("score", "map_max", "dissimilarity", "level_max_log_likelihood", "nearest")
+    OUTPUTS = ("score", "map_max", "dissimilarity", "level_max_log_likelihood", "nearest", "reverse_dissimilarity")
 
     def __init__(self, model: ResAD) -> None:
         super().__init__()
@@ -230,7 +231,7 @@ class ReferenceCalibrator(nn.Module):
         image = self.pre_processor(image) if self.pre_processor is not None else image
         features = self.model.feature_extractor(image)
         parts = self.model.score_components(features, references, level_constants, image.shape[-2:])
-        return parts.score, parts.map_max, parts.dissimilarity, parts.level_max_log_likelihood, parts.nearest
+        return tuple(getattr(parts, name) for name in self.OUTPUTS)
 
 
 def _load_model(model: ResAD | str | Path) -> ResAD:
@@ -422,8 +423,7 @@ def _openvino_reference_bank(
         inputs = {"image": pixels[index : index + 1], "level_constants": constants.numpy().astype(np.float32)}
         inputs.update({f"reference_{level}": bank for level, bank in enumerate(others)})
         outputs = [torch.from_numpy(np.asarray(value)) for value in calibrator(inputs).values()]
-        score, map_max, dissimilarity, level_max, nearest = outputs
-        return ScoreComponents(None, score, map_max, dissimilarity, level_max, nearest)
+        return ScoreComponents(None, *outputs)
 
     calibration = leave_one_out_calibration(
         score_reference,

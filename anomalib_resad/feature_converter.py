@@ -13,20 +13,22 @@ The reference bank (features of the k reference images) is computed once per cla
 saved in checkpoints and baked into exported graphs; :meth:`FeatureConverter.forward` also accepts an explicit bank
 (training draws fresh references per class per batch; deployment can feed a bank as a model input). Besides the
 residuals it returns, per position, the cosine similarity of the match: how well the references explain the query,
-which the scoring uses to flag frames unlike the references (:mod:`anomalib_resad.anomaly_map`).
+and, per reference position, its best similarity in each image (how well the image covers the references); the
+scoring uses both to flag frames unlike the references (:mod:`anomalib_resad.anomaly_map`).
 
 Example:
     >>> import torch
     >>> converter = FeatureConverter(num_levels=1)
     >>> references = [torch.rand(2, 8, 4, 4)]  # k=2 reference images, one level
     >>> converter.set_bank(ReferenceBank.from_features(references))
-    >>> residuals, similarities = converter([references[0][:1]])  # a reference image against its own bank
-    >>> float(residuals[0].abs().max()), round(float(similarities[0].min()), 4)
-    (0.0, 1.0)
+    >>> residuals, similarities, coverage = converter([references[0][:1]])  # a reference image against its bank
+    >>> float(residuals[0].abs().max()), round(float(similarities[0].min()), 4), tuple(coverage[0].shape)
+    (0.0, 1.0, (1, 32))
 """
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from anomalib.models.components import DynamicBufferMixin
@@ -41,6 +43,61 @@ RESIDUAL_TYPES = ("squared", "difference")
 # (measured, benchmarks/bench_matching.py), while smaller blocks were up to 1.5x slower. The bound keeps memory flat
 # for any k and batch size.
 _MATCH_BLOCK_ELEMENTS = 1 << 24
+
+
+def match_features(query: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Match images' vectors to a bank both ways by cosine similarity.
+
+    Forward, for every query vector: the bank vector with the highest cosine similarity, and that similarity (the
+    residuals and the dissimilarity come from these). Reverse, for every bank vector and query image: its highest
+    similarity to any vector of that image - how well the image *covers* the references. A blank frame matches a
+    mostly uniform reference (a circuit board's background) well forward, but leaves the references' structure
+    unmatched: the reverse view flags it (:mod:`~anomalib_resad.anomaly_map`). Both come from one similarity matrix.
+
+    Args:
+        query (torch.Tensor): Query vectors of B images ``(B, N, C)``.
+        bank (torch.Tensor): Reference vectors ``(M, C)``.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor, torch.Tensor]: The matched (un-normalised) bank vectors ``(B, N, C)``,
+        their cosine similarities ``(B, N)`` and each bank vector's best similarity per image ``(B, M)``.
+
+    Example:
+        >>> bank = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> matched, similarity, coverage = match_features(torch.tensor([[[0.0, 3.0], [0.0, 1.0]]]), bank)
+        >>> matched[0], similarity, coverage
+        (tensor([[0., 2.],
+                [0., 2.]]), tensor([[1., 1.]]), tensor([[0., 1.]]))
+    """
+    batch, length, _ = query.shape
+    bank_normalized = F.normalize(bank, dim=1)
+    query_normalized = F.normalize(query, dim=2)
+    if torch.compiler.is_exporting():
+        similarity = query_normalized.reshape(batch * length, -1) @ bank_normalized.T
+        indices, best = _first_index_of_max(similarity)
+        coverage = similarity.reshape(batch, length, -1).amax(dim=1)
+        return bank[indices].reshape(batch, length, -1), best.reshape(batch, length), coverage
+    # bound the similarity matrix: whole images at a time where they fit, else blocks of rows of one image
+    size = max(1, length * bank.shape[0])
+    if size <= _MATCH_BLOCK_ELEMENTS:
+        blocks = query_normalized.split(_MATCH_BLOCK_ELEMENTS // size)
+        parts = [_match_block(images, bank_normalized) for images in blocks]
+    else:
+        rows = max(1, _MATCH_BLOCK_ELEMENTS // max(1, bank.shape[0]))
+        parts = []
+        for image in query_normalized:
+            blocks = [_match_block(part.unsqueeze(0), bank_normalized) for part in image.split(rows)]
+            best, indices = (torch.cat([block[i] for block in blocks], dim=1) for i in range(2))
+            parts.append((best, indices, torch.stack([block[2] for block in blocks]).amax(dim=0)))
+    best, indices, coverage = (torch.cat([part[i] for part in parts]) for i in range(3))
+    return bank[indices], best, coverage
+
+
+def _match_block(images: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best similarity and index per row ``(b, n)`` and per bank row ``(b, M)`` of normalised ``(b, n, C)``."""
+    similarity = images @ bank.T
+    best, indices = similarity.max(dim=2)
+    return best, indices, similarity.amax(dim=1)
 
 
 def nearest_reference(query: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,19 +118,8 @@ def nearest_reference(query: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Te
         (tensor([[0., 2.],
                 [1., 0.]]), tensor([1., 1.]))
     """
-    bank_normalized = F.normalize(bank, dim=1)
-    query_normalized = F.normalize(query, dim=1)
-    if torch.compiler.is_exporting():
-        similarity = query_normalized @ bank_normalized.T
-        indices, best = _first_index_of_max(similarity)
-        return bank[indices], best
-    block = max(1, _MATCH_BLOCK_ELEMENTS // max(1, bank.shape[0]))  # bound the (N, M) similarity matrix
-    best, indices = [], []
-    for part in query_normalized.split(block):
-        part_best, part_indices = (part @ bank_normalized.T).max(dim=1)
-        best.append(part_best)
-        indices.append(part_indices)
-    return bank[torch.cat(indices)], torch.cat(best)
+    matched, similarity, _ = match_features(query.unsqueeze(0), bank)
+    return matched[0], similarity[0]
 
 
 def _first_index_of_max(similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,11 +162,6 @@ def flatten_positions(feature: torch.Tensor) -> torch.Tensor:
     return feature.permute(0, 2, 3, 1).reshape(-1, feature.shape[1])
 
 
-def unflatten_positions(vectors: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`flatten_positions`: ``(B*H*W, C)`` back to ``(B, C, H, W)``."""
-    return vectors.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
-
-
 def flatten_levels(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Turn ``(k, C, H, W)`` feature maps into ``(k*H*W, C)`` banks, one per level.
 
@@ -131,6 +172,20 @@ def flatten_levels(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         list[torch.Tensor]: Per-level reference banks.
     """
     return [flatten_positions(feature) for feature in features]
+
+
+class ResidualMatches(NamedTuple):
+    """What :class:`FeatureConverter` returns, per level.
+
+    Attributes:
+        residuals (list[torch.Tensor]): Residual features ``(B, C_l, H_l, W_l)``.
+        similarities (list[torch.Tensor]): Cosine similarity of each query position's match ``(B, H_l, W_l)``.
+        coverage (list[torch.Tensor]): Each reference position's best similarity in each image ``(B, M_l)``.
+    """
+
+    residuals: list[torch.Tensor]
+    similarities: list[torch.Tensor]
+    coverage: list[torch.Tensor]
 
 
 @dataclass
@@ -230,7 +285,7 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
         self,
         features: Sequence[torch.Tensor],
         bank: Sequence[torch.Tensor] | None = None,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    ) -> "ResidualMatches":
         """Residuals of the query features against their nearest reference features.
 
         Args:
@@ -239,8 +294,9 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
                 ``None``.
 
         Returns:
-            tuple[list[torch.Tensor], list[torch.Tensor]]: Per level, the residual features ``(B, C_l, H_l, W_l)``
-            and the cosine similarity of each position's match ``(B, H_l, W_l)``.
+            ResidualMatches: Per level, the residual features ``(B, C_l, H_l, W_l)``, the cosine similarity of each
+            position's match ``(B, H_l, W_l)`` and each reference position's best similarity in each image
+            ``(B, M_l)``.
         """
         if bank is None:
             if not torch.compiler.is_exporting():
@@ -255,12 +311,13 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
             # not ``self.bank``: reading ``reference_grid`` (a buffer) into Python ints fails ``torch.export``'s
             # non-strict trace, which then prints the partial graph and retries with the slower strict one
             bank = self.reference_levels
-        residuals, similarities = [], []
+        residuals, similarities, coverage = [], [], []
         for feature, references in zip(features, bank, strict=True):
             batch, _, height, width = feature.shape
-            matched, similarity = nearest_reference(flatten_positions(feature), references)
-            residuals.append(
-                residual_features(feature, unflatten_positions(matched, batch, height, width), self.residual)
-            )
+            vectors = feature.permute(0, 2, 3, 1).reshape(batch, height * width, -1)
+            matched, similarity, level_coverage = match_features(vectors, references)
+            matched = matched.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+            residuals.append(residual_features(feature, matched, self.residual))
             similarities.append(similarity.reshape(batch, height, width))
-        return residuals, similarities
+            coverage.append(level_coverage)
+        return ResidualMatches(residuals, similarities, coverage)

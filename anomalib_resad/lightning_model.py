@@ -578,7 +578,8 @@ class ResAD(AnomalibModule):
         for class_name in sorted(set(classes)):
             index = torch.tensor([i for i, name in enumerate(classes) if name == class_name], device=images.device)
             bank = self.references.training_bank(class_name, self.train_k, self._train_rng)
-            class_residuals, _ = self.model.feature_converter([feature[index] for feature in features], bank.levels)
+            class_features = [feature[index] for feature in features]
+            class_residuals = self.model.feature_converter(class_features, bank.levels).residuals
             for level, residual in enumerate(class_residuals):
                 residuals[level][index] = residual
         level_masks = [F.interpolate(masks.unsqueeze(1), size=r.shape[-2:], mode="nearest")[:, 0] for r in residuals]

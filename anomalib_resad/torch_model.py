@@ -123,7 +123,7 @@ class ResADModel(nn.Module):
             image_size (tuple[int, int]): Size of the pre-processed images (the maps' resolution).
 
         Returns:
-            torch.Tensor: The flat calibration ``(L + 4,)``.
+            torch.Tensor: The flat calibration ``(L + 5,)``.
         """
         was_training = self.training
         self.eval()  # BatchNorm on running statistics, as at inference
@@ -165,13 +165,18 @@ class ResADModel(nn.Module):
         self,
         features: Sequence[torch.Tensor],
         reference_bank: Sequence[torch.Tensor] | None = None,
-    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor]]:
-        """Per-level log-likelihood maps and match similarities of backbone features (the paper's figure, per box)."""
-        residuals, similarities = self.feature_converter(features, reference_bank)
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[torch.Tensor], list[torch.Tensor]]:
+        """Per-level log-likelihood maps and matches of backbone features (the paper's figure, per box).
+
+        Returns:
+            tuple: Per level, the normal and abnormal log-likelihood maps ``(B, H_l, W_l)``, each position's match
+            similarity ``(B, H_l, W_l)`` and each reference position's best similarity in each image ``(B, M_l)``.
+        """
+        residuals, similarities, coverage = self.feature_converter(features, reference_bank)
         if self.codebook is not None and not self.training:  # EFDM at test time only, as the reference
             residuals = self.codebook(residuals)
         constrained = self.feature_constraintor(residuals)
-        return self.residual_flow(constrained), similarities
+        return self.residual_flow(constrained), similarities, coverage
 
     def score_components(
         self,
@@ -181,8 +186,10 @@ class ResADModel(nn.Module):
         image_size: tuple[int, int] | torch.Size,
     ) -> ScoreComponents:
         """Uncalibrated scoring of backbone features against a bank (calibration and the exported calibrator)."""
-        log_likelihoods, similarities = self.level_outputs(features, reference_bank)
-        return self.anomaly_map_generator.components(log_likelihoods, similarities, image_size, level_constants)
+        log_likelihoods, similarities, coverage = self.level_outputs(features, reference_bank)
+        return self.anomaly_map_generator.components(
+            log_likelihoods, similarities, image_size, level_constants, coverage
+        )
 
     def forward(
         self,
@@ -196,14 +203,14 @@ class ResADModel(nn.Module):
             images (torch.Tensor): Pre-processed images ``(B, 3, H, W)``.
             reference_bank (Sequence[torch.Tensor] | None): Per-level banks ``(M_l, C_l)`` to use instead of the
                 stored one (all images must belong to the bank's class).
-            calibration (torch.Tensor | None): That bank's calibration ``(L + 4,)``; the stored one when ``None``.
+            calibration (torch.Tensor | None): That bank's calibration ``(L + 5,)``; the stored one when ``None``.
 
         Returns:
             InferenceBatch: ``pred_score`` ``(B,)`` and ``anomaly_map`` ``(B, 1, H, W)``.
         """
         features = self.feature_extractor(images)
-        log_likelihoods, similarities = self.level_outputs(features, reference_bank)
+        log_likelihoods, similarities, coverage = self.level_outputs(features, reference_bank)
         anomaly_map, pred_score = self.anomaly_map_generator(
-            log_likelihoods, similarities, images.shape[-2:], calibration
+            log_likelihoods, similarities, images.shape[-2:], calibration, coverage
         )
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)

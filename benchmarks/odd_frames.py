@@ -1,19 +1,30 @@
 # Copyright (C) 2026 anomalib-resad contributors
 # SPDX-License-Identifier: Apache-2.0
-"""How far odd frames sit above a class's dissimilarity threshold, next to its normal images: the odd-frame margin.
+"""The odd-frame check on real classes: how often it fires on normal and anomalous images, and on odd frames.
 
-ResAD flags frames unlike a class's references (blank, saturated, noise, another product) by their *dissimilarity* -
-the mean ``1 - cos`` of their nearest-reference matches - above ``dissimilarity_margin`` x the largest value the k
-references give each other (leave-one-out). This script prints, per class of a setting and per kind of frame, that
-ratio ``dissimilarity / leave-one-out maximum`` (the margin at which the frame would stop being flagged), with the same
-reference draws as ``benchmarks/ablation.py`` (seed + draw). Normal test images' ratios are in ablation's
-``image_scores.csv`` (column ``dis``): a margin is good where every odd frame is above it and few normal images are.
+ResAD flags frames unlike a class's references with two statistics (:func:`anomalib_resad.anomaly_map.
+odd_frame_statistics`): the *dissimilarity* (mean ``1 - cos`` of each image position's nearest reference feature)
+and the *reverse dissimilarity* (mean ``1 - cos`` of each reference position's nearest feature in the image), each
+above ``dissimilarity_margin`` x the largest value the k references give each other (leave-one-out). Both depend on
+the backbone features only, so this script computes them without the flows: each image is encoded once per setting
+and matched against every (k, draw) reference bank of its class - the same draws (``seed + draw``) and the same test
+and source-validation images, in the same order, as ``benchmarks/ablation.py``.
 
-    python benchmarks/odd_frames.py --setting shared_pcb_crack_to_tile \\
-        --checkpoint results/ablation_e3/shared_pcb_crack_to_tile/model.ckpt --shots 2 4 --draws 3
+It writes one CSV row per (setting, role, category, k, draw, image) with both ratios to the leave-one-out maxima
+(``dis``, ``rev``; a frame is flagged when one exceeds the margin), and prints, per setting / role / k, the share of
+normal and of anomalous images each check flags at several margins, then the smallest ratio of each odd frame kind
+(black, white, grey, saturated red, Gaussian noise, and "another product": normal images of the setting's other
+classes). With ``--image_scores`` (ablation's per-image CSVs of the same settings and checkpoints) it also prints the
+product's verdict (fused score over ``--margin`` or the check over ``--dissimilarity_margin``) with the forward
+check alone and with both checks.
+
+    python benchmarks/odd_frames.py \\
+        --run shared_pcb_crack_to_tile=results/ablation_e3/shared_pcb_crack_to_tile/model.ckpt \\
+        --image_scores results/rescore_tile/shared_pcb_crack_to_tile/image_scores.csv --output results/odd_frames.csv
 """
 
 import argparse
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +34,14 @@ import yaml
 from PIL import Image
 
 from anomalib_resad import ResAD
-from anomalib_resad.anomaly_map import ScoreCalibration
-from anomalib_resad.data.multi_class import MultiClassDataModule
-from anomalib_resad.feature_converter import flatten_positions
+from anomalib_resad.anomaly_map import odd_frame_statistics
+from anomalib_resad.data.multi_class import CATEGORY_COLUMN, MultiClassDataModule, MultiClassDataset
+from anomalib_resad.evaluation import _resize_of
+from anomalib_resad.feature_converter import flatten_levels
 
 REPO = Path(__file__).resolve().parents[1]
+MARGINS = (1.0, 1.25, 1.5, 2.0)
+KEYS = ["setting", "role", "category", "k", "draw"]
 
 
 def synthetic_frames(size: tuple[int, int], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -52,105 +66,157 @@ def read(path: str, size: tuple[int, int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def two_way_distances(query: list[torch.Tensor], references: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query image: mean ``1 - cos`` of its positions' best reference match (forward, ResAD's dissimilarity) and
-    of the references' positions' best match in that image (reverse: what of the references the image lacks),
-    averaged over levels. ``query`` ``(B, C, H, W)`` and ``references`` ``(k, C, H, W)`` per level."""
-    forward, reverse = [], []
-    for level_query, level_references in zip(query, references, strict=True):
-        bank = torch.nn.functional.normalize(flatten_positions(level_references), dim=1)
-        vectors = torch.nn.functional.normalize(level_query.flatten(2).transpose(1, 2), dim=2)  # (B, HW, C)
-        similarity = vectors @ bank.T  # (B, HW, kHW)
-        forward.append((1 - similarity.amax(dim=2)).mean(dim=1))
-        reverse.append((1 - similarity.amax(dim=1)).mean(dim=1))
-    return torch.stack(forward).mean(dim=0), torch.stack(reverse).mean(dim=0)
+def statistics(resad: ResAD, query: list[torch.Tensor], references: list[torch.Tensor]) -> torch.Tensor:
+    """``(B, 2)`` dissimilarity and reverse dissimilarity of query features against reference features (per level
+    ``(B, C, H, W)`` and ``(k, C, H, W)``), through the product's matching and formula."""
+    matches = resad.model.feature_converter(query, flatten_levels(references))
+    return torch.stack(odd_frame_statistics(matches.similarities, matches.coverage), dim=1)
 
 
 @torch.no_grad()
-def two_way_ratios(resad: ResAD, features: list[torch.Tensor], frames: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Forward, reverse and symmetric (their mean) distances of frames over the references' leave-one-out maxima."""
+def leave_one_out_maxima(resad: ResAD, features: list[torch.Tensor]) -> torch.Tensor:
+    """``(2,)`` the largest of each statistic over the references, each scored against the other k - 1."""
     k = int(features[0].shape[0])
-    loo = [
-        two_way_distances([level[i : i + 1] for level in features],
-                          [torch.cat([level[:i], level[i + 1 :]]) for level in features])
+    return torch.cat([
+        statistics(resad, [level[i : i + 1] for level in features],
+                   [torch.cat([level[:i], level[i + 1 :]]) for level in features])
         for i in range(k)
-    ]  # fmt: skip
-    images = resad.pre_processor.transform(frames)
-    forward, reverse = two_way_distances(resad.model.feature_extractor(images), features)
-    loo_forward = max(float(f) for f, _ in loo)
-    loo_reverse = max(float(r) for _, r in loo)
-    loo_symmetric = max(float(f + r) / 2 for f, r in loo)
-    return {"forward": forward / loo_forward, "reverse": reverse / loo_reverse,
-            "symmetric": (forward + reverse) / 2 / loo_symmetric}  # fmt: skip
+    ]).amax(dim=0)  # fmt: skip
 
 
 @torch.no_grad()
-def dissimilarity_ratios(resad: ResAD, bank, frames: torch.Tensor) -> torch.Tensor:
-    """``dissimilarity / leave-one-out maximum`` of frames ``(N, 3, H, W)`` in ``[0, 1]`` against a class's bank."""
-    model = resad.model
-    calibration = ScoreCalibration.from_tensor(bank.calibration)
-    loo_max = calibration.dissimilarity_threshold / model.dissimilarity_margin
-    images = resad.pre_processor.transform(frames)
-    features = model.feature_extractor(images)
-    parts = model.score_components(features, bank.levels, calibration.level_constants, images.shape[-2:])
-    return parts.dissimilarity / loo_max
+def encode(resad: ResAD, images: torch.Tensor, batch_size: int = 16) -> list[torch.Tensor]:
+    """Backbone features of images in ``[0, 1]`` (pre-processed by the model's own transform)."""
+    parts = [resad.model.feature_extractor(resad.pre_processor.transform(chunk)) for chunk in images.split(batch_size)]
+    return [torch.cat(level) for level in zip(*parts, strict=True)]
 
 
-def main() -> None:
-    """Print one table: class x frame kind, ratio over draws (min / median)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setting", required=True)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--shots", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--draws", type=int, default=3)
-    parser.add_argument("--others", type=int, default=4, help="images of each other class used as 'another product'")
-    parser.add_argument("--output", type=Path, default=None, help="also write the rows to this CSV")
-    parser.add_argument("--normals", type=int, default=8, help="normal test images of the class, for comparison")
-    parser.add_argument("--two_way", action="store_true", help="also the reverse (coverage) and symmetric distances")
-    args = parser.parse_args()
-    config = yaml.safe_load((REPO / "configs" / "settings" / f"{args.setting}.yaml").read_text())
+def run_setting(setting: str, checkpoint: str, shots: list[int], draws: int, others: int) -> pd.DataFrame:
+    config = yaml.safe_load((REPO / "configs" / "settings" / f"{setting}.yaml").read_text())
     seed = config.get("seed", 42)
     datamodule = MultiClassDataModule(sources=config["sources"], targets=config["targets"], num_workers=0, seed=seed)
     datamodule.setup()
-    resad = ResAD.load_from_checkpoint(args.checkpoint, map_location="cpu").eval()
+    resad = ResAD.load_from_checkpoint(checkpoint, map_location="cpu").eval()
     size = tuple(int(v) for v in resad.input_size)
-    categories = [*datamodule.target_categories, *datamodule.source_categories]
-    pools = {name: datamodule.reference_pool(name) for name in categories}
+    pools = {name: datamodule.reference_pool(name) for name in datamodule.target_categories}
+    pools.update({name: datamodule.reference_pool(name) for name in datamodule.source_categories})
     resad.references.set_pools(pools)
+    groups = [("target", name, datamodule.test_data.samples) for name in datamodule.target_categories]
+    groups += [("source", name, datamodule.val_data.samples) for name in datamodule.source_categories]
     frames = synthetic_frames(size)
     rows = []
-    for category in categories:
-        # "another product": normal images of the other classes of the setting (never this class's)
-        others = [path for name in categories if name != category for path in pools[name][: args.others]]
-        samples = datamodule.test_data.samples
-        normal = samples[(samples.category == category) & (samples.label_index == 0)].image_path.tolist()
-        for k in args.shots:
-            for draw in range(args.draws):
+    for role, category, table in groups:
+        samples = table[table[CATEGORY_COLUMN] == category]
+        if samples.label_index.nunique() < 2:  # as ablation.py: classes without both labels are not evaluated
+            continue
+        dataset = MultiClassDataset(samples, "classification", _resize_of(resad))
+        images = torch.stack([dataset[index].image for index in range(len(dataset))])
+        query = encode(resad, images)
+        labels = samples.label_index.to_numpy()
+        other = [path for name in pools if name != category for path in pools[name][:others]]
+        odd = {**frames, **{f"another product: {Path(path).parent.parent.parent.name}": read(path, size)
+                            for path in other}}  # fmt: skip
+        odd_query = encode(resad, torch.stack(list(odd.values())))
+        for k in shots:
+            for draw in range(draws):
                 selection = resad.references.select(category, k, seed + draw)
-                bank = resad.references.bank(selection)
-                batch = {name: frame.unsqueeze(0) for name, frame in frames.items()}
-                batch["another product"] = torch.stack([read(path, size) for path in others])
-                if normal:
-                    batch["normal (test)"] = torch.stack([read(path, size) for path in normal[: args.normals]])
-                features = resad.references.features(selection.paths) if args.two_way else None
-                for kind, images in batch.items():
-                    ratios = {"dissimilarity": dissimilarity_ratios(resad, bank, images)}
-                    if features is not None:
-                        ratios.update(two_way_ratios(resad, features, images))
-                    for statistic, values in ratios.items():
-                        rows += [{"category": category, "k": k, "draw": draw, "frame": kind, "statistic": statistic,
-                                  "ratio": float(r)} for r in values]  # fmt: skip
-    frame = pd.DataFrame(rows)
-    if args.output:
+                features = resad.references.features(selection.paths)
+                maxima = leave_one_out_maxima(resad, features)
+                base = {"setting": setting, "category": category, "k": k, "draw": draw}
+                ratios = statistics(resad, query, features) / maxima
+                rows += [{**base, "role": role, "frame": "test", "label": int(label), "index": index,
+                          "dis": float(r[0]), "rev": float(r[1])}
+                         for index, (label, r) in enumerate(zip(labels, ratios, strict=True))]  # fmt: skip
+                ratios = statistics(resad, odd_query, features) / maxima
+                rows += [{**base, "role": "odd", "frame": kind, "label": -1, "index": index,
+                          "dis": float(r[0]), "rev": float(r[1])}
+                         for index, (kind, r) in enumerate(zip(odd, ratios, strict=True))]  # fmt: skip
+        print(f"[{setting}] {role} {category} done", flush=True)
+    return pd.DataFrame(rows)
+
+
+def check_rates(frame: pd.DataFrame) -> pd.DataFrame:
+    """Share of images flagged by each check, per setting / role / k / label, at each margin."""
+    tests = frame[frame.role != "odd"]
+    out = []
+    for key, cell in tests.groupby(["setting", "role", "k", "label"]):
+        row = dict(zip(["setting", "role", "k", "label"], key, strict=True))
+        for margin in MARGINS:
+            row[f"fwd@{margin}"] = float((cell.dis > margin).mean())
+            row[f"rev@{margin}"] = float((cell.rev > margin).mean())
+            row[f"both@{margin}"] = float(((cell.dis > margin) | (cell.rev > margin)).mean())
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def odd_minima(frame: pd.DataFrame) -> pd.DataFrame:
+    """Smallest ratio (over classes and draws) of each odd frame kind, forward / reverse / larger of the two."""
+    odd = frame[frame.role == "odd"].copy()
+    odd["kind"] = odd.frame.str.replace(r"another product: .*", "another product", regex=True)
+    odd["either"] = odd[["dis", "rev"]].max(axis=1)
+    return odd.groupby(["setting", "k", "kind"])[["dis", "rev", "either"]].min().unstack("kind").round(2)
+
+
+def verdicts(frame: pd.DataFrame, scores: pd.DataFrame, margin: float, dissimilarity_margin: float) -> pd.DataFrame:
+    """The product's verdict (fused score over ``margin`` or a check over ``dissimilarity_margin``), forward check
+    alone vs both checks, per setting / role / k: normal FPR and anomalous recall (mean over categories and draws)."""
+    scores = scores.copy()
+    scores["index"] = scores.groupby(KEYS).cumcount()
+    merged = frame[frame.role != "odd"].merge(scores, on=[*KEYS, "index"], suffixes=("", "_ablation"))
+    aligned = np.abs(merged.dis - merged.dis_ablation).max()
+    if len(merged) != len(scores) or aligned > 1e-3 or (merged.label != merged.label_ablation).any():
+        msg = f"image order differs from the ablation's ({len(merged)} of {len(scores)} rows; dis max diff {aligned})"
+        raise RuntimeError(msg)
+    fused = (merged["max"] + merged["nn2"]) / 2 > margin
+    merged["forward"] = fused | (merged.dis > dissimilarity_margin)
+    merged["both"] = merged.forward | (merged.rev > dissimilarity_margin)
+    rows = []
+    for key, cell in merged.groupby(KEYS):
+        normal, anomalous = cell[cell.label == 0], cell[cell.label == 1]
+        rows.append({**dict(zip(KEYS, key, strict=True)),
+                     "FPR forward": normal.forward.mean(), "FPR both": normal.both.mean(),
+                     "recall forward": anomalous.forward.mean(), "recall both": anomalous.both.mean()})  # fmt: skip
+    return (
+        pd.DataFrame(rows)
+        .groupby(["setting", "role", "k"])[["FPR forward", "FPR both", "recall forward", "recall both"]]
+        .mean()
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", nargs="+", required=True, help="setting=checkpoint pairs")
+    parser.add_argument("--shots", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--others", type=int, default=1, help="normal images of each other class: 'another product'")
+    parser.add_argument("--output", type=Path, default=Path("results/odd_frames.csv"))
+    parser.add_argument("--image_scores", nargs="*", default=[], help="ablation's image_scores.csv of these runs")
+    parser.add_argument("--margin", type=float, default=1.25)
+    parser.add_argument("--dissimilarity_margin", type=float, default=1.5)
+    args = parser.parse_args()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
+                            check=False).stdout.strip()  # fmt: skip
+    print(f"commit {commit}; args {vars(args)}", flush=True)
+    # resume: settings already measured are read back
+    frame = pd.read_csv(args.output) if args.output.exists() else pd.DataFrame(columns=["setting"])
+    for pair in args.run:
+        setting, checkpoint = pair.split("=", 1)
+        if setting in set(frame.setting):
+            continue
+        frame = pd.concat([frame, run_setting(setting, checkpoint, args.shots, args.draws, args.others)])
+        args.output.parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(args.output, index=False)
-    print(f"Dissimilarity of odd frames / leave-one-out maximum, {args.setting}, checkpoint {args.checkpoint}")
-    print("(min over draws and images; a frame is flagged while this exceeds dissimilarity_margin; for normal test")
-    print("images the max, which a margin must stay above)\n")
-    for statistic, rows_of in frame.groupby("statistic", sort=False):
-        odd = rows_of[rows_of.frame != "normal (test)"].groupby(["k", "category", "frame"]).ratio.min()
-        table = odd.unstack("frame")
-        table["normal (test) max"] = rows_of[rows_of.frame == "normal (test)"].groupby(["k", "category"]).ratio.max()
-        print(f"{statistic}:\n{table.round(2).to_string()}\n")
+    frame = frame.astype({"k": int, "draw": int, "label": int, "index": int})
+    pd.set_option("display.width", 250)
+    print("\nShare of test images flagged by the check (ratio > margin): fwd = dissimilarity, rev = reverse")
+    print(check_rates(frame).round(3).to_string(index=False))
+    print("\nOdd frames: smallest ratio over classes and draws (flagged while above the margin)")
+    print(odd_minima(frame).to_string())
+    if args.image_scores:
+        scores = pd.concat([pd.read_csv(path) for path in args.image_scores], ignore_index=True)
+        table = verdicts(frame, scores, args.margin, args.dissimilarity_margin)
+        print(f"\nVerdicts at margin {args.margin}, dissimilarity margin {args.dissimilarity_margin}:")
+        print((100 * table).round(1).to_string())
 
 
 if __name__ == "__main__":

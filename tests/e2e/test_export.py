@@ -241,7 +241,7 @@ def test_resad_references_command_line(deployment: Path, texture_root: Path, tmp
     inferencer = ReferenceConditionedInferencer(deployment)
     inferencer.add_class("gravel", output)
     assert inferencer.banks["gravel"]["reference_0"].shape[0] == 2 * 24 * 24  # k=2 images, 24x24 grid at 96 px
-    assert inferencer.banks["gravel"]["calibration"].shape == (3 + 4,)  # per-level constants + 4 thresholds
+    assert inferencer.banks["gravel"]["calibration"].shape == (3 + 5,)  # per-level constants + 5 thresholds
     assert "Wrote" in result.stdout and str(output) in result.stdout  # says what it wrote
 
 

@@ -70,7 +70,7 @@ def test_dissimilarity_is_mean_one_minus_match_similarity() -> None:
 def test_calibrated_output_is_in_units_of_the_class_threshold() -> None:
     generator = AnomalyMapGenerator(num_levels=1, sigma=1.0)
     raw = components(generator, [level(-1.0)], torch.zeros(1))
-    calibration = ScoreCalibration(torch.zeros(1), 2.0, 4.0, 0.5, 1.0).to_tensor()
+    calibration = ScoreCalibration(torch.zeros(1), 2.0, 4.0, 0.5, 1.0, 1.0).to_tensor()
     similarities = [torch.ones(1, 4, 4)]
     anomaly_map, score = generator([level(-1.0)], similarities, (8, 8), calibration)
     torch.testing.assert_close(anomaly_map, raw.anomaly_map / 2.0)
@@ -79,7 +79,7 @@ def test_calibrated_output_is_in_units_of_the_class_threshold() -> None:
 
 def test_a_frame_unlike_the_references_scores_above_the_threshold_whatever_its_likelihood() -> None:
     generator = AnomalyMapGenerator(num_levels=1)
-    calibration = ScoreCalibration(torch.zeros(1), 1.0, 1.0, 0.2, 1.0).to_tensor()
+    calibration = ScoreCalibration(torch.zeros(1), 1.0, 1.0, 0.2, 1.0, 1.0).to_tensor()
     # a blank frame: the flow finds it perfectly likely, but its features match the references badly
     _, score = generator([level(10.0)], [torch.full((1, 4, 4), 0.5)], (8, 8), calibration)
     assert float(score) == pytest.approx(0.5 / 0.2)
@@ -90,7 +90,7 @@ def test_a_frame_unlike_the_references_scores_above_the_threshold_whatever_its_l
 
 def test_the_odd_frame_check_sets_labels_without_reordering_the_frames_it_passes() -> None:
     generator = AnomalyMapGenerator(num_levels=1)
-    calibration = ScoreCalibration(torch.zeros(1), 1.0, 1.0, 0.2, 1.0).to_tensor()
+    calibration = ScoreCalibration(torch.zeros(1), 1.0, 1.0, 0.2, 1.0, 1.0).to_tensor()
     likely, unlikely = level(10.0), level(-1.0)  # flow score 0 and > 0
     # below its threshold (0.19 / 0.2 < 1) the dissimilarity does not lift a score: the two keep their order
     _, quiet = generator([likely], [torch.full((1, 4, 4), 0.81)], (8, 8), calibration)
@@ -111,31 +111,41 @@ def test_global_constants_follow_training_by_ema() -> None:
     generator = AnomalyMapGenerator(num_levels=2, level_constants="global")
     generator.update_global_constant(1, torch.tensor([0.5, 2.0, 1.0]), momentum=0.9)
     torch.testing.assert_close(generator.global_level_constants, torch.tensor([0.0, 0.2]))
-    calibration = ScoreCalibration(torch.tensor([7.0, 7.0]), 1.0, 1.0, 1.0, 1.0).to_tensor()
+    calibration = ScoreCalibration(torch.tensor([7.0, 7.0]), 1.0, 1.0, 1.0, 1.0, 1.0).to_tensor()
     torch.testing.assert_close(generator.constants_for(calibration), torch.tensor([0.0, 0.2]))
     per_class = AnomalyMapGenerator(num_levels=2)
     torch.testing.assert_close(per_class.constants_for(calibration), torch.tensor([7.0, 7.0]))
 
 
 def fake_scores(
-    level_max: list[list[float]], values: list[float], dissimilarities: list[float], nearest: list[float] | None = None
+    level_max: list[list[float]],
+    values: list[float],
+    dissimilarities: list[float],
+    nearest: list[float] | None = None,
+    reverse: list[float] | None = None,
 ):
-    """A scorer of k references: image i has these level maxima, map/score value, dissimilarity, nearest score."""
+    """A scorer of k references: image i has these level maxima, map/score value, dissimilarities, nearest score."""
     nearest = nearest or [0.0] * len(values)
+    reverse = reverse or [0.0] * len(values)
     calls = []
 
     def score_reference(index: int, constants: torch.Tensor) -> ScoreComponents:
         calls.append((index, constants.clone()))
         value = torch.tensor([values[index] + float(constants.sum())])  # depends on the constants it is given
         return ScoreComponents(None, value, value, torch.tensor([dissimilarities[index]]),
-                               torch.tensor([level_max[index]]), torch.tensor([nearest[index]]))  # fmt: skip
+                               torch.tensor([level_max[index]]), torch.tensor([nearest[index]]),
+                               torch.tensor([reverse[index]]))  # fmt: skip
 
     return score_reference, calls
 
 
 def test_leave_one_out_rule_constants_then_thresholds() -> None:
     score_reference, calls = fake_scores(
-        [[1.0, -2.0], [3.0, -5.0], [2.0, -1.0]], [0.1, 0.3, 0.2], [0.05, 0.1, 0.2], nearest=[0.4, 0.6, 0.5]
+        [[1.0, -2.0], [3.0, -5.0], [2.0, -1.0]],
+        [0.1, 0.3, 0.2],
+        [0.05, 0.1, 0.2],
+        nearest=[0.4, 0.6, 0.5],
+        reverse=[0.3, 0.1, 0.2],
     )
     calibration = leave_one_out_calibration(score_reference, 3, 2, margin=1.5, dissimilarity_margin=2.0)
     torch.testing.assert_close(calibration.level_constants, torch.tensor([3.0, -1.0]))  # per-level max over refs
@@ -144,6 +154,7 @@ def test_leave_one_out_rule_constants_then_thresholds() -> None:
     assert calibration.score_threshold == pytest.approx(1.5 * 2.3)
     assert calibration.dissimilarity_threshold == pytest.approx(2.0 * 0.2)
     assert calibration.nearest_threshold == pytest.approx(1.5 * 0.6)
+    assert calibration.reverse_dissimilarity_threshold == pytest.approx(2.0 * 0.3)  # its own maximum, not another's
     assert sorted({index for index, _ in calls}) == [0, 1, 2]  # every reference left out in turn
 
 
@@ -157,13 +168,14 @@ def test_leave_one_out_with_global_constants_and_k1() -> None:
 
 
 def test_calibration_round_trips_through_a_flat_tensor() -> None:
-    calibration = ScoreCalibration(torch.tensor([1.0, -2.0, 3.0]), 0.5, 0.25, 0.125, 2.0)
+    calibration = ScoreCalibration(torch.tensor([1.0, -2.0, 3.0]), 0.5, 0.25, 0.125, 2.0, 4.0)
     values = calibration.to_tensor()
-    assert values.tolist() == [1.0, -2.0, 3.0, 0.5, 0.25, 0.125, 2.0]
+    assert values.tolist() == [1.0, -2.0, 3.0, 0.5, 0.25, 0.125, 2.0, 4.0]
     restored = ScoreCalibration.from_tensor(values)
     torch.testing.assert_close(restored.level_constants, calibration.level_constants)
     thresholds = (restored.map_threshold, restored.score_threshold, restored.dissimilarity_threshold)
     assert thresholds == (0.5, 0.25, 0.125) and restored.nearest_threshold == 2.0
+    assert restored.reverse_dissimilarity_threshold == 4.0
 
 
 def test_nearest_score_is_the_blurred_match_distance_of_the_two_deepest_levels() -> None:
@@ -178,7 +190,7 @@ def test_nearest_score_is_the_blurred_match_distance_of_the_two_deepest_levels()
 
 
 def test_with_nearest_score_the_image_score_averages_the_two_calibrated_ratios() -> None:
-    calibration = ScoreCalibration(torch.zeros(1), 1.0, 4.0, 10.0, 0.25).to_tensor()
+    calibration = ScoreCalibration(torch.zeros(1), 1.0, 4.0, 10.0, 0.25, 1.0).to_tensor()
     similarities = [torch.full((1, 4, 4), 0.5)]  # nearest score 0.5 -> ratio 2
     flow_only = AnomalyMapGenerator(num_levels=1, sigma=1.0)
     fused = AnomalyMapGenerator(num_levels=1, sigma=1.0, nearest_score=True)
@@ -193,7 +205,7 @@ def test_checkpoints_without_the_nearest_threshold_still_load() -> None:
     generator = AnomalyMapGenerator(num_levels=2)
     old = {**generator.state_dict(), "calibration": torch.tensor([1.0, 2.0, 0.5, 0.5, 0.5])}  # L + 3 values
     generator.load_state_dict(old)
-    assert generator.calibration.tolist() == [1.0, 2.0, 0.5, 0.5, 0.5, 0.0]
+    assert generator.calibration.tolist() == [1.0, 2.0, 0.5, 0.5, 0.5, 0.0, 0.0]
     assert generator.has_calibration  # scores as before
     fused = AnomalyMapGenerator(num_levels=2, nearest_score=True)
     fused.load_state_dict(old)
@@ -208,3 +220,38 @@ def test_a_deployment_of_the_previous_format_is_refused_with_the_command_that_re
     (tmp_path / METADATA_FILE).write_text(json.dumps({"format_version": 2}))
     with pytest.raises(ResADInputError, match=r"older anomalib-resad .*resad export --checkpoint"):
         ReferenceConditionedInferencer(tmp_path)
+
+
+def test_checkpoints_without_the_reverse_threshold_load_with_that_check_off(caplog: pytest.LogCaptureFixture) -> None:
+    generator = AnomalyMapGenerator(num_levels=1, sigma=1.0)
+    old = {**generator.state_dict(), "calibration": torch.tensor([0.0, 1.0, 1.0, 0.2, 1.0])}  # L + 4 values
+    with caplog.at_level("WARNING"):
+        generator.load_state_dict(old)
+    assert generator.calibration.tolist() == pytest.approx([0.0, 1.0, 1.0, 0.2, 1.0, 0.0])
+    assert "reverse odd-frame check" in caplog.text and "set again" in caplog.text
+    assert generator.has_calibration
+    # no coverage at all: a reverse dissimilarity of 1 would be flagged at any calibrated threshold below 1
+    covering_nothing = [torch.zeros(1, 16)]
+    _, score = generator([level(0.0)], [torch.ones(1, 4, 4)], (8, 8), coverage=covering_nothing)
+    assert float(score) < 1  # threshold 0 = not calibrated: that check is off, the score is the score
+
+
+def test_the_reverse_dissimilarity_flags_a_frame_that_covers_little_of_the_references() -> None:
+    """The case of a black frame against circuit-board references: every frame position matches the references'
+    uniform background (forward dissimilarity 0), while the references' tracks find nothing like them in the frame."""
+    generator = AnomalyMapGenerator(num_levels=2, sigma=1.0)
+    calibration = ScoreCalibration(torch.zeros(2), 1.0, 1.0, 0.2, 1.0, 0.25).to_tensor()
+    likely = [level(0.0), level(0.0)]
+    similarities = [torch.ones(1, 4, 4), torch.ones(1, 2, 2)]  # forward: perfectly matched
+    coverage = [torch.tensor([[1.0, 1.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.2]])]  # half, then 0.4 unmatched
+    parts = generator.components(likely, similarities, (8, 8), torch.zeros(2), coverage)
+    torch.testing.assert_close(parts.reverse_dissimilarity, torch.tensor([(0.5 + 0.4) / 2]))
+    assert float(parts.dissimilarity) == 0.0
+    _, score = generator(likely, similarities, (8, 8), calibration, coverage)
+    torch.testing.assert_close(score, torch.tensor([0.45 / 0.25]))  # raised to the reverse ratio: flagged
+    well_covered = [torch.ones(1, 4), torch.ones(1, 2)]
+    _, normal = generator(likely, similarities, (8, 8), calibration, well_covered)
+    assert float(normal) < 1
+    unchecked = AnomalyMapGenerator(num_levels=2, sigma=1.0, dissimilarity_check=False)
+    _, passed = unchecked(likely, similarities, (8, 8), calibration, coverage)
+    assert float(passed) < 1

@@ -51,6 +51,25 @@ def test_export_formulation_of_matching_equals_eager(monkeypatch: pytest.MonkeyP
     torch.testing.assert_close(expected, brute_force_nearest(query, bank))
 
 
+@pytest.mark.parametrize("block_elements", [1 << 20, 100, 7])  # several images, one image, rows of one image
+def test_coverage_is_each_reference_vectors_best_match_in_each_image(
+    monkeypatch: pytest.MonkeyPatch, block_elements: int
+) -> None:
+    monkeypatch.setattr(converter_module, "_MATCH_BLOCK_ELEMENTS", block_elements)
+    generator = torch.Generator().manual_seed(2)
+    query = torch.randn(3, 9, 5, generator=generator)
+    bank = torch.randn(11, 5, generator=generator)
+    matched, similarity, coverage = converter_module.match_features(query, bank)
+    cosine = F.cosine_similarity(query.unsqueeze(2), bank.view(1, 1, 11, 5), dim=3)  # (3, 9, 11)
+    torch.testing.assert_close(coverage, cosine.amax(dim=1))  # per image, not over the batch
+    torch.testing.assert_close(similarity, cosine.amax(dim=2))
+    torch.testing.assert_close(matched, bank[cosine.argmax(dim=2)])
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    exported = converter_module.match_features(query, bank)
+    for eager_part, exported_part in zip((matched, similarity, coverage), exported, strict=True):
+        torch.testing.assert_close(exported_part, eager_part)
+
+
 def test_matching_uses_cosine_but_returns_raw_reference_vectors() -> None:
     bank = torch.tensor([[10.0, 0.0], [0.0, 0.1]])
     query = torch.tensor([[0.0, 3.0]])  # same direction as [0, 0.1]: the raw (un-normalised) vector comes back
@@ -64,7 +83,7 @@ def test_residual_of_reference_against_itself_is_zero(residual: str) -> None:
     converter = FeatureConverter(num_levels=2, residual=residual)
     references = [torch.rand(3, 8, 5, 5), torch.rand(3, 16, 3, 3)]
     converter.set_bank(ReferenceBank.from_features(references))
-    residuals, similarities = converter([level[1:2] for level in references])
+    residuals, similarities, _ = converter([level[1:2] for level in references])
     assert all(float(level.abs().max()) == 0.0 for level in residuals)
     assert all(torch.allclose(level, torch.ones_like(level)) for level in similarities)
     assert [tuple(level.shape) for level in residuals] == [(1, 8, 5, 5), (1, 16, 3, 3)]

@@ -62,14 +62,14 @@ def test_distribution_matching_is_applied_at_test_time_only_and_trained_by_its_o
     for model in (plain, matched):
         model.model.eval()
     with torch.no_grad():
-        eval_plain, _ = plain.model.level_outputs(features, bank)
-        eval_matched, _ = matched.model.level_outputs(features, bank)
+        eval_plain, *_ = plain.model.level_outputs(features, bank)
+        eval_matched, *_ = matched.model.level_outputs(features, bank)
     assert not torch.allclose(eval_plain[0][0], eval_matched[0][0])
     matched.model.train()
     plain.model.train()
     with torch.no_grad():
-        train_plain, _ = plain.model.level_outputs(features, bank)
-        train_matched, _ = matched.model.level_outputs(features, bank)
+        train_plain, *_ = plain.model.level_outputs(features, bank)
+        train_matched, *_ = matched.model.level_outputs(features, bank)
     torch.testing.assert_close(train_plain[0][0], train_matched[0][0])  # training sees the raw residuals
     groups = matched.configure_optimizers()["optimizer"].param_groups
     assert [group["lr"] for group in groups] == [matched.lr, 1e-3]
