@@ -144,7 +144,7 @@ def resad_variants(
     dataset = MultiClassDataset(samples, "segmentation" if has_masks else "classification", _resize_of(resad))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=dataset.collate_fn)
     transform = resad.pre_processor.transform
-    collected = {mode: {"map": [], "max": [], "top1": [], "dis": [], "nll_max": [], "nll_top1": []}
+    collected = {mode: {"map": [], "max": [], "top1": [], "dis": [], "rev": [], "nll_max": [], "nll_top1": []}
                  for mode in calibrations}  # fmt: skip
     nearest = {name: [] for name in ("nn", "nn2", "nn2 pool")}
     pooled_bank = [F.avg_pool2d(level, 3, stride=1, padding=1) for level in features[-2:]]
@@ -167,7 +167,7 @@ def resad_variants(
         images, gt_masks = transform(batch.image, batch.gt_mask)
         images = images.to(device)
         query = model.feature_extractor(images)
-        log_likelihoods, similarities = model.level_outputs(query, bank)
+        log_likelihoods, similarities, coverage = model.level_outputs(query, bank)
         size = images.shape[-2:]
         nn_map = generator.blur(sum(generator._upsample((1 - s).unsqueeze(1), size) for s in similarities))
         nearest["nn"].append(nn_map.flatten(start_dim=1).amax(dim=1).cpu())
@@ -175,12 +175,15 @@ def resad_variants(
         pooled = [F.avg_pool2d(level, 3, stride=1, padding=1) for level in query[-2:]]
         nearest["nn2 pool"].append(nearest_score(pooled, pooled_bank, size))
         for mode, calibration in calibrations.items():
-            parts = generator.components(log_likelihoods, similarities, images.shape[-2:], calibration.level_constants)
+            parts = generator.components(
+                log_likelihoods, similarities, images.shape[-2:], calibration.level_constants, coverage
+            )
             top = top_mean(parts.anomaly_map)
             collected[mode]["map"].append((parts.anomaly_map[:, 0] / calibration.map_threshold).cpu())
             collected[mode]["max"].append(parts.map_max.cpu())
             collected[mode]["top1"].append(top.cpu())
             collected[mode]["dis"].append(parts.dissimilarity.cpu())
+            collected[mode]["rev"].append(parts.reverse_dissimilarity.cpu())
             constants = calibration.level_constants
             nll = sum(
                 generator._upsample(torch.relu(constants[level] - log_normal).unsqueeze(1), size)
@@ -208,6 +211,7 @@ def resad_variants(
         pixel = pixel_metrics(values["map"], masks, aupro=aupro)
         ratio_max = values["max"] / calibration.score_threshold
         ratio_dis = values["dis"] / calibration.dissimilarity_threshold
+        ratio_rev = values["rev"] / calibration.reverse_dissimilarity_threshold
         top_calibrated = values["top1"]  # ranking only
         for score_name, scores in (
             ("max", ratio_max),
@@ -228,9 +232,14 @@ def resad_variants(
         # ... and the check gated at its own threshold: same labels at margin 1, the ranking below it untouched
         gated = torch.where(ratio_dis > 1, checked, fused)
         rows.append({"variant": f"ResAD {mode} max+nn2+dis gated", **image_metrics(gated, labels)})
+        # ... and with the reverse statistic too (the product since it was added): both checks, gated
+        odd = torch.maximum(ratio_dis, ratio_rev)
+        both = torch.where(odd > 1, torch.maximum(fused, odd), fused)
+        rows.append({"variant": f"ResAD {mode} max+nn2+odd gated", **image_metrics(both, labels),
+                     **verdicts(both, labels)})  # fmt: skip
         if mode == "per_class":
             per_image = pd.DataFrame({"label": labels.numpy(), "max": ratio_max.numpy(), "nn2": ratio_nn2.numpy(),
-                                      "dis": ratio_dis.numpy()})  # fmt: skip
+                                      "dis": ratio_dis.numpy(), "rev": ratio_rev.numpy()})  # fmt: skip
         rows.extend(
             {"variant": f"ResAD {mode} nll {name}", **image_metrics(values[f"nll_{name}"], labels)}
             for name in ("max", "top1")

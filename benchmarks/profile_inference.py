@@ -63,12 +63,13 @@ def stage_functions(module: torch.nn.Module) -> list[tuple[str, Callable]]:
         return module.pre_processor(images)
 
     def match(features: list[torch.Tensor]) -> tuple:
-        residuals, similarities = model.feature_converter(features)
-        state["similarities"] = similarities
+        residuals, state["similarities"], state["coverage"] = model.feature_converter(features)
         return residuals
 
     def anomaly_map(log_likelihoods: list) -> InferenceBatch:
-        maps, scores = model.anomaly_map_generator(log_likelihoods, state["similarities"], state["size"])
+        maps, scores = model.anomaly_map_generator(
+            log_likelihoods, state["similarities"], state["size"], coverage=state["coverage"]
+        )
         return InferenceBatch(pred_score=scores, anomaly_map=maps)
 
     return [

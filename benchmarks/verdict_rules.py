@@ -10,7 +10,8 @@ function of those numbers, so no forward pass is repeated:
 
 * image score ``s_w = w * max + (1 - w) * nn2`` for ``w`` in ``--weights`` (``w = 0.5`` is today's ``nearest_score``,
   ``w = 1`` the flows alone, ``w = 0`` the nearest-neighbour score alone);
-* verdict ``max(s_w / margin, dis / dissimilarity_margin) > 1`` (the product's odd-frame check), for the grids of
+* verdict ``max(s_w / margin, dis / dissimilarity_margin) > 1`` (the product's odd-frame check; ``dis`` is
+  ``max(dis, rev)`` where the file has the reverse dissimilarity ``rev``), for the grids of
   both margins; the *gated* check (the dissimilarity takes over only above its own threshold) gives the same labels and
   a ranking in which it cannot reorder images below it.
 
@@ -59,6 +60,8 @@ def cell_rows(frame: pd.DataFrame, weights: tuple[float, ...]) -> pd.DataFrame:
     keys = ["setting", "role", "category", "k", "draw"]
     for key, cell in frame.groupby(keys):
         labels = cell.label.to_numpy().astype(int)
+        # the odd-frame check: both statistics where the file has the reverse one (ablation.py since it was added)
+        odd = cell[["dis", "rev"]].max(axis=1).to_numpy() if "rev" in cell else cell.dis.to_numpy()
         normal, anomalous = labels == 0, labels == 1
         for weight in weights:
             score = weight * cell["max"].to_numpy() + (1 - weight) * cell["nn2"].to_numpy()
@@ -69,7 +72,7 @@ def cell_rows(frame: pd.DataFrame, weights: tuple[float, ...]) -> pd.DataFrame:
             }  # fmt: skip
             for margin in MARGINS:
                 for dissimilarity_margin in DISSIMILARITY_MARGINS:
-                    checked = np.maximum(score / margin, cell.dis.to_numpy() / dissimilarity_margin)
+                    checked = np.maximum(score / margin, odd / dissimilarity_margin)
                     gated = np.where(checked > 1, checked, score / margin)
                     flagged = checked > 1
                     rows.append(base | {
