@@ -171,12 +171,14 @@ def leave_one_out_calibration(
     global_constants: torch.Tensor | None = None,
     margin: float = 1.0,
     dissimilarity_margin: float = 1.0,
+    reverse_dissimilarity_margin: float = 1.0,
 ) -> ScoreCalibration:
     """Calibrate a class from its k reference images: each scored against a bank of the other k - 1.
 
     The rule: ``c_l`` = the largest log-likelihood at level l over all leave-one-out positions (``global_constants``
     instead when given); each threshold = ``margin`` x the largest leave-one-out value of its statistic (the
-    dissimilarity and the reverse dissimilarity with ``dissimilarity_margin``). Leave-one-out banks hold one image
+    dissimilarity with ``dissimilarity_margin``, the reverse one with ``reverse_dissimilarity_margin``). Leave-one-out
+    banks hold one image
     fewer than the bank used on queries, so the reference images look a little *less* normal here than normal queries
     will: the thresholds err towards fewer false alarms.
 
@@ -190,7 +192,8 @@ def leave_one_out_calibration(
         num_levels (int): Number of feature levels.
         global_constants (torch.Tensor | None): Use these ``(L,)`` constants instead of per-class ones.
         margin (float): Factor on the largest leave-one-out map and image score. Defaults to ``1``.
-        dissimilarity_margin (float): Factor on the largest leave-one-out dissimilarity and reverse dissimilarity.
+        dissimilarity_margin (float): Factor on the largest leave-one-out dissimilarity. Defaults to ``1``.
+        reverse_dissimilarity_margin (float): Factor on the largest leave-one-out reverse dissimilarity.
             Defaults to ``1``.
 
     Returns:
@@ -225,7 +228,7 @@ def leave_one_out_calibration(
         score_threshold=max(margin * score, eps),
         dissimilarity_threshold=max(dissimilarity_margin * dissimilarity, eps),
         nearest_threshold=max(margin * nearest, eps),
-        reverse_dissimilarity_threshold=max(dissimilarity_margin * reverse, eps),
+        reverse_dissimilarity_threshold=max(reverse_dissimilarity_margin * reverse, eps),
     )
 
 

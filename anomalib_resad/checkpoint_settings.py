@@ -45,6 +45,7 @@ CHECKPOINT_SETTINGS = (
     "nearest_score",
     "threshold_margin",
     "dissimilarity_margin",
+    "reverse_dissimilarity_margin",
     "efdm_alpha",
 )
 

@@ -343,6 +343,7 @@ def export_deployment(
         "global_level_constants": generator.global_level_constants.tolist(),
         "threshold_margin": resad.model.threshold_margin,
         "dissimilarity_margin": resad.model.dissimilarity_margin,
+        "reverse_dissimilarity_margin": resad.model.reverse_dissimilarity_margin,
     }
     (export_root / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     written.append(export_root / METADATA_FILE)
@@ -432,6 +433,7 @@ def _openvino_reference_bank(
         global_constants=_global_constants(metadata),
         margin=float(metadata.get("threshold_margin", 1.0)),
         dissimilarity_margin=float(metadata.get("dissimilarity_margin", 1.0)),
+        reverse_dissimilarity_margin=float(metadata.get("reverse_dissimilarity_margin", 1.0)),
     )
     bank = ReferenceBank(
         levels=[torch.from_numpy(level) for level in levels],

@@ -121,11 +121,12 @@ class ResAD(AnomalibModule):
             (docs/benchmark.md). Checkpoints saved before the option score without it.
         threshold_margin (float): A class's threshold = this x the largest leave-one-out score of its references.
             Defaults to ``1.25``.
-        dissimilarity_margin (float): The same for the dissimilarity check. Defaults to ``1.5``. The pair was chosen
-            on the source classes' validation images of the three shared settings (k = 2 and 4, 3 draws): the
-            smallest margins whose false-positive rate there is <= 10 % at both k (9.7 % / 1.9 %; with 1.25 for both,
-            10-22 % at k = 2: the check flagged normal images). Blank, saturated and noise frames measured >= 1.79 on
-            texture classes, another product >= 1.55 (docs/benchmark.md).
+        dissimilarity_margin (float): The same for the odd-frame check's dissimilarity. Defaults to ``2.0``.
+        reverse_dissimilarity_margin (float): The same for its reverse dissimilarity. Defaults to ``1.5``. The three
+            margins were chosen on the source classes' validation images of the three shared settings (k = 2 and 4,
+            3 draws): among the swept pairs whose false-positive rate there is <= 10 % at both k (here 8.8 % /
+            0.0 %), the one that flags the most odd frames on the 13 classes (black 97-100 %, white 95-97 %, grey,
+            saturated red and noise 100 % of class x draw pairs; docs/benchmark.md).
         distribution_matching (bool): ResAD++ (the reference code): a codebook of normal residuals trained beside
             the flows, and test-time EFDM of the residuals toward it (:mod:`~anomalib_resad.residual_codebook`).
             Defaults to ``False`` (the NeurIPS ResAD).
@@ -175,7 +176,8 @@ class ResAD(AnomalibModule):
         dissimilarity_check: bool = True,
         nearest_score: bool = True,
         threshold_margin: float = 1.25,
-        dissimilarity_margin: float = 1.5,
+        dissimilarity_margin: float = 2.0,
+        reverse_dissimilarity_margin: float = 1.5,
         distribution_matching: bool = False,
         codebook_size: int = 1536,
         efdm_alpha: float = 0.4,
@@ -202,6 +204,7 @@ class ResAD(AnomalibModule):
         nearest_score = adopted.get("nearest_score", nearest_score)
         threshold_margin = adopted.get("threshold_margin", threshold_margin)
         dissimilarity_margin = adopted.get("dissimilarity_margin", dissimilarity_margin)
+        reverse_dissimilarity_margin = adopted.get("reverse_dissimilarity_margin", reverse_dissimilarity_margin)
         distribution_matching = adopted.get("distribution_matching", distribution_matching)
         codebook_size = adopted.get("codebook_size", codebook_size)
         efdm_alpha = adopted.get("efdm_alpha", efdm_alpha)
@@ -243,6 +246,7 @@ class ResAD(AnomalibModule):
             nearest_score=nearest_score,
             threshold_margin=threshold_margin,
             dissimilarity_margin=dissimilarity_margin,
+            reverse_dissimilarity_margin=reverse_dissimilarity_margin,
             distribution_matching=distribution_matching,
             codebook_size=codebook_size,
             efdm_alpha=efdm_alpha,

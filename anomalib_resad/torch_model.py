@@ -54,7 +54,8 @@ class ResADModel(nn.Module):
             ratios (:mod:`~anomalib_resad.anomaly_map`). Defaults to ``True``.
         threshold_margin (float): Factor on the largest leave-one-out score that sets a class's threshold.
             Defaults to ``1.25``.
-        dissimilarity_margin (float): The same for the dissimilarity. Defaults to ``1.5``.
+        dissimilarity_margin (float): The same for the dissimilarity. Defaults to ``2.0``.
+        reverse_dissimilarity_margin (float): The same for the reverse dissimilarity. Defaults to ``1.5``.
         distribution_matching (bool): ResAD++'s codebook of normal residuals and test-time EFDM
             (:mod:`~anomalib_resad.residual_codebook`). Defaults to ``False`` (the NeurIPS ResAD).
         codebook_size (int): Codes per level. Defaults to ``1536`` (reference).
@@ -77,7 +78,8 @@ class ResADModel(nn.Module):
         dissimilarity_check: bool = True,
         nearest_score: bool = True,
         threshold_margin: float = 1.25,
-        dissimilarity_margin: float = 1.5,
+        dissimilarity_margin: float = 2.0,
+        reverse_dissimilarity_margin: float = 1.5,
         distribution_matching: bool = False,
         codebook_size: int = 1536,
         efdm_alpha: float = 0.4,
@@ -98,6 +100,7 @@ class ResADModel(nn.Module):
         )
         self.threshold_margin = threshold_margin
         self.dissimilarity_margin = dissimilarity_margin
+        self.reverse_dissimilarity_margin = reverse_dissimilarity_margin
         # ResAD++: residuals moved toward a codebook of normal residuals at test time (None: the NeurIPS ResAD)
         self.codebook = ResidualCodebook(channels, codebook_size, efdm_alpha) if distribution_matching else None
 
@@ -142,6 +145,7 @@ class ResADModel(nn.Module):
             global_constants=generator.global_level_constants if generator.level_constants == "global" else None,
             margin=self.threshold_margin,
             dissimilarity_margin=self.dissimilarity_margin,
+            reverse_dissimilarity_margin=self.reverse_dissimilarity_margin,
         )
         self.train(was_training)
         return calibration.to_tensor()

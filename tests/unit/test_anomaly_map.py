@@ -147,14 +147,16 @@ def test_leave_one_out_rule_constants_then_thresholds() -> None:
         nearest=[0.4, 0.6, 0.5],
         reverse=[0.3, 0.1, 0.2],
     )
-    calibration = leave_one_out_calibration(score_reference, 3, 2, margin=1.5, dissimilarity_margin=2.0)
+    calibration = leave_one_out_calibration(
+        score_reference, 3, 2, margin=1.5, dissimilarity_margin=2.0, reverse_dissimilarity_margin=3.0
+    )
     torch.testing.assert_close(calibration.level_constants, torch.tensor([3.0, -1.0]))  # per-level max over refs
     # thresholds: margin x the largest value scored *with* those constants (sum 2.0 added by the fake scorer)
     assert calibration.map_threshold == pytest.approx(1.5 * 2.3)
     assert calibration.score_threshold == pytest.approx(1.5 * 2.3)
     assert calibration.dissimilarity_threshold == pytest.approx(2.0 * 0.2)
     assert calibration.nearest_threshold == pytest.approx(1.5 * 0.6)
-    assert calibration.reverse_dissimilarity_threshold == pytest.approx(2.0 * 0.3)  # its own maximum, not another's
+    assert calibration.reverse_dissimilarity_threshold == pytest.approx(3.0 * 0.3)  # its own maximum and margin
     assert sorted({index for index, _ in calls}) == [0, 1, 2]  # every reference left out in turn
 
 

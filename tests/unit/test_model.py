@@ -109,3 +109,21 @@ def test_stored_references_of_another_size_give_a_clear_error(tmp_path: Path) ->
     model.set_references(ReferenceSelection("widget", paths, str(tmp_path)))
     with pytest.raises(ResADInputError, match="another image size"):
         model.model.eval()(torch.rand(1, 3, 96, 96))
+
+
+def test_each_odd_frame_statistic_gets_its_own_margin(tiny_model: ResADModel) -> None:
+    """Defaults 2.0 (dissimilarity) and 1.5 (reverse), chosen on source validation; each scales only its threshold."""
+    from anomalib_resad.anomaly_map import ScoreCalibration
+
+    assert (tiny_model.dissimilarity_margin, tiny_model.reverse_dissimilarity_margin) == (2.0, 1.5)
+    features = tiny_model.reference_features(torch.rand(3, 3, 64, 64))
+    default = ScoreCalibration.from_tensor(tiny_model.calibrate(features, (64, 64)))
+    tiny_model.dissimilarity_margin, tiny_model.reverse_dissimilarity_margin = 1.0, 1.0
+    try:
+        plain = ScoreCalibration.from_tensor(tiny_model.calibrate(features, (64, 64)))
+    finally:
+        tiny_model.dissimilarity_margin, tiny_model.reverse_dissimilarity_margin = 2.0, 1.5
+    assert default.dissimilarity_threshold == pytest.approx(2.0 * plain.dissimilarity_threshold)
+    assert default.reverse_dissimilarity_threshold == pytest.approx(1.5 * plain.reverse_dissimilarity_threshold)
+    assert plain.reverse_dissimilarity_threshold > 1e-6  # measured from the references, not the floor
+    assert default.score_threshold == pytest.approx(plain.score_threshold)
