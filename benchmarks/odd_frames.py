@@ -24,6 +24,7 @@ check alone and with both checks.
 """
 
 import argparse
+import math
 import subprocess
 from pathlib import Path
 
@@ -183,6 +184,42 @@ def verdicts(frame: pd.DataFrame, scores: pd.DataFrame, margin: float, dissimila
     )
 
 
+SWEEP = ((1.5, math.inf), (1.5, 1.5), (1.5, 2.0), (1.75, 1.75), (2.0, 1.5), (2.0, 2.0))
+KINDS = ("black", "white", "grey", "saturated red", "noise")
+
+
+def margin_sweep(frame: pd.DataFrame, scores: pd.DataFrame, margin: float) -> pd.DataFrame:
+    """Per (forward, reverse) margin pair: the verdict's normal FPR on source validation (mean over categories, draws,
+    then settings) and on the target classes (mean over classes), the targets' recall, and the share of (class, draw)
+    pairs whose odd frame of each kind is flagged - what the defaults were chosen from."""
+    scores = scores.copy()
+    scores["index"] = scores.groupby(KEYS).cumcount()
+    merged = frame[frame.role != "odd"].merge(scores, on=[*KEYS, "index"], suffixes=("", "_ablation"))
+    odd = frame[(frame.role == "odd") & (frame.setting == frame.setting.iloc[0])]  # the same in every setting
+    rows = []
+    for forward, reverse in SWEEP:
+        merged["flag"] = (
+            ((merged["max"] + merged["nn2"]) / 2 > margin) | (merged.dis > forward) | (merged.rev > reverse)
+        )
+        flagged = (odd.dis > forward) | (odd.rev > reverse)
+        row = {"forward": forward, "reverse": reverse}
+        for k in sorted(merged.k.unique()):
+            source = merged[(merged.k == k) & (merged.role == "source") & (merged.label == 0)]
+            per_setting = (
+                source.groupby(["setting", "draw", "category"]).flag.mean().groupby(["setting", "draw"]).mean()
+            )
+            row[f"source FPR k={k}"] = 100 * per_setting.groupby("setting").mean().mean()
+            for label, name in ((0, "target FPR"), (1, "target recall")):
+                target = merged[(merged.k == k) & (merged.role == "target") & (merged.label == label)]
+                row[f"{name} k={k}"] = (
+                    100 * target.groupby(["category", "draw"]).flag.mean().groupby("category").mean().mean()
+                )
+            for kind in KINDS:
+                row[f"{kind} k={k}"] = 100 * flagged[(odd.k == k) & (odd.frame == kind)].mean()
+        rows.append(row)
+    return pd.DataFrame(rows).round(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", nargs="+", required=True, help="setting=checkpoint pairs")
@@ -217,6 +254,8 @@ def main() -> None:
         table = verdicts(frame, scores, args.margin, args.dissimilarity_margin)
         print(f"\nVerdicts at margin {args.margin}, dissimilarity margin {args.dissimilarity_margin}:")
         print((100 * table).round(1).to_string())
+        print(f"\nMargin pairs (forward / reverse), verdict at score margin {args.margin}, in %:")
+        print(margin_sweep(frame, scores, args.margin).to_string(index=False))
 
 
 if __name__ == "__main__":
