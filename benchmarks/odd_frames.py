@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 import yaml
 from PIL import Image
+from torchmetrics.functional.classification import binary_auroc
 
 from anomalib_resad import ResAD
 from anomalib_resad.anomaly_map import odd_frame_statistics
@@ -184,7 +185,14 @@ def verdicts(frame: pd.DataFrame, scores: pd.DataFrame, margin: float, dissimila
     )
 
 
-SWEEP = ((1.5, math.inf), (1.5, 1.5), (1.5, 2.0), (1.75, 1.75), (2.0, 1.5), (2.0, 2.0))
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Image AUROC (NaN with one class only)."""
+    if labels.min() == labels.max():
+        return math.nan
+    return float(binary_auroc(torch.from_numpy(scores.astype(np.float32)), torch.from_numpy(labels.astype(np.int64))))
+
+
+SWEEP = ((math.inf, math.inf), (1.5, math.inf), (1.5, 1.5), (1.5, 2.0), (1.75, 1.75), (2.0, 1.5), (2.0, 2.0))
 KINDS = ("black", "white", "grey", "saturated red", "noise")
 
 
@@ -198,9 +206,10 @@ def margin_sweep(frame: pd.DataFrame, scores: pd.DataFrame, margin: float) -> pd
     odd = frame[(frame.role == "odd") & (frame.setting == frame.setting.iloc[0])]  # the same in every setting
     rows = []
     for forward, reverse in SWEEP:
-        merged["flag"] = (
-            ((merged["max"] + merged["nn2"]) / 2 > margin) | (merged.dis > forward) | (merged.rev > reverse)
-        )
+        score = (merged["max"] + merged["nn2"]) / 2 / margin
+        odd_ratio = np.maximum(merged.dis / forward, merged.rev / reverse)
+        merged["flag"] = (score > 1) | (odd_ratio > 1)
+        merged["gated"] = np.where(odd_ratio > 1, np.maximum(score, odd_ratio), score)  # the product's image score
         flagged = (odd.dis > forward) | (odd.rev > reverse)
         row = {"forward": forward, "reverse": reverse}
         for k in sorted(merged.k.unique()):
@@ -216,6 +225,13 @@ def margin_sweep(frame: pd.DataFrame, scores: pd.DataFrame, margin: float) -> pd
                 )
             for kind in KINDS:
                 row[f"{kind} k={k}"] = 100 * flagged[(odd.k == k) & (odd.frame == kind)].mean()
+            # image AUROC of the gated score on the targets: mean over classes per draw, over draws, over settings
+            target = merged[(merged.k == k) & (merged.role == "target")]
+            per_cell = target.groupby(["setting", "draw", "category"]).apply(
+                lambda cell: auroc(cell.gated.to_numpy(), cell.label.to_numpy()), include_groups=False
+            )
+            per_draw = per_cell.groupby(["setting", "draw"]).mean()
+            row[f"target I-AUROC k={k}"] = 100 * per_draw.groupby("setting").mean().mean()
         rows.append(row)
     return pd.DataFrame(rows).round(1)
 
