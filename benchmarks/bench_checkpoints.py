@@ -1,0 +1,61 @@
+# Copyright (C) 2026 anomalib-resad contributors
+# SPDX-License-Identifier: Apache-2.0
+"""Eager inference time of trained ResAD checkpoints side by side (e.g. with and without a feature level).
+
+Each checkpoint gets the same k reference images (random pixels: speed does not depend on them) and scores the same
+batches; the checkpoints are timed in turns (round-robin), so a noisy machine slows all of them alike. Prints the CPU
+and the runtime versions, then one markdown row per checkpoint and batch size: median ms per image and the ratio to
+the first checkpoint.
+
+    python benchmarks/bench_checkpoints.py results/ablation_e3/shared_tile_crack_to_pcb/model.ckpt \\
+        results/ablation_2level/shared_tile_crack_to_pcb/model.ckpt
+"""
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from anomalib_resad import ResAD
+from anomalib_resad.cpu_info import cpu_info, describe, runtime_versions
+
+
+@torch.no_grad()
+def main() -> None:
+    """Print the table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoints", type=Path, nargs="+")
+    parser.add_argument("--shots", type=int, default=4)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    print(f"{describe(cpu_info(), runtime_versions())}\ntorch threads: {torch.get_num_threads()}\n")
+    torch.manual_seed(0)
+    models = []
+    for path in args.checkpoints:
+        model = ResAD.load_from_checkpoint(path, map_location="cpu").eval()
+        size = tuple(int(value) for value in model.input_size)
+        model.model.set_references(model.model.make_reference_bank(torch.rand(args.shots, 3, *size)))
+        models.append((path, model, size))
+    print("| checkpoint | layers | batch | eager ms / image (median) | vs first |")
+    print("|---|---|---|---|---|")
+    for batch in args.batches:
+        times: dict[Path, list[float]] = {path: [] for path, _, _ in models}
+        for round_index in range(args.rounds + 1):
+            for path, model, size in models:
+                images = model.pre_processor.transform(torch.rand(batch, 3, *size))
+                start = time.perf_counter()
+                model.model(images)
+                if round_index:  # the first round warms up
+                    times[path].append((time.perf_counter() - start) / batch)
+        first = statistics.median(times[models[0][0]])
+        for path, model, _ in models:
+            median = statistics.median(times[path])
+            layers = ", ".join(model.model.feature_extractor.layers)
+            print(f"| {path} | {layers} | {batch} | {1000 * median:.1f} | {median / first:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
