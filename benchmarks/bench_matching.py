@@ -19,6 +19,7 @@ Two tables, measured in one run:
 Weights do not change speed: both backbones run with random weights (no download).
 """
 
+import statistics
 import time
 from collections.abc import Callable
 
@@ -84,6 +85,18 @@ def timed(function: Callable, *arguments: object, repeats: int = 3) -> tuple[flo
     return (time.perf_counter() - start) / repeats, result
 
 
+def interleaved(functions: list[Callable], *arguments: object, rounds: int = 5) -> list[tuple[float, object]]:
+    """Median seconds and result of each function, timed in turns (a noisy machine slows all of them alike)."""
+    results = [function(*arguments) for function in functions]  # warm-up
+    seconds: list[list[float]] = [[] for _ in functions]
+    for _ in range(rounds):
+        for index, function in enumerate(functions):
+            start = time.perf_counter()
+            results[index] = function(*arguments)
+            seconds[index].append(time.perf_counter() - start)
+    return [(statistics.median(times), result) for times, result in zip(seconds, results, strict=True)]
+
+
 def main() -> None:
     """Print the comparison table."""
     torch.manual_seed(0)
@@ -95,9 +108,9 @@ def main() -> None:
     for backbone, levels in SHAPES.items():
         features = [torch.rand(8, channels, size, size) for channels, size in levels]
         bank = [torch.rand(4 * size * size, channels) for channels, size in levels]
-        loop_seconds, expected = timed(reference_loop, features, bank)
-        one_way_seconds, one_way_result = timed(one_way, features, bank)
-        our_seconds, result = timed(ours, features, bank)
+        (loop_seconds, expected), (one_way_seconds, one_way_result), (our_seconds, result) = interleaved(
+            [reference_loop, one_way, ours], features, bank
+        )
         for level_expected, level_result, level_one_way in zip(expected, result, one_way_result, strict=True):
             assert torch.equal(level_expected, level_result) and torch.equal(level_expected, level_one_way)
         bank_sizes = [4 * size * size for _, size in levels]  # k * H * W positions per level
