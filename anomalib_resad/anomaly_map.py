@@ -178,9 +178,10 @@ def leave_one_out_calibration(
     The rule: ``c_l`` = the largest log-likelihood at level l over all leave-one-out positions (``global_constants``
     instead when given); each threshold = ``margin`` x the largest leave-one-out value of its statistic (the
     dissimilarity with ``dissimilarity_margin``, the reverse one with ``reverse_dissimilarity_margin``). Leave-one-out
-    banks hold one image
-    fewer than the bank used on queries, so the reference images look a little *less* normal here than normal queries
-    will: the thresholds err towards fewer false alarms.
+    banks hold one image fewer than the bank used on queries, so for the flows, the nearest-neighbour score and the
+    forward dissimilarity the reference images look a little *less* normal here than normal queries will (fewer
+    candidates to match): those thresholds err towards fewer false alarms. The reverse dissimilarity has no such
+    bias (a larger bank brings more positions to cover as well as more to choose from); its margin was measured.
 
     This function is the one place where the rule lives: eager PyTorch and the exported OpenVINO calibrator both call
     it, each with its own ``score_reference``.
@@ -396,6 +397,12 @@ class AnomalyMapGenerator(nn.Module):
                 )
                 raise ResADInputError(msg)
             calibration = self.calibration
+        elif not torch.compiler.is_exporting() and calibration.numel() != self.num_levels + CALIBRATION_THRESHOLDS:
+            msg = (
+                f"A calibration of {calibration.numel()} values was given; this model reads {self.num_levels} level "
+                f"constants + {CALIBRATION_THRESHOLDS} thresholds. Make the references again with this anomalib-resad."
+            )
+            raise ResADInputError(msg)
         parts = self.components(log_likelihoods, similarities, image_size, self.constants_for(calibration), coverage)
         map_threshold, score_threshold, dissimilarity_threshold, nearest_threshold, reverse_threshold = calibration[
             -CALIBRATION_THRESHOLDS:

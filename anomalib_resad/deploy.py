@@ -423,8 +423,8 @@ def _openvino_reference_bank(
         ]
         inputs = {"image": pixels[index : index + 1], "level_constants": constants.numpy().astype(np.float32)}
         inputs.update({f"reference_{level}": bank for level, bank in enumerate(others)})
-        outputs = [torch.from_numpy(np.asarray(value)) for value in calibrator(inputs).values()]
-        return ScoreComponents(None, *outputs)
+        named = {port.get_any_name(): np.asarray(value) for port, value in calibrator(inputs).items()}
+        return ScoreComponents(None, *(torch.from_numpy(named[name]) for name in ReferenceCalibrator.OUTPUTS))
 
     calibration = leave_one_out_calibration(
         score_reference,

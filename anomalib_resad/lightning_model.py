@@ -63,6 +63,9 @@ from .references import ReferenceSelection, check_image_files, check_k
 from .torch_model import ResADModel
 
 logger = logging.getLogger(__name__)
+# The odd-frame check's margin before it gained the reverse statistic, and this release's (see on_load_checkpoint)
+_SINGLE_CHECK_MARGIN = 1.5
+_DISSIMILARITY_MARGIN = 2.0
 
 CATEGORY_COLUMN = "category"
 FLOW_STEPS = ("batch", "chunk")
@@ -112,8 +115,8 @@ class ResAD(AnomalibModule):
             Defaults to ``"max"``.
         level_constants (str): ``"per_class"`` (from the references by leave-one-out) or ``"global"`` (learned in
             training). Defaults to ``"per_class"``.
-        dissimilarity_check (bool): Flag frames unlike the references (blank, noise, another product).
-            Defaults to ``True``.
+        dissimilarity_check (bool): Flag frames unlike the references (blank, noise, another product) by the
+            dissimilarity and the reverse dissimilarity of the reference matching. Defaults to ``True``.
         nearest_score (bool): Image score = mean of the flow score's and the nearest-neighbour score's ratios to
             their leave-one-out thresholds (``1 - cos`` to the nearest reference feature on the two deepest levels:
             PatchCore's score on ResAD's own matching, at no extra cost). Not in the reference. Defaults to ``True``:
@@ -122,11 +125,12 @@ class ResAD(AnomalibModule):
         threshold_margin (float): A class's threshold = this x the largest leave-one-out score of its references.
             Defaults to ``1.25``.
         dissimilarity_margin (float): The same for the odd-frame check's dissimilarity. Defaults to ``2.0``.
-        reverse_dissimilarity_margin (float): The same for its reverse dissimilarity. Defaults to ``1.5``. The three
-            margins were chosen on the source classes' validation images of the three shared settings (k = 2 and 4,
-            3 draws): among the swept pairs whose false-positive rate there is <= 10 % at both k (here 8.8 % /
-            0.0 %), the one that flags the most odd frames on the 13 classes (black 97-100 %, white 95-97 %, grey,
-            saturated red and noise 100 % of class x draw pairs; docs/benchmark.md).
+        reverse_dissimilarity_margin (float): The same for its reverse dissimilarity. Defaults to ``1.5``. The two
+            odd-frame margins were chosen on the source classes' validation images of the three shared settings
+            (k = 2 and 4, 3 draws, ``threshold_margin`` 1.25): among the swept pairs whose false-positive rate there
+            is <= 10 % at both k (here 8.8 % / 0.0 %), the one that flags the most odd frames on the 13 classes
+            (black 97-100 %, white 95-97 %, grey, saturated red and noise 100 % of class x draw pairs;
+            docs/benchmark.md). Checkpoints of before the reverse statistic that kept that release's 1.5 get 2.0.
         distribution_matching (bool): ResAD++ (the reference code): a codebook of normal residuals trained beside
             the flows, and test-time EFDM of the residuals toward it (:mod:`~anomalib_resad.residual_codebook`).
             Defaults to ``False`` (the NeurIPS ResAD).
@@ -745,6 +749,16 @@ class ResAD(AnomalibModule):
                 f"checkpoint's settings: {arguments}"
             )
             raise ResADConfigurationError(msg)
+        # saved before the reverse statistic, with that release's default margin: 1.5 for the forward statistic next
+        # to the reverse one flags too many normal images (docs/benchmark.md); references set from now on use this
+        # release's pair (the stored calibration is read as it was)
+        if (
+            "reverse_dissimilarity_margin" not in saved
+            and saved.get("dissimilarity_margin") == _SINGLE_CHECK_MARGIN
+            and self.model.dissimilarity_margin == _SINGLE_CHECK_MARGIN
+        ):
+            self.model.dissimilarity_margin = _DISSIMILARITY_MARGIN
+            self.hparams["dissimilarity_margin"] = _DISSIMILARITY_MARGIN
         generator = self.model.anomaly_map_generator
         if "nearest_score" not in saved and generator.nearest_score:
             # saved before the option: its calibration has no nearest-neighbour threshold; score as it was scored

@@ -49,7 +49,8 @@ class ResADModel(nn.Module):
         sigma (float): Gaussian smoothing of the anomaly map. Defaults to ``4``.
         image_score (str): ``"max"`` (reference) or ``"top_mean"``. Defaults to ``"max"``.
         level_constants (str): ``"per_class"`` (leave-one-out over the references) or ``"global"``.
-        dissimilarity_check (bool): Flag frames unlike the references. Defaults to ``True``.
+        dissimilarity_check (bool): Flag frames unlike the references (dissimilarity and reverse dissimilarity).
+            Defaults to ``True``.
         nearest_score (bool): Image score = mean of the flow score's and the nearest-neighbour score's calibrated
             ratios (:mod:`~anomalib_resad.anomaly_map`). Defaults to ``True``.
         threshold_margin (float): Factor on the largest leave-one-out score that sets a class's threshold.

@@ -232,7 +232,8 @@ def resad_variants(
         # ... and the check gated at its own threshold: same labels at margin 1, the ranking below it untouched
         gated = torch.where(ratio_dis > 1, checked, fused)
         rows.append({"variant": f"ResAD {mode} max+nn2+dis gated", **image_metrics(gated, labels)})
-        # ... and with the reverse statistic too (the product since it was added): both checks, gated
+        # ... and with the reverse statistic too (the product's checks, but here at margin 1 like every ratio of this
+        # table; benchmarks/odd_frames.py evaluates them at the product's margins): both checks, gated
         odd = torch.maximum(ratio_dis, ratio_rev)
         both = torch.where(odd > 1, torch.maximum(fused, odd), fused)
         rows.append({"variant": f"ResAD {mode} max+nn2+odd gated", **image_metrics(both, labels),

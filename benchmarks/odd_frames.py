@@ -5,7 +5,7 @@
 ResAD flags frames unlike a class's references with two statistics (:func:`anomalib_resad.anomaly_map.
 odd_frame_statistics`): the *dissimilarity* (mean ``1 - cos`` of each image position's nearest reference feature)
 and the *reverse dissimilarity* (mean ``1 - cos`` of each reference position's nearest feature in the image), each
-above ``dissimilarity_margin`` x the largest value the k references give each other (leave-one-out). Both depend on
+above its margin x the largest value the k references give each other (leave-one-out). Both depend on
 the backbone features only, so this script computes them without the flows: each image is encoded once per setting
 and matched against every (k, draw) reference bank of its class - the same draws (``seed + draw``) and the same test
 and source-validation images, in the same order, as ``benchmarks/ablation.py``.
@@ -15,7 +15,7 @@ It writes one CSV row per (setting, role, category, k, draw, image) with both ra
 normal and of anomalous images each check flags at several margins, then the smallest ratio of each odd frame kind
 (black, white, grey, saturated red, Gaussian noise, and "another product": normal images of the setting's other
 classes). With ``--image_scores`` (ablation's per-image CSVs of the same settings and checkpoints) it also prints the
-product's verdict (fused score over ``--margin`` or the check over ``--dissimilarity_margin``) with the forward
+product's verdict (fused score over ``--margin`` or a statistic over its margin) with the forward
 check alone and with both checks.
 
     python benchmarks/odd_frames.py \\
@@ -159,8 +159,10 @@ def odd_minima(frame: pd.DataFrame) -> pd.DataFrame:
     return odd.groupby(["setting", "k", "kind"])[["dis", "rev", "either"]].min().unstack("kind").round(2)
 
 
-def verdicts(frame: pd.DataFrame, scores: pd.DataFrame, margin: float, dissimilarity_margin: float) -> pd.DataFrame:
-    """The product's verdict (fused score over ``margin`` or a check over ``dissimilarity_margin``), forward check
+def verdicts(
+    frame: pd.DataFrame, scores: pd.DataFrame, margin: float, dissimilarity_margin: float, reverse_margin: float
+) -> pd.DataFrame:
+    """The product's verdict (fused score over ``margin`` or a statistic over its own margin), forward check
     alone vs both checks, per setting / role / k: normal FPR and anomalous recall (mean over categories and draws)."""
     scores = scores.copy()
     scores["index"] = scores.groupby(KEYS).cumcount()
@@ -171,7 +173,7 @@ def verdicts(frame: pd.DataFrame, scores: pd.DataFrame, margin: float, dissimila
         raise RuntimeError(msg)
     fused = (merged["max"] + merged["nn2"]) / 2 > margin
     merged["forward"] = fused | (merged.dis > dissimilarity_margin)
-    merged["both"] = merged.forward | (merged.rev > dissimilarity_margin)
+    merged["both"] = merged.forward | (merged.rev > reverse_margin)
     rows = []
     for key, cell in merged.groupby(KEYS):
         normal, anomalous = cell[cell.label == 0], cell[cell.label == 1]
@@ -245,7 +247,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("results/odd_frames.csv"))
     parser.add_argument("--image_scores", nargs="*", default=[], help="ablation's image_scores.csv of these runs")
     parser.add_argument("--margin", type=float, default=1.25)
-    parser.add_argument("--dissimilarity_margin", type=float, default=1.5)
+    parser.add_argument("--dissimilarity_margin", type=float, default=2.0)
+    parser.add_argument("--reverse_dissimilarity_margin", type=float, default=1.5)
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
                             check=False).stdout.strip()  # fmt: skip
@@ -267,8 +270,9 @@ def main() -> None:
     print(odd_minima(frame).to_string())
     if args.image_scores:
         scores = pd.concat([pd.read_csv(path) for path in args.image_scores], ignore_index=True)
-        table = verdicts(frame, scores, args.margin, args.dissimilarity_margin)
-        print(f"\nVerdicts at margin {args.margin}, dissimilarity margin {args.dissimilarity_margin}:")
+        table = verdicts(frame, scores, args.margin, args.dissimilarity_margin, args.reverse_dissimilarity_margin)
+        print(f"\nVerdicts at margin {args.margin}, dissimilarity margins {args.dissimilarity_margin} (forward) / "
+              f"{args.reverse_dissimilarity_margin} (reverse):")  # fmt: skip
         print((100 * table).round(1).to_string())
         print(f"\nMargin pairs (forward / reverse), verdict at score margin {args.margin}, in %:")
         print(margin_sweep(frame, scores, args.margin).to_string(index=False))

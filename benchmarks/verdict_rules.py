@@ -10,8 +10,8 @@ function of those numbers, so no forward pass is repeated:
 
 * image score ``s_w = w * max + (1 - w) * nn2`` for ``w`` in ``--weights`` (``w = 0.5`` is today's ``nearest_score``,
   ``w = 1`` the flows alone, ``w = 0`` the nearest-neighbour score alone);
-* verdict ``max(s_w / margin, dis / dissimilarity_margin) > 1`` (the product's odd-frame check; ``dis`` is
-  ``max(dis, rev)`` where the file has the reverse dissimilarity ``rev``), for the grids of
+* verdict ``max(s_w / margin, dis / dissimilarity_margin, rev / reverse_margin) > 1`` (the product's odd-frame
+  check; ``rev``, the reverse dissimilarity, where the file has it, at ``--reverse_margin``), for the grids of
   both margins; the *gated* check (the dissimilarity takes over only above its own threshold) gives the same labels and
   a ranking in which it cannot reorder images below it.
 
@@ -31,7 +31,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MARGINS = (0.9, 1.0, 1.1, 1.25, 1.5)
-DISSIMILARITY_MARGINS = (1.0, 1.1, 1.25, 1.5, math.inf)
+DISSIMILARITY_MARGINS = (1.0, 1.1, 1.25, 1.5, 2.0, math.inf)
 GROUP = ["setting", "role", "k"]
 
 
@@ -54,14 +54,14 @@ def oracle(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float, float]
     return float(f1[best]), float(tp[best] / max(positives, 1)), float(fp[best] / max((1 - labels).sum(), 1))
 
 
-def cell_rows(frame: pd.DataFrame, weights: tuple[float, ...]) -> pd.DataFrame:
+def cell_rows(frame: pd.DataFrame, weights: tuple[float, ...], reverse_margin: float = 1.5) -> pd.DataFrame:
     """One row per (setting, role, category, k, draw, w, margin, dissimilarity margin)."""
     rows = []
     keys = ["setting", "role", "category", "k", "draw"]
     for key, cell in frame.groupby(keys):
         labels = cell.label.to_numpy().astype(int)
-        # the odd-frame check: both statistics where the file has the reverse one (ablation.py since it was added)
-        odd = cell[["dis", "rev"]].max(axis=1).to_numpy() if "rev" in cell else cell.dis.to_numpy()
+        # the reverse statistic where the file has it (ablation.py since it was added), over its own margin
+        reverse = cell.rev.to_numpy() / reverse_margin if "rev" in cell else np.zeros(len(cell))
         normal, anomalous = labels == 0, labels == 1
         for weight in weights:
             score = weight * cell["max"].to_numpy() + (1 - weight) * cell["nn2"].to_numpy()
@@ -72,7 +72,8 @@ def cell_rows(frame: pd.DataFrame, weights: tuple[float, ...]) -> pd.DataFrame:
             }  # fmt: skip
             for margin in MARGINS:
                 for dissimilarity_margin in DISSIMILARITY_MARGINS:
-                    checked = np.maximum(score / margin, odd / dissimilarity_margin)
+                    odd = np.maximum(cell.dis.to_numpy() / dissimilarity_margin, reverse)
+                    checked = np.maximum(score / margin, odd)
                     gated = np.where(checked > 1, checked, score / margin)
                     flagged = checked > 1
                     rows.append(base | {
@@ -96,9 +97,10 @@ def main() -> None:
     parser.add_argument("files", type=Path, nargs="+", help="image_scores.csv files of benchmarks/ablation.py")
     parser.add_argument("--weights", type=float, nargs="+", default=list(WEIGHTS))
     parser.add_argument("--margin", type=float, default=None, help="show verdicts at this margin only")
+    parser.add_argument("--reverse_margin", type=float, default=1.5, help="margin of the reverse dissimilarity")
     args = parser.parse_args()
     frame = pd.concat([pd.read_csv(path) for path in args.files], ignore_index=True)
-    rows = cell_rows(frame, tuple(args.weights))
+    rows = cell_rows(frame, tuple(args.weights), args.reverse_margin)
     ranking = rows[(rows.margin == MARGINS[0]) & (rows.dis_margin == DISSIMILARITY_MARGINS[0])]
     print("Image AUROC of s_w (no odd-frame check), mean ± std over draws of the mean over categories:\n")
     print(over_draws(ranking, ["auroc"], [*GROUP, "w"]).to_string())

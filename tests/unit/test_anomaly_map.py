@@ -257,3 +257,11 @@ def test_the_reverse_dissimilarity_flags_a_frame_that_covers_little_of_the_refer
     unchecked = AnomalyMapGenerator(num_levels=2, sigma=1.0, dissimilarity_check=False)
     _, passed = unchecked(likely, similarities, (8, 8), calibration, coverage)
     assert float(passed) < 1
+
+
+def test_a_calibration_of_another_length_is_refused() -> None:
+    """A references file of the previous format read past its version check would shift every threshold by one."""
+    generator = AnomalyMapGenerator(num_levels=2, sigma=1.0)
+    old = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 1.0])  # L + 4 values
+    with pytest.raises(ResADInputError, match=r"6 values .* 2 level constants \+ 5 thresholds"):
+        generator([level(0.0), level(0.0)], [torch.ones(1, 4, 4)] * 2, (8, 8), old)
