@@ -5,7 +5,9 @@
 Each checkpoint gets the same k reference images (random pixels: speed does not depend on them) and scores the same
 batches; the checkpoints are timed in turns (round-robin), so a noisy machine slows all of them alike. Prints the CPU
 and the runtime versions, then one markdown row per checkpoint and batch size: median ms per image and the ratio to
-the first checkpoint.
+the first checkpoint. With ``--patchcore``, anomalib's PatchCore given the same k images (the first checkpoint's
+backbone and two deepest levels, as ``resad evaluate`` builds it) is timed in the same turns: the side-by-side
+latency ratio of issue 13.
 
     python benchmarks/bench_checkpoints.py results/ablation_e3/shared_tile_crack_to_pcb/model.ckpt \\
         results/ablation_2level/shared_tile_crack_to_pcb/model.ckpt
@@ -13,13 +15,31 @@ the first checkpoint.
 
 import argparse
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from anomalib_resad import ResAD
+from anomalib_resad.baselines import FewShotPatchcore
 from anomalib_resad.cpu_info import cpu_info, describe, runtime_versions
+from anomalib_resad.references import select_folder_references
+
+
+def patchcore_like(resad: ResAD, shots: int, size: tuple[int, int], folder: Path) -> tuple[str, torch.nn.Module]:
+    """PatchCore k-shot with the checkpoint's backbone and two deepest levels, on k random-pixel images."""
+    for index in range(shots):
+        pixels = (np.random.default_rng(index).random((*size, 3)) * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index}.png")
+    hparams = resad.hparams
+    baseline = FewShotPatchcore(hparams["backbone"], list(hparams["layers"])[-2:], hparams["pre_trained"], size[0])
+    baseline.set_references(select_folder_references(folder, shots, "random"))
+    torch_model = baseline.model.model.eval()
+    layers = ", ".join(list(hparams["layers"])[-2:])
+    return layers, torch_model
 
 
 @torch.no_grad()
@@ -30,6 +50,7 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--patchcore", action="store_true", help="also PatchCore k-shot, same backbone and images")
     args = parser.parse_args()
     print(f"{describe(cpu_info(), runtime_versions())}\ntorch threads: {torch.get_num_threads()}\n")
     torch.manual_seed(0)
@@ -38,22 +59,28 @@ def main() -> None:
         model = ResAD.load_from_checkpoint(path, map_location="cpu").eval()
         size = tuple(int(value) for value in model.input_size)
         model.model.set_references(model.model.make_reference_bank(torch.rand(args.shots, 3, *size)))
-        models.append((path, model, size))
+        models.append(
+            (path, model.pre_processor.transform, model.model, ", ".join(model.model.feature_extractor.layers), size)
+        )
+    if args.patchcore:
+        folder = Path(tempfile.mkdtemp())
+        first = ResAD.load_from_checkpoint(args.checkpoints[0], map_location="cpu")
+        layers, run = patchcore_like(first, args.shots, models[0][4], folder)
+        models.append((Path("PatchCore (anomalib), same k"), models[0][1], run, layers, models[0][4]))
     print("| checkpoint | layers | batch | eager ms / image (median) | vs first |")
     print("|---|---|---|---|---|")
     for batch in args.batches:
-        times: dict[Path, list[float]] = {path: [] for path, _, _ in models}
+        times: dict[Path, list[float]] = {path: [] for path, *_ in models}
         for round_index in range(args.rounds + 1):
-            for path, model, size in models:
-                images = model.pre_processor.transform(torch.rand(batch, 3, *size))
+            for path, transform, run, _, size in models:
+                images = transform(torch.rand(batch, 3, *size))
                 start = time.perf_counter()
-                model.model(images)
+                run(images)
                 if round_index:  # the first round warms up
                     times[path].append((time.perf_counter() - start) / batch)
         first = statistics.median(times[models[0][0]])
-        for path, model, _ in models:
+        for path, _, _, layers, _ in models:
             median = statistics.median(times[path])
-            layers = ", ".join(model.model.feature_extractor.layers)
             print(f"| {path} | {layers} | {batch} | {1000 * median:.1f} | {median / first:.2f}x |")
 
 
