@@ -53,7 +53,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from anomalib.models.components import GaussianBlur2d
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
@@ -233,6 +232,47 @@ def leave_one_out_calibration(
     )
 
 
+class SeparableGaussianBlur(nn.Module):
+    """Gaussian smoothing of every channel of ``(B, C, H, W)`` maps as two 1-D convolutions, replicate borders.
+
+    Written here because anomalib's ``GaussianBlur2d`` convolves with the full 2-D kernel: at the reference's
+    sigma = 4 that is 33 x 33 = 1,089 multiply-adds per pixel against 2 x 33 here, for the same result (a Gaussian is
+    separable; padding once and filtering rows then columns equals the 2-D filter on the padded map). Measured on
+    one CPU thread, 224 x 224: 37 ms vs 1.7-2.7 ms per map - with two maps per image, most of the light model's
+    scoring time. kornia's separable ``gaussian_blur2d`` rebuilds its kernel on every call (2x slower than this).
+
+    Args:
+        sigma (float): Standard deviation, in pixels.
+        truncate (float): Kernel radius in standard deviations (``scipy.ndimage.gaussian_filter``'s default, as in
+            the reference code). Defaults to ``4``.
+
+    Example:
+        >>> blur = SeparableGaussianBlur(sigma=1.0)
+        >>> maps = torch.zeros(1, 2, 9, 9)
+        >>> maps[0, 0, 4, 4] = 1.0
+        >>> smoothed = blur(maps)
+        >>> round(float(smoothed[0, 0].sum()), 4), float(smoothed[0, 1].abs().max())
+        (1.0, 0.0)
+    """
+
+    def __init__(self, sigma: float, truncate: float = 4.0) -> None:
+        super().__init__()
+        self.radius = int(truncate * sigma + 0.5)
+        offsets = torch.arange(-self.radius, self.radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+        # not saved: derived from ``sigma``, and checkpoints of before hold anomalib's 2-D kernel instead
+        self.register_buffer("kernel", kernel / kernel.sum(), persistent=False)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        """Smooth ``(B, C, H, W)`` maps (any size: replicate padding needs no minimum)."""
+        batch, channels, height, width = maps.shape
+        radius = self.radius
+        flat = F.pad(maps.reshape(batch * channels, 1, height, width), (radius, radius, radius, radius), "replicate")
+        flat = F.conv2d(flat, self.kernel.view(1, 1, 1, -1))
+        flat = F.conv2d(flat, self.kernel.view(1, 1, -1, 1))
+        return flat.reshape(batch, channels, height, width)
+
+
 class AnomalyMapGenerator(nn.Module):
     """Turn per-level log-likelihood maps into an anomaly map and an image score, calibrated per class.
 
@@ -276,14 +316,9 @@ class AnomalyMapGenerator(nn.Module):
         self.nearest_score = nearest_score
         self.register_buffer("global_level_constants", torch.zeros(num_levels))
         self.register_buffer("calibration", torch.zeros(num_levels + CALIBRATION_THRESHOLDS))
-        kernel_size = 2 * int(4.0 * sigma + 0.5) + 1  # scipy.ndimage.gaussian_filter's truncate=4, as in the reference
-        # "replicate" borders work for maps of any size ("reflect" needs maps larger than the kernel radius)
-        self.blur = GaussianBlur2d(
-            kernel_size=(kernel_size, kernel_size),
-            sigma=(sigma, sigma),
-            channels=1,
-            border_type="replicate",
-        )
+        # scipy.ndimage.gaussian_filter's truncate=4, as in the reference; "replicate" borders work for maps of any
+        # size ("reflect" needs maps larger than the kernel radius)
+        self.blur = SeparableGaussianBlur(sigma)
 
     @property
     def has_calibration(self) -> bool:
@@ -294,10 +329,12 @@ class AnomalyMapGenerator(nn.Module):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
         """Read checkpoints of before the nearest-neighbour (``L + 3`` values) or reverse (``L + 4``) threshold.
 
-        The missing thresholds are unset (``0``). Such a model scores as before: without the reverse check (a warning
-        says so while references are stored); with ``nearest_score`` and no nearest threshold it asks for its
-        references to be set again.
+        Their stored 2-D blur kernel (anomalib's ``GaussianBlur2d``) is dropped: the separable one is derived from
+        ``sigma``. The missing thresholds are unset (``0``). Such a model scores as before: without the reverse check
+        (a warning says so while references are stored); with ``nearest_score`` and no nearest threshold it asks for
+        its references to be set again.
         """
+        state_dict.pop(f"{prefix}blur.kernel", None)  # anomalib's 2-D kernel, saved by earlier versions
         stored = state_dict.get(f"{prefix}calibration")
         full = self.num_levels + CALIBRATION_THRESHOLDS
         if stored is not None and full - 2 <= stored.numel() < full:
@@ -352,7 +389,13 @@ class AnomalyMapGenerator(nn.Module):
             abnormal_probability = torch.softmax(torch.stack([log_normal, log_abnormal], dim=1), dim=1)[:, 1:]
             likelihood_map = likelihood_map + (1 - self._upsample(normality, image_size))
             classifier_map = classifier_map + self._upsample(abnormal_probability, image_size)
-        anomaly_map = self.blur((likelihood_map + classifier_map / len(log_likelihoods)) / 2)
+        nearest_map = 0.0
+        for similarity in similarities[-NEAREST_LEVELS:]:
+            nearest_map = nearest_map + self._upsample((1 - similarity).unsqueeze(1), image_size)
+        # both maps in one call of the blur
+        anomaly_map, nearest_map = self.blur(
+            torch.cat([(likelihood_map + classifier_map / len(log_likelihoods)) / 2, nearest_map], dim=1)
+        ).split(1, dim=1)
         flat = anomaly_map.flatten(start_dim=1)
         map_max = flat.amax(dim=1)
         if self.image_score == "max":
@@ -361,10 +404,7 @@ class AnomalyMapGenerator(nn.Module):
             count = max(1, round(flat.shape[1] * self.top_fraction))
             score = flat.topk(count, dim=1).values.mean(dim=1)
         level_max = torch.stack([log_normal.flatten(start_dim=1).amax(dim=1) for log_normal, _ in log_likelihoods])
-        nearest_map = 0.0
-        for similarity in similarities[-NEAREST_LEVELS:]:
-            nearest_map = nearest_map + self._upsample((1 - similarity).unsqueeze(1), image_size)
-        nearest = self.blur(nearest_map).flatten(start_dim=1).amax(dim=1)
+        nearest = nearest_map.flatten(start_dim=1).amax(dim=1)
         dissimilarity, reverse = odd_frame_statistics(similarities, coverage)
         return ScoreComponents(anomaly_map, score, map_max, dissimilarity, level_max.T, nearest, reverse)
 

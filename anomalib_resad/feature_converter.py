@@ -38,11 +38,12 @@ from torch.nn import functional as F  # noqa: N812
 from .errors import ResADInputError, check_choice
 
 RESIDUAL_TYPES = ("squared", "difference")
-# Similarity-matrix elements computed at once while matching (64 MiB of float32). Matching is compute-bound in the
-# matmul: on CPU, blocks of this size run as fast as one full matrix or as the reference code's image-by-image loop
-# (measured, benchmarks/bench_matching.py), while smaller blocks were up to 1.5x slower. The bound keeps memory flat
-# for any k and batch size.
-_MATCH_BLOCK_ELEMENTS = 1 << 24
+# Similarity-matrix elements computed at once while matching (16 MiB of float32). The bound keeps memory flat for any
+# k and batch size. On a 2-core AMD EPYC (one thread, interleaved), 16 MiB blocks matched the stride-4 level 1.2-1.8x
+# faster than 64 MiB blocks (the previous size) for both Lite0 (24 channels) and wide_resnet50_2 (256): the row
+# maximum then re-reads a block still partly in cache; 1 MiB blocks were up to 2x slower for wide channels
+# (benchmarks/bench_matching.py, docs/benchmark.md).
+_MATCH_BLOCK_ELEMENTS = 1 << 22
 
 
 def match_features(query: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

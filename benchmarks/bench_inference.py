@@ -48,14 +48,14 @@ CONFIGS = {
 }
 
 
-def build_model(config_name: str, shots: int) -> "ResAD":  # noqa: F821
-    """The benchmarked model: fixed seed, k random reference images."""
+def build_model(config_name: str, shots: int, **overrides: object) -> "ResAD":  # noqa: F821
+    """The benchmarked model: fixed seed, k random reference images; ``overrides`` replace configuration entries."""
     import torch
 
     from anomalib_resad import ResAD
 
     torch.manual_seed(0)
-    model = ResAD(**CONFIGS[config_name], visualizer=False, evaluator=False).eval()
+    model = ResAD(**{**CONFIGS[config_name], **overrides}, visualizer=False, evaluator=False).eval()
     model.model.set_references(model.model.make_reference_bank(torch.rand(shots, 3, 224, 224)))
     return model
 

@@ -209,16 +209,19 @@ def main() -> None:
     parser.add_argument("--ir", help="an exported OpenVINO IR (.xml) of this configuration, instead of exporting")
     parser.add_argument("--keep-ir", type=Path, help="export the IR into this folder (kept) instead of a temp one")
     parser.add_argument("--nodes", type=int, default=12, help="OpenVINO: how many most expensive nodes to list")
+    parser.add_argument("--layers", nargs="+", help="backbone levels to use instead (blocks.2 blocks.4)")
     arguments = parser.parse_args()
 
     config_name = BACKBONES[arguments.backbone]
     if arguments.threads:
         torch.set_num_threads(arguments.threads)
-    module = build_model(config_name, arguments.shots)
+    overrides = {"layers": arguments.layers} if arguments.layers else {}
+    module = build_model(config_name, arguments.shots, **overrides)
     images = torch.from_numpy(np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32))
     eager = profile_eager(module, images, arguments.repetitions, arguments.warmup)
 
-    print(f"\nResAD inference profile, {config_name}, batch 1, k = {arguments.shots}, 224 px")
+    levels = ", ".join(getattr(module.model.feature_extractor, "layers", []))
+    print(f"\nResAD inference profile, {config_name} [{levels}], batch 1, k = {arguments.shots}, 224 px")
     print(describe(cpu_info(), runtime_versions()))
     print(f"torch threads: {torch.get_num_threads()}; {arguments.repetitions} repetitions after {arguments.warmup}")
     print_stage_table("Eager PyTorch f32, per stage:", eager["wall"], eager["cpu"])

@@ -10,6 +10,7 @@ from anomalib_resad.anomaly_map import (
     AnomalyMapGenerator,
     ScoreCalibration,
     ScoreComponents,
+    SeparableGaussianBlur,
     leave_one_out_calibration,
 )
 
@@ -265,3 +266,22 @@ def test_a_calibration_of_another_length_is_refused() -> None:
     old = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 1.0])  # L + 4 values
     with pytest.raises(ResADInputError, match=r"6 values .* 2 level constants \+ 5 thresholds"):
         generator([level(0.0), level(0.0)], [torch.ones(1, 4, 4)] * 2, (8, 8), old)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 224, 224), (2, 3, 20, 17), (1, 2, 5, 6)])
+def test_the_separable_blur_equals_anomalibs_2d_gaussian_blur(shape: tuple[int, ...]) -> None:
+    from anomalib.models.components import GaussianBlur2d
+
+    maps = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    # what the generator used before: the full 33 x 33 kernel at sigma 4, replicate borders (also maps smaller
+    # than the kernel radius)
+    full = GaussianBlur2d(kernel_size=(33, 33), sigma=(4.0, 4.0), channels=shape[1], border_type="replicate")
+    torch.testing.assert_close(SeparableGaussianBlur(4.0)(maps), full(maps), atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoints_with_anomalibs_2d_blur_kernel_load_strictly() -> None:
+    generator = AnomalyMapGenerator(num_levels=1)
+    assert "blur.kernel" not in generator.state_dict()  # derived from sigma, not saved
+    old = {**generator.state_dict(), "blur.kernel": torch.ones(1, 1, 33, 33)}  # saved by earlier versions
+    generator.load_state_dict(old, strict=True)
+    assert generator.blur.kernel.shape == (33,)
