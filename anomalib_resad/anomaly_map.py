@@ -245,6 +245,7 @@ class SeparableGaussianBlur(nn.Module):
         sigma (float): Standard deviation, in pixels.
         truncate (float): Kernel radius in standard deviations (``scipy.ndimage.gaussian_filter``'s default, as in
             the reference code). Defaults to ``4``.
+        padding_mode (str): ``F.pad`` mode of the borders. Defaults to ``"replicate"`` (works for maps of any size).
 
     Example:
         >>> blur = SeparableGaussianBlur(sigma=1.0)
@@ -255,8 +256,9 @@ class SeparableGaussianBlur(nn.Module):
         (1.0, 0.0)
     """
 
-    def __init__(self, sigma: float, truncate: float = 4.0) -> None:
+    def __init__(self, sigma: float, truncate: float = 4.0, padding_mode: str = "replicate") -> None:
         super().__init__()
+        self.padding_mode = padding_mode
         self.radius = int(truncate * sigma + 0.5)
         offsets = torch.arange(-self.radius, self.radius + 1, dtype=torch.float32)
         kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
@@ -264,10 +266,9 @@ class SeparableGaussianBlur(nn.Module):
         self.register_buffer("kernel", kernel / kernel.sum(), persistent=False)
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        """Smooth ``(B, C, H, W)`` maps (any size: replicate padding needs no minimum)."""
+        """Smooth ``(B, C, H, W)`` maps."""
         batch, channels, height, width = maps.shape
-        radius = self.radius
-        flat = F.pad(maps.reshape(batch * channels, 1, height, width), (radius, radius, radius, radius), "replicate")
+        flat = F.pad(maps.reshape(batch * channels, 1, height, width), (self.radius,) * 4, self.padding_mode)
         flat = F.conv2d(flat, self.kernel.view(1, 1, 1, -1))
         flat = F.conv2d(flat, self.kernel.view(1, 1, -1, 1))
         return flat.reshape(batch, channels, height, width)

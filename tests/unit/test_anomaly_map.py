@@ -277,6 +277,10 @@ def test_the_separable_blur_equals_anomalibs_2d_gaussian_blur(shape: tuple[int, 
     # than the kernel radius)
     full = GaussianBlur2d(kernel_size=(33, 33), sigma=(4.0, 4.0), channels=shape[1], border_type="replicate")
     torch.testing.assert_close(SeparableGaussianBlur(4.0)(maps), full(maps), atol=1e-5, rtol=1e-5)
+    if min(shape[-2:]) > 16:  # PatchCore's blur (reflect borders), as benchmarks/bench_checkpoints.py swaps it in
+        reflect = GaussianBlur2d(kernel_size=(33, 33), sigma=(4.0, 4.0), channels=shape[1])
+        separable = SeparableGaussianBlur(4.0, padding_mode="reflect")
+        torch.testing.assert_close(separable(maps), reflect(maps), atol=1e-5, rtol=1e-5)
 
 
 def test_checkpoints_with_anomalibs_2d_blur_kernel_load_strictly() -> None:
