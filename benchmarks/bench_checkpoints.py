@@ -55,8 +55,19 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--patchcore", action="store_true", help="also PatchCore k-shot, same backbone and images")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall time, or this process's CPU time (with --threads 1: the work itself, not inflated by other jobs)",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
     args = parser.parse_args()
-    print(f"{describe(cpu_info(), runtime_versions())}\ntorch threads: {torch.get_num_threads()}\n")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    print(describe(cpu_info(), runtime_versions()))
+    print(f"torch threads: {torch.get_num_threads()}; clock: {args.clock}\n")
     torch.manual_seed(0)
     models = []
     for path in args.checkpoints:
@@ -78,17 +89,17 @@ def main() -> None:
         check = models[0][1](torch.rand(2, 3, *models[0][4]))
         torch.testing.assert_close(separable(check).anomaly_map, run(check).anomaly_map, atol=1e-5, rtol=1e-4)
         models.append((Path("PatchCore, separable blur"), models[0][1], separable, layers, models[0][4]))
-    print("| checkpoint | layers | batch | eager ms / image (median) | vs first |")
+    print(f"| checkpoint | layers | batch | eager {args.clock} ms / image (median) | vs first |")
     print("|---|---|---|---|---|")
     for batch in args.batches:
         times: dict[Path, list[float]] = {path: [] for path, *_ in models}
         for round_index in range(args.rounds + 1):
             for path, transform, run, _, size in models:
                 images = transform(torch.rand(batch, 3, *size))
-                start = time.perf_counter()
+                start = clock()
                 run(images)
                 if round_index:  # the first round warms up
-                    times[path].append((time.perf_counter() - start) / batch)
+                    times[path].append((clock() - start) / batch)
         first = statistics.median(times[models[0][0]])
         for path, _, _, layers, _ in models:
             median = statistics.median(times[path])
