@@ -206,6 +206,16 @@ def resad_variants(
     )  # fmt: skip
     ratio_nn2 = torch.cat(nearest["nn2"]) / max(nn2_threshold, 1e-6)
     rows = [{"variant": "ResAD nn2 calibrated", **image_metrics(ratio_nn2, labels), **verdicts(ratio_nn2, labels)}]
+    # the same with PatchCore's 3 x 3 neighbourhood averaging of both sides (diagnostic: helps textures, hurts boards)
+    pool_threshold = max(
+        float(nearest_score([level[index : index + 1] for level in pooled_bank],
+                            [torch.cat([level[:index], level[index + 1 :]]) for level in pooled_bank],
+                            image_size)[0])
+        for index in range(selection.k)
+    )  # fmt: skip
+    ratio_pool = torch.cat(nearest["nn2 pool"]) / max(pool_threshold, 1e-6)
+    nn2_both = (ratio_nn2 + ratio_pool) / 2
+    rows.append({"variant": "ResAD nn2+pool calibrated", **image_metrics(nn2_both, labels)})
     for mode, calibration in calibrations.items():
         values = {name: torch.cat(parts) for name, parts in collected[mode].items()}
         pixel = pixel_metrics(values["map"], masks, aupro=aupro)
@@ -224,6 +234,8 @@ def resad_variants(
             rows.append(row)
         fused = (ratio_max + ratio_nn2) / 2  # both in units of their own leave-one-out threshold
         rows.append({"variant": f"ResAD {mode} max+nn2", **image_metrics(fused, labels), **verdicts(fused, labels)})
+        fused_pool = (ratio_max + nn2_both) / 2
+        rows.append({"variant": f"ResAD {mode} max+nn2+pool", **image_metrics(fused_pool, labels)})
         # the product's default: fused score with the odd-frame check (max with the dissimilarity ratio) ...
         checked = torch.maximum(fused, ratio_dis)
         rows.append(
@@ -240,7 +252,8 @@ def resad_variants(
                      **verdicts(both, labels)})  # fmt: skip
         if mode == "per_class":
             per_image = pd.DataFrame({"label": labels.numpy(), "max": ratio_max.numpy(), "nn2": ratio_nn2.numpy(),
-                                      "dis": ratio_dis.numpy(), "rev": ratio_rev.numpy()})  # fmt: skip
+                                      "dis": ratio_dis.numpy(), "rev": ratio_rev.numpy(),
+                                      "nn2pool": ratio_pool.numpy()})  # fmt: skip
         rows.extend(
             {"variant": f"ResAD {mode} nll {name}", **image_metrics(values[f"nll_{name}"], labels)}
             for name in ("max", "top1")
