@@ -397,6 +397,7 @@ class AnomalyMapGenerator(nn.Module):
         anomaly_map, nearest_map = self.blur(
             torch.cat([(likelihood_map + classifier_map / len(log_likelihoods)) / 2, nearest_map], dim=1)
         ).split(1, dim=1)
+        anomaly_map = anomaly_map.contiguous()  # a map of its own, not a view holding the nearest map too
         flat = anomaly_map.flatten(start_dim=1)
         map_max = flat.amax(dim=1)
         if self.image_score == "max":
