@@ -194,7 +194,16 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(binary_auroc(torch.from_numpy(scores.astype(np.float32)), torch.from_numpy(labels.astype(np.int64))))
 
 
-SWEEP = ((math.inf, math.inf), (1.5, math.inf), (1.5, 1.5), (1.5, 2.0), (1.75, 1.75), (2.0, 1.5), (2.0, 2.0))
+SWEEP = (
+    (math.inf, math.inf),
+    (1.5, math.inf),
+    (1.5, 1.5),
+    (1.5, 2.0),
+    (1.75, 1.75),
+    (2.0, 1.5),
+    (2.0, 2.0),
+    (2.0, 1.25),
+)
 KINDS = ("black", "white", "grey", "saturated red", "noise")
 
 
