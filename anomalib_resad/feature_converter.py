@@ -41,8 +41,8 @@ RESIDUAL_TYPES = ("squared", "difference")
 # Similarity-matrix elements computed at once while matching (16 MiB of float32). The bound keeps memory flat for any
 # k and batch size. On a 2-core AMD EPYC (one thread, interleaved), 16 MiB blocks matched the stride-4 level 1.2-1.8x
 # faster than 64 MiB blocks (the previous size) for both Lite0 (24 channels) and wide_resnet50_2 (256): the row
-# maximum then re-reads a block still partly in cache; 1 MiB blocks were up to 2x slower for wide channels
-# (benchmarks/bench_matching.py, docs/benchmark.md).
+# maximum then re-reads a block still partly in cache; 1 MiB blocks were up to 2x slower for wide channels (an
+# interleaved comparison of block sizes, docs/benchmark.md "Cheaper smoothing and matching blocks").
 _MATCH_BLOCK_ELEMENTS = 1 << 22
 
 

@@ -165,11 +165,10 @@ def main() -> None:
         output = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
         return json.loads(output.strip().splitlines()[-1])
 
+    names = [name for name in CONFIGS if not arguments.only or arguments.only in name]
     rows = []
     with tempfile.TemporaryDirectory() as root:
-        for index, config_name in enumerate(CONFIGS):
-            if arguments.only and arguments.only not in config_name:
-                continue
+        for index, config_name in enumerate(names):
             paths = worker("export", config_name, arguments.shots, str(Path(root) / str(index)))
             for batch in (1, 8):
                 iterations = (3 if arguments.quick else 10) if batch == 1 else (1 if arguments.quick else 3)
@@ -194,7 +193,6 @@ def main() -> None:
             f"| {config_name} | {batch} | {runtime} ({result['precision']}) | {result['threads']} | "
             f"{result['ms_per_image']:.1f} | {result['images_per_s']:.2f} | {speedup:.2f}x | {result['peak_mb']:.0f} |"
         )
-    names = [name for name in CONFIGS if not arguments.only or arguments.only in name]
     banks = {config_name: {shots: bank_megabytes(config_name, shots) for shots in (2, 4, 8)} for config_name in names}
     print("\nReference bank size (float32, 224 px input):\n")
     print("| backbone | k=2 | k=4 | k=8 |")
