@@ -43,7 +43,7 @@ import torch
 import yaml
 from anomalib.engine import Engine
 from anomalib.metrics import AUPRO, AUROC, F1Max
-from lightning.pytorch import seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_resad import ResAD
@@ -264,6 +264,20 @@ def resad_variants(
     return rows, per_image
 
 
+class EpochSnapshots(Callback):
+    """Saves the model after chosen epochs, so that one training is scored at several lengths (``--save_epochs``)."""
+
+    def __init__(self, folder: Path, epochs: list[int]) -> None:
+        self.folder, self.epochs, self.saved, self.last_step = folder, set(epochs), {}, 0
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: ResAD) -> None:
+        del pl_module
+        done, self.last_step = trainer.current_epoch + 1, trainer.global_step
+        if done in self.epochs and trainer.is_global_zero:
+            self.saved[done] = self.folder / f"model_e{done}.ckpt"
+            trainer.save_checkpoint(self.saved[done])
+
+
 def draw_selection(resad: ResAD, category: str, k: int, seed: int):
     return resad.references.select(category, k, seed)
 
@@ -285,25 +299,38 @@ def run_setting(args: argparse.Namespace, setting: str) -> pd.DataFrame:
     )
     model_args = {**config["model"], **json.loads(args.model_overrides)}
     start = time.perf_counter()
+    models: dict[str, ResAD] = {}  # variant-name suffix -> model (one model: no suffix)
     if args.checkpoint:
         resad = ResAD.load_from_checkpoint(args.checkpoint, map_location="cpu", **json.loads(args.model_overrides))
         datamodule.setup()
         train_seconds = float("nan")
+        models[""] = resad
     else:
         resad = ResAD(**model_args)
         trainer = {**config.get("trainer", {}), "enable_progress_bar": False}
         if args.epochs:
             trainer["max_epochs"] = args.epochs
-        engine = Engine(default_root_dir=output / "train", logger=False, **trainer)
+        if args.max_minutes:
+            trainer["max_time"] = {"minutes": args.max_minutes}
+        snapshots = EpochSnapshots(output, args.save_epochs)
+        engine = Engine(default_root_dir=output / "train", logger=False, callbacks=[snapshots], **trainer)
         engine.fit(resad, datamodule=datamodule)
         train_seconds = time.perf_counter() - start
         engine.trainer.save_checkpoint(output / "model.ckpt")
+        completed = engine.trainer.fit_loop.epoch_progress.current.completed
+        print(f"[{setting}] {completed} epoch(s) completed; snapshots at {sorted(snapshots.saved)}", flush=True)
+        partial = engine.trainer.global_step > snapshots.last_step  # --max_minutes stopped it inside an epoch
+        for epochs, path in sorted(snapshots.saved.items()):
+            if epochs < completed or partial:
+                models[f" @e{epochs}"] = ResAD.load_from_checkpoint(path, map_location="cpu")
+        models[f" @e{completed}{'+' if partial else ''}" if snapshots.saved or partial else ""] = resad
     print(f"[{setting}] trained in {train_seconds:.0f} s", flush=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    resad = resad.to(device).eval()
     pools = {name: datamodule.reference_pool(name) for name in datamodule.target_categories}
     pools.update({name: datamodule.reference_pool(name) for name in datamodule.source_categories})
-    resad.references.set_pools(pools)
+    for model in models.values():
+        model.to(device).eval()
+        model.references.set_pools(pools)
     patchcore = FewShotPatchcore(
         backbone=model_args["backbone"],
         layers=list(resad.model.feature_extractor.layers[-2:]),
@@ -315,20 +342,21 @@ def run_setting(args: argparse.Namespace, setting: str) -> pd.DataFrame:
     groups = [("target", name, datamodule.test_data.samples) for name in datamodule.target_categories]
     if args.source_val:
         groups += [("source", name, datamodule.val_data.samples) for name in datamodule.source_categories]
-    for role, category, table in groups:
-        samples = table[table[CATEGORY_COLUMN] == category]
-        if samples.label_index.nunique() < 2:
-            continue
-        for k in args.shots:
-            for draw in range(args.draws):
+    groups = [(role, category, table[table[CATEGORY_COLUMN] == category]) for role, category, table in groups]
+    groups = [group for group in groups if group[2].label_index.nunique() >= 2]
+    # draws outermost: a run stopped by a time limit still has whole draws over every category
+    for draw in range(args.draws):
+        for role, category, samples in groups:
+            for k in args.shots:
                 selection = draw_selection(resad, category, k, seed + draw)
                 base = {"setting": setting, "role": role, "category": category, "k": k, "draw": draw,
                         "train_s": train_seconds}  # fmt: skip
                 aupro = role == "target" and args.aupro
-                variants, images = resad_variants(resad, samples, selection, args.batch_size, aupro=aupro)
-                rows.extend({**base, **row} for row in variants)
-                keys = ("setting", "role", "category", "k", "draw")
-                per_image.append(images.assign(**{key: base[key] for key in keys}))
+                for suffix, model in models.items():
+                    variants, images = resad_variants(model, samples, selection, args.batch_size, aupro=aupro)
+                    rows.extend({**base, **row, "variant": row["variant"] + suffix} for row in variants)
+                    keys = ("setting", "role", "category", "k", "draw")
+                    per_image.append(images.assign(model=suffix.strip(), **{key: base[key] for key in keys}))
                 if role == "target":
                     patchcore.set_references(selection)
                     metrics = category_metrics(score_samples(patchcore.model, samples, batch_size=args.batch_size))
@@ -367,6 +395,9 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--max_minutes", type=float, default=None, help="stop training after this wall-clock time")
+    parser.add_argument("--save_epochs", nargs="*", type=int, default=[],
+                        help="also score the model as it was after these epochs (e.g. 3 10)")  # fmt: skip
     parser.add_argument("--model_overrides", default="{}", help='JSON, e.g. \'{"flow_steps": "chunk"}\'')
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--num_workers", type=int, default=2)
