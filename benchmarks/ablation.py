@@ -147,15 +147,19 @@ def resad_variants(
     collected = {mode: {"map": [], "max": [], "top1": [], "dis": [], "rev": [], "nll_max": [], "nll_top1": []}
                  for mode in calibrations}  # fmt: skip
     nearest = {name: [] for name in ("nn", "nn2", "nn2 pool")}
+    nearest_maps = {name: [] for name in ("nn2", "nn2 pool")}
     pooled_bank = [F.avg_pool2d(level, 3, stride=1, padding=1) for level in features[-2:]]
 
-    def nearest_score(query: list[torch.Tensor], references: list[torch.Tensor], size: torch.Size) -> torch.Tensor:
+    def nearest_map(query: list[torch.Tensor], references: list[torch.Tensor], size: torch.Size) -> torch.Tensor:
         maps = []
         for feature, reference in zip(query, references, strict=True):
             _, similarity = nearest_reference(flatten_positions(feature), flatten_positions(reference))
             level_map = (1 - similarity).reshape(feature.shape[0], 1, *feature.shape[-2:])
             maps.append(generator._upsample(level_map, size))
-        return generator.blur(sum(maps)).flatten(start_dim=1).amax(dim=1).cpu()
+        return generator.blur(sum(maps))
+
+    def nearest_score(query: list[torch.Tensor], references: list[torch.Tensor], size: torch.Size) -> torch.Tensor:
+        return nearest_map(query, references, size).flatten(start_dim=1).amax(dim=1).cpu()
 
     labels, masks = [], []
 
@@ -171,9 +175,14 @@ def resad_variants(
         size = images.shape[-2:]
         nn_map = generator.blur(sum(generator._upsample((1 - s).unsqueeze(1), size) for s in similarities))
         nearest["nn"].append(nn_map.flatten(start_dim=1).amax(dim=1).cpu())
-        nearest["nn2"].append(nearest_score(query[-2:], features[-2:], size))
+        nn2_map = nearest_map(query[-2:], features[-2:], size)
+        nearest["nn2"].append(nn2_map.flatten(start_dim=1).amax(dim=1).cpu())
         pooled = [F.avg_pool2d(level, 3, stride=1, padding=1) for level in query[-2:]]
-        nearest["nn2 pool"].append(nearest_score(pooled, pooled_bank, size))
+        pool_map = nearest_map(pooled, pooled_bank, size)
+        nearest["nn2 pool"].append(pool_map.flatten(start_dim=1).amax(dim=1).cpu())
+        if has_masks:  # pixel maps of the flow-free scores (uncalibrated here; divided by their thresholds below)
+            nearest_maps["nn2"].append(nn2_map[:, 0].cpu())
+            nearest_maps["nn2 pool"].append(pool_map[:, 0].cpu())
         for mode, calibration in calibrations.items():
             parts = generator.components(
                 log_likelihoods, similarities, images.shape[-2:], calibration.level_constants, coverage
@@ -216,6 +225,13 @@ def resad_variants(
     ratio_pool = torch.cat(nearest["nn2 pool"]) / max(pool_threshold, 1e-6)
     nn2_both = (ratio_nn2 + ratio_pool) / 2
     rows.append({"variant": "ResAD nn2+pool calibrated", **image_metrics(nn2_both, labels)})
+    if masks is not None:  # pixel AUROC of the flow-free maps, alone and fused with the flows' calibrated map
+        nn2_maps = torch.cat(nearest_maps["nn2"]) / max(nn2_threshold, 1e-6)
+        pool_maps = torch.cat(nearest_maps["nn2 pool"]) / max(pool_threshold, 1e-6)
+        flow_maps = torch.cat(collected["per_class"]["map"])
+        for name, maps in (("nn2", nn2_maps), ("nn2 pool", pool_maps), ("flows+nn2", (flow_maps + nn2_maps) / 2),
+                           ("flows+nn2 pool", (flow_maps + pool_maps) / 2)):  # fmt: skip
+            rows.append({"variant": f"ResAD map {name}", **pixel_metrics(maps, masks, aupro=False)})
     for mode, calibration in calibrations.items():
         values = {name: torch.cat(parts) for name, parts in collected[mode].items()}
         pixel = pixel_metrics(values["map"], masks, aupro=aupro)
