@@ -37,6 +37,13 @@ blurred like the map - is PatchCore's score on ResAD's own matching and costs no
 anyway). With the option, the image score is the mean of the flow score's and the nearest-neighbour score's
 ratios to their own leave-one-out thresholds: the class's boundary stays at ``1``. See docs/benchmark.md (ablation).
 
+**Neighbourhood averaging, chosen per class** (``nearest_averaging``). PatchCore averages each feature with its
+3 x 3 neighbours before matching; on stochastic textures that helps, on aligned parts (circuit boards) it blurs small
+defects away. With ``"auto"`` a class's k references choose: synthetic defects pasted into each reference
+(:mod:`~anomalib_resad.synthetic_defects`) are scored leave-one-out with both matchings, and when the averaged one
+puts them more than ``1 + AVERAGING_GAIN`` times further above its own threshold (median ratio), the class's
+nearest-neighbour term becomes the mean of the precise and the averaged ratios. ``"on"`` / ``"off"`` force it.
+
 Example:
     >>> import torch
     >>> generator = AnomalyMapGenerator(num_levels=1)
@@ -62,7 +69,12 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SCORES = ("max", "top_mean")
 LEVEL_CONSTANTS = ("per_class", "global")
-CALIBRATION_THRESHOLDS = 5  # map, score, dissimilarity, nearest, reverse dissimilarity: L + 5 values
+# map, score, dissimilarity, nearest, reverse dissimilarity, averaged nearest, averaging (0 / 1): L + 7 values
+CALIBRATION_THRESHOLDS = 7
+NEAREST_AVERAGING = ("off", "auto", "on")
+# "auto": average when synthetic defects land this much further above the averaged matching's threshold (median
+# ratio) - chosen leave-one-setting-out on ../shared/data (docs/benchmark.md, "Choosing the averaging per class")
+AVERAGING_GAIN = 0.1
 NEAREST_LEVELS = 2  # the nearest-neighbour score uses the deepest levels, as PatchCore does
 
 
@@ -79,6 +91,8 @@ class ScoreComponents(NamedTuple):
             deepest levels, summed, upsampled and blurred).
         reverse_dissimilarity (torch.Tensor): ``(B,)`` mean ``1 - cos`` of each reference position's best match in
             the image, averaged over levels.
+        averaged_nearest (torch.Tensor | None): ``(B,)`` the nearest-neighbour score after 3 x 3 neighbourhood
+            averaging of both sides (``None``: not computed).
     """
 
     anomaly_map: torch.Tensor
@@ -88,6 +102,7 @@ class ScoreComponents(NamedTuple):
     level_max_log_likelihood: torch.Tensor
     nearest: torch.Tensor
     reverse_dissimilarity: torch.Tensor
+    averaged_nearest: torch.Tensor | None = None
 
 
 @dataclass
@@ -95,7 +110,7 @@ class ScoreCalibration:
     """Per-class scoring constants and thresholds, set from the class's k reference images alone.
 
     Stored as one flat tensor (:meth:`to_tensor`, layout ``[c_0 .. c_{L-1}, map, score, dissimilarity, nearest,
-    reverse dissimilarity]``, ``L + 5`` values) wherever a
+    reverse dissimilarity, averaged nearest, averaging]``, ``L + 7`` values) wherever a
     class's references live: the model's buffers (checkpoint, ``anomalib export``), a references ``.npz`` file and
     the ``calibration`` input of the reference-conditioned export.
 
@@ -107,6 +122,9 @@ class ScoreCalibration:
         nearest_threshold (float): Nearest-neighbour score above which an image is anomalous.
         reverse_dissimilarity_threshold (float): Reverse dissimilarity above which a frame is unlike the references
             (``0``: not calibrated - references set before the statistic existed; that check is then off).
+        averaged_nearest_threshold (float): Threshold of the neighbourhood-averaged nearest-neighbour score (``0``:
+            not calibrated).
+        averaging (float): ``1``: the class's nearest-neighbour term includes the averaged score; ``0``: precise only.
     """
 
     level_constants: torch.Tensor
@@ -115,9 +133,11 @@ class ScoreCalibration:
     dissimilarity_threshold: float
     nearest_threshold: float
     reverse_dissimilarity_threshold: float
+    averaged_nearest_threshold: float = 0.0
+    averaging: float = 0.0
 
     def to_tensor(self) -> torch.Tensor:
-        """Flat float32 tensor ``(L + 5,)``."""
+        """Flat float32 tensor ``(L + 7,)``."""
         thresholds = torch.tensor(
             [
                 self.map_threshold,
@@ -125,6 +145,8 @@ class ScoreCalibration:
                 self.dissimilarity_threshold,
                 self.nearest_threshold,
                 self.reverse_dissimilarity_threshold,
+                self.averaged_nearest_threshold,
+                self.averaging,
             ]
         )
         return torch.cat([self.level_constants.detach().float().cpu(), thresholds])
@@ -171,6 +193,8 @@ def leave_one_out_calibration(
     margin: float = 1.0,
     dissimilarity_margin: float = 1.0,
     reverse_dissimilarity_margin: float = 1.0,
+    nearest_averaging: str = "off",
+    score_defects: Callable[[int, torch.Tensor], ScoreComponents] | None = None,
 ) -> ScoreCalibration:
     """Calibrate a class from its k reference images: each scored against a bank of the other k - 1.
 
@@ -195,13 +219,23 @@ def leave_one_out_calibration(
         dissimilarity_margin (float): Factor on the largest leave-one-out dissimilarity. Defaults to ``1``.
         reverse_dissimilarity_margin (float): Factor on the largest leave-one-out reverse dissimilarity.
             Defaults to ``1``.
+        nearest_averaging (str): ``"off"``, ``"on"`` or ``"auto"`` (chosen from ``score_defects``; see the module
+            docstring). Defaults to ``"off"``.
+        score_defects (Callable[[int, torch.Tensor], ScoreComponents] | None): ``(i, level_constants) ->`` the
+            scoring of reference image ``i``'s synthetic defects against the bank of the other references (only the
+            two nearest-neighbour scores are read). Needed for ``"auto"``.
 
     Returns:
         ScoreCalibration: The class's calibration.
 
     Raises:
         ResADInputError: ``k < 2`` (leave-one-out needs a bank of at least one other image).
+        ResADConfigurationError: ``"auto"`` without ``score_defects``, or an unknown ``nearest_averaging``.
     """
+    check_choice("nearest_averaging", nearest_averaging, NEAREST_AVERAGING)
+    if nearest_averaging == "auto" and score_defects is None:
+        msg = "nearest_averaging='auto' needs the reference images' synthetic defects scored (score_defects)."
+        raise ResADConfigurationError(msg)
     if k < 2:
         msg = (
             f"ResAD sets each class's scoring constants and threshold from its reference images scored against each "
@@ -221,7 +255,14 @@ def leave_one_out_calibration(
     dissimilarity = max(float(result.dissimilarity.max()) for result in results)
     nearest = max(float(result.nearest.max()) for result in results)
     reverse = max(float(result.reverse_dissimilarity.max()) for result in results)
+    averaged = max(float(_averaged(result).max()) for result in results)
     eps = 1e-6  # a threshold of 0 would divide by zero (k identical references)
+    averaging = float(nearest_averaging == "on")
+    if nearest_averaging == "auto":
+        defects = [score_defects(index, constants) for index in range(k)]
+        precise = torch.cat([result.nearest.flatten() for result in defects]) / max(nearest, eps)
+        pooled = torch.cat([_averaged(result).flatten() for result in defects]) / max(averaged, eps)
+        averaging = float(float(pooled.median()) > (1 + AVERAGING_GAIN) * float(precise.median()))
     return ScoreCalibration(
         level_constants=constants,
         map_threshold=max(margin * map_max, eps),
@@ -229,7 +270,15 @@ def leave_one_out_calibration(
         dissimilarity_threshold=max(dissimilarity_margin * dissimilarity, eps),
         nearest_threshold=max(margin * nearest, eps),
         reverse_dissimilarity_threshold=max(reverse_dissimilarity_margin * reverse, eps),
+        averaged_nearest_threshold=max(margin * averaged, eps),
+        averaging=averaging,
     )
+
+
+def _averaged(components: ScoreComponents) -> torch.Tensor:
+    """The averaged nearest-neighbour score of scoring results (zeros where it was not computed)."""
+    value = components.averaged_nearest
+    return torch.zeros_like(components.nearest) if value is None else value
 
 
 class SeparableGaussianBlur(nn.Module):
@@ -290,7 +339,7 @@ class AnomalyMapGenerator(nn.Module):
 
     Attributes:
         global_level_constants (torch.Tensor): ``(L,)`` constants learned in training (EMA).
-        calibration (torch.Tensor): ``(L + 5,)`` the stored class's :class:`ScoreCalibration` (zeros: none yet).
+        calibration (torch.Tensor): ``(L + 7,)`` the stored class's :class:`ScoreCalibration` (zeros: none yet).
     """
 
     def __init__(
@@ -328,7 +377,7 @@ class AnomalyMapGenerator(nn.Module):
         return bool(thresholds[:3].gt(0).all()) and (not self.nearest_score or bool(thresholds[3] > 0))
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
-        """Read checkpoints of before the nearest-neighbour (``L + 3`` values) or reverse (``L + 4``) threshold.
+        """Read checkpoints of before the nearest (``L + 3``), reverse (``L + 4``) or averaging (``L + 5``) values.
 
         Their stored 2-D blur kernel (anomalib's ``GaussianBlur2d``) is dropped: the separable one is derived from
         ``sigma``. The missing thresholds are unset (``0``). Such a model scores as before: without the reverse check
@@ -338,9 +387,10 @@ class AnomalyMapGenerator(nn.Module):
         state_dict.pop(f"{prefix}blur.kernel", None)  # anomalib's 2-D kernel, saved by earlier versions
         stored = state_dict.get(f"{prefix}calibration")
         full = self.num_levels + CALIBRATION_THRESHOLDS
-        if stored is not None and full - 2 <= stored.numel() < full:
+        if stored is not None and full - 4 <= stored.numel() < full:
             state_dict[f"{prefix}calibration"] = torch.cat([stored, stored.new_zeros(full - stored.numel())])
-            if bool(stored[self.num_levels :].gt(0).any()):
+            # L + 5: no averaged nearest-neighbour threshold, averaging 0 = off, as these references were scored
+            if stored.numel() < full - 2 and bool(stored[self.num_levels :].gt(0).any()):
                 logger.warning(
                     "These stored references were calibrated before the reverse odd-frame check (blank or saturated "
                     "frames against mostly uniform references): it stays off until the references are set again "
@@ -366,6 +416,7 @@ class AnomalyMapGenerator(nn.Module):
         image_size: tuple[int, int] | torch.Size,
         level_constants: torch.Tensor,
         coverage: Sequence[torch.Tensor] | None = None,
+        averaged_similarities: Sequence[torch.Tensor] | None = None,
     ) -> ScoreComponents:
         """Uncalibrated map, image score and dissimilarities.
 
@@ -379,6 +430,9 @@ class AnomalyMapGenerator(nn.Module):
             coverage (Sequence[torch.Tensor] | None): Per level, each reference position's best similarity in each
                 image ``(B, M_l)`` (:class:`~anomalib_resad.feature_converter.ResidualMatches`). ``None``: no
                 reverse dissimilarity (zeros).
+            averaged_similarities (Sequence[torch.Tensor] | None): The two deepest levels' match similarities after
+                neighbourhood averaging (:meth:`~anomalib_resad.feature_converter.FeatureConverter.
+                averaged_similarities`). ``None``: no averaged nearest-neighbour score (zeros).
 
         Returns:
             ScoreComponents: The scoring results.
@@ -393,10 +447,15 @@ class AnomalyMapGenerator(nn.Module):
         nearest_map = 0.0
         for similarity in similarities[-NEAREST_LEVELS:]:
             nearest_map = nearest_map + self._upsample((1 - similarity).unsqueeze(1), image_size)
-        # both maps in one call of the blur
-        anomaly_map, nearest_map = self.blur(
-            torch.cat([(likelihood_map + classifier_map / len(log_likelihoods)) / 2, nearest_map], dim=1)
-        ).split(1, dim=1)
+        maps = [(likelihood_map + classifier_map / len(log_likelihoods)) / 2, nearest_map]
+        if averaged_similarities is not None:
+            averaged_map = 0.0
+            for similarity in averaged_similarities[-NEAREST_LEVELS:]:
+                averaged_map = averaged_map + self._upsample((1 - similarity).unsqueeze(1), image_size)
+            maps.append(averaged_map)
+        # all maps in one call of the blur
+        blurred = self.blur(torch.cat(maps, dim=1)).split(1, dim=1)
+        anomaly_map, nearest_map = blurred[0], blurred[1]
         anomaly_map = anomaly_map.contiguous()  # a map of its own, not a view holding the nearest map too
         flat = anomaly_map.flatten(start_dim=1)
         map_max = flat.amax(dim=1)
@@ -407,8 +466,9 @@ class AnomalyMapGenerator(nn.Module):
             score = flat.topk(count, dim=1).values.mean(dim=1)
         level_max = torch.stack([log_normal.flatten(start_dim=1).amax(dim=1) for log_normal, _ in log_likelihoods])
         nearest = nearest_map.flatten(start_dim=1).amax(dim=1)
+        averaged = blurred[2].flatten(start_dim=1).amax(dim=1) if len(blurred) > 2 else torch.zeros_like(nearest)
         dissimilarity, reverse = odd_frame_statistics(similarities, coverage)
-        return ScoreComponents(anomaly_map, score, map_max, dissimilarity, level_max.T, nearest, reverse)
+        return ScoreComponents(anomaly_map, score, map_max, dissimilarity, level_max.T, nearest, reverse, averaged)
 
     def forward(
         self,
@@ -417,6 +477,7 @@ class AnomalyMapGenerator(nn.Module):
         image_size: tuple[int, int] | torch.Size,
         calibration: torch.Tensor | None = None,
         coverage: Sequence[torch.Tensor] | None = None,
+        averaged_similarities: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Calibrated anomaly map and image score: ``1`` is the class's decision boundary.
 
@@ -424,8 +485,10 @@ class AnomalyMapGenerator(nn.Module):
             log_likelihoods (Sequence[tuple[torch.Tensor, torch.Tensor]]): See :meth:`components`.
             similarities (Sequence[torch.Tensor]): See :meth:`components`.
             image_size (tuple[int, int] | torch.Size): Output size ``(H, W)``.
-            calibration (torch.Tensor | None): ``(L + 5,)`` the class's calibration; the stored one when ``None``.
+            calibration (torch.Tensor | None): ``(L + 7,)`` the class's calibration; the stored one when ``None``.
             coverage (Sequence[torch.Tensor] | None): See :meth:`components`.
+            averaged_similarities (Sequence[torch.Tensor] | None): See :meth:`components` (needed where the
+                calibration asks for averaging).
 
         Returns:
             tuple[torch.Tensor, torch.Tensor]: Anomaly map ``(B, 1, H, W)`` and image score ``(B,)``.
@@ -445,13 +508,24 @@ class AnomalyMapGenerator(nn.Module):
                 f"constants + {CALIBRATION_THRESHOLDS} thresholds. Make the references again with this anomalib-resad."
             )
             raise ResADInputError(msg)
-        parts = self.components(log_likelihoods, similarities, image_size, self.constants_for(calibration), coverage)
-        map_threshold, score_threshold, dissimilarity_threshold, nearest_threshold, reverse_threshold = calibration[
-            -CALIBRATION_THRESHOLDS:
-        ].unbind()
+        parts = self.components(
+            log_likelihoods, similarities, image_size, self.constants_for(calibration), coverage, averaged_similarities
+        )
+        (
+            map_threshold,
+            score_threshold,
+            dissimilarity_threshold,
+            nearest_threshold,
+            reverse_threshold,
+            averaged_threshold,
+            averaging,
+        ) = calibration[-CALIBRATION_THRESHOLDS:].unbind()
         score = parts.score / score_threshold
         if self.nearest_score:
-            score = (score + parts.nearest / nearest_threshold) / 2
+            nearest = parts.nearest / nearest_threshold
+            averaged = parts.averaged_nearest / averaged_threshold.clamp(min=1e-12)
+            nearest = torch.where(averaging > 0, (nearest + averaged) / 2, nearest)
+            score = (score + nearest) / 2
         if self.dissimilarity_check:
             # the check takes over only above its own thresholds: the labels are those of max(score, ratios), and
             # below them the images keep the score's ranking (no normal image is ranked up by a mere lighting change).

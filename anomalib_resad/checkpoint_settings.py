@@ -46,6 +46,7 @@ CHECKPOINT_SETTINGS = (
     "threshold_margin",
     "dissimilarity_margin",
     "reverse_dissimilarity_margin",
+    "nearest_averaging",
     "efdm_alpha",
 )
 

@@ -21,7 +21,7 @@ Example:
     >>> import torch
     >>> def encode(paths):  # per-level features of each file, and the pre-processed image size
     ...     return [torch.rand(len(paths), 4, 3, 3)], (12, 12)
-    >>> def calibrate(features, image_size):
+    >>> def calibrate(features, image_size, paths):
     ...     return torch.ones(4)
     >>> references = ClassReferences(encode, calibrate)
     >>> references.set_pools({"widget": ["a.png", "b.png", "c.png"]})
@@ -47,7 +47,7 @@ from .torch_model import ResADModel
 logger = logging.getLogger(__name__)
 
 Encoder = Callable[[Sequence[str]], tuple[list[torch.Tensor], tuple[int, int]]]
-Calibrator = Callable[[Sequence[torch.Tensor], tuple[int, int]], torch.Tensor]
+Calibrator = Callable[[Sequence[torch.Tensor], tuple[int, int], Sequence[str]], torch.Tensor]
 
 
 class FeatureCache:
@@ -105,12 +105,39 @@ class FileEncoder:
         return self.model.reference_features(images), (int(images.shape[-2]), int(images.shape[-1]))
 
 
+class FileCalibrator:
+    """(features, image size, image files) of k references -> a class's calibration by a :class:`ResADModel`.
+
+    The files are read again only where the calibration needs the images themselves (``nearest_averaging="auto"``:
+    synthetic defects are pasted into them); otherwise the cached features are enough.
+
+    Args:
+        model (ResADModel): The model whose calibration rule is used.
+        transform (Callable | None): Pre-processing (resize + normalise) applied to each image.
+    """
+
+    def __init__(self, model: ResADModel, transform: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        self.model = model
+        self.transform = transform
+
+    @torch.no_grad()
+    def __call__(
+        self, features: Sequence[torch.Tensor], image_size: tuple[int, int], paths: Sequence[str]
+    ) -> torch.Tensor:
+        """The flat calibration of the class whose k reference images are ``paths``."""
+        images = None
+        if self.model.nearest_averaging == "auto":
+            images = load_images(paths, self.transform).to(features[0].device)
+        return self.model.calibrate(features, image_size, images)
+
+
 class ClassReferences:
     """The k-shot references of every class.
 
     Args:
         encode (Encoder): Image files -> (per-level features ``(n, C_l, H_l, W_l)``, pre-processed image size).
-        calibrate (Calibrator): (per-level features of k images, image size) -> the class's flat calibration.
+        calibrate (Calibrator): (per-level features of k images, image size, their files) -> the class's flat
+            calibration.
         cache_bytes (int): Memory for cached per-image features. Defaults to 1 GiB.
     """
 
@@ -130,7 +157,7 @@ class ClassReferences:
         cache_bytes: int = 1 << 30,
     ) -> "ClassReferences":
         """References encoded and calibrated by ``model``, images pre-processed with ``transform``."""
-        return cls(FileEncoder(model, transform), model.calibrate, cache_bytes)
+        return cls(FileEncoder(model, transform), FileCalibrator(model, transform), cache_bytes)
 
     def clear(self) -> None:
         """Forget cached features and banks (the model changed: new training, new weights)."""
@@ -200,7 +227,7 @@ class ClassReferences:
             features = self.features(selection.paths)
             if self._image_size is None:  # features cached before a clear(): learn the pre-processed size again
                 _, self._image_size = self.encode(selection.paths[:1])
-            calibration = self.calibrate(features, self._image_size)
+            calibration = self.calibrate(features, self._image_size, selection.paths)
             self._banks[key] = ReferenceBank.from_features(features, calibration)
             logger.info(
                 "ResAD references of class '%s' (k=%d, %s): %s",

@@ -51,12 +51,13 @@ from .export_output import ONNX_OPSET_VERSION, quiet_export, written_files
 from .feature_converter import ReferenceBank, flatten_levels
 from .lightning_model import ResAD
 from .references import ReferenceSelection, load_images, select_folder_references
+from .synthetic_defects import synthetic_defects
 
 logger = logging.getLogger(__name__)
 
 # 2: references files and the conditioned model carry the class's calibration; 3: it has the nearest-neighbour
 # threshold; 4: and the reverse-dissimilarity threshold (the calibrator has that output)
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 MODEL_FILE = "model"
 ENCODER_FILE = "reference_encoder"
 CALIBRATOR_FILE = "reference_calibrator"
@@ -158,7 +159,7 @@ def load_references(path: str | Path, expected: dict[str, Any] | None = None) ->
 
 
 def _check_shapes(path: Path, levels: list[np.ndarray], calibration: np.ndarray, metadata: dict[str, Any]) -> None:
-    """Arrays must be ``(k * H_l * W_l, C_l)`` per level and a calibration of ``L + 5`` values."""
+    """Arrays must be ``(k * H_l * W_l, C_l)`` per level and a calibration of ``L + 7`` values."""
     problems = []
     k = int(metadata.get("k", 0))
     for level, (array, channels, grid) in enumerate(
@@ -217,7 +218,15 @@ class ReferenceCalibrator(nn.Module):
     the others, exactly as eager PyTorch does.
     """
 
-    OUTPUTS = ("score", "map_max", "dissimilarity", "level_max_log_likelihood", "nearest", "reverse_dissimilarity")
+    OUTPUTS = (
+        "score",
+        "map_max",
+        "dissimilarity",
+        "level_max_log_likelihood",
+        "nearest",
+        "reverse_dissimilarity",
+        "averaged_nearest",
+    )
 
     def __init__(self, model: ResAD) -> None:
         super().__init__()
@@ -302,7 +311,9 @@ def export_deployment(
         torch.export.Dim("height", min=32, max=8192),
         torch.export.Dim("width", min=32, max=8192),
     )
-    rows = [torch.export.Dim(f"rows_{level}", min=1) for level in range(levels)]
+    # k images of the model's grid per level: the averaged matching reshapes a bank into its k feature maps
+    bank_k = torch.export.Dim("bank_k", min=1, max=1024)
+    rows = [bank_k * (grid_height * grid_width) for grid_height, grid_width in signature["grids"]]
     reference_names = [f"reference_{level}" for level in range(levels)]
     image_axes = {0: batch, 2: image_height, 3: image_width}
     written = [
@@ -344,6 +355,7 @@ def export_deployment(
         "threshold_margin": resad.model.threshold_margin,
         "dissimilarity_margin": resad.model.dissimilarity_margin,
         "reverse_dissimilarity_margin": resad.model.reverse_dissimilarity_margin,
+        "nearest_averaging": resad.model.nearest_averaging,
     }
     (export_root / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     written.append(export_root / METADATA_FILE)
@@ -417,14 +429,25 @@ def _openvino_reference_bank(
     grids = [tuple(grid) for grid in signature["grids"]]
     per_image = [level.reshape(len(pixels), -1, level.shape[-1]) for level in levels]
 
-    def score_reference(index: int, constants: torch.Tensor) -> ScoreComponents:
+    def score(images: np.ndarray, index: int, constants: torch.Tensor) -> ScoreComponents:
         others = [
             np.ascontiguousarray(np.delete(level, index, axis=0).reshape(-1, level.shape[-1])) for level in per_image
         ]
-        inputs = {"image": pixels[index : index + 1], "level_constants": constants.numpy().astype(np.float32)}
+        inputs = {"image": images, "level_constants": constants.numpy().astype(np.float32)}
         inputs.update({f"reference_{level}": bank for level, bank in enumerate(others)})
         named = {port.get_any_name(): np.asarray(value) for port, value in calibrator(inputs).items()}
         return ScoreComponents(None, *(torch.from_numpy(named[name]) for name in ReferenceCalibrator.OUTPUTS))
+
+    def score_reference(index: int, constants: torch.Tensor) -> ScoreComponents:
+        return score(pixels[index : index + 1], index, constants)
+
+    averaging = metadata.get("nearest_averaging", "off")
+    score_defects = None
+    if averaging == "auto":  # the same defects as eager PyTorch (written in each image's own value range)
+        defects = synthetic_defects(torch.from_numpy(pixels)).numpy()
+
+        def score_defects(index: int, constants: torch.Tensor) -> ScoreComponents:
+            return score(np.ascontiguousarray(defects[index]), index, constants)
 
     calibration = leave_one_out_calibration(
         score_reference,
@@ -434,6 +457,8 @@ def _openvino_reference_bank(
         margin=float(metadata.get("threshold_margin", 1.0)),
         dissimilarity_margin=float(metadata.get("dissimilarity_margin", 1.0)),
         reverse_dissimilarity_margin=float(metadata.get("reverse_dissimilarity_margin", 1.0)),
+        nearest_averaging=averaging,
+        score_defects=score_defects,
     )
     bank = ReferenceBank(
         levels=[torch.from_numpy(level) for level in levels],

@@ -322,3 +322,37 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
             similarities.append(similarity.reshape(batch, height, width))
             coverage.append(level_coverage)
         return ResidualMatches(residuals, similarities, coverage)
+
+    def averaged_similarities(
+        self,
+        features: Sequence[torch.Tensor],
+        bank: Sequence[torch.Tensor] | None = None,
+        levels: int = 2,
+    ) -> list[torch.Tensor]:
+        """Match similarities after PatchCore's 3 x 3 neighbourhood averaging, on the ``levels`` deepest levels.
+
+        Both sides are averaged (``avg_pool2d(3, stride=1, padding=1)``, as PatchCore's feature pooling); the
+        references are averaged within each reference image, whose grid is the query's (the bank holds ``k`` images
+        of the query's feature size, row-major - checked in eager for the stored bank). Used by the nearest-neighbour
+        score of classes that need it (:mod:`~anomalib_resad.anomaly_map`); written here because it needs the bank.
+
+        Args:
+            features (Sequence[torch.Tensor]): Per-level query features ``(B, C_l, H_l, W_l)``.
+            bank (Sequence[torch.Tensor] | None): Per-level reference banks ``(M_l, C_l)``; the stored bank when
+                ``None``.
+            levels (int): How many of the deepest levels. Defaults to ``2``.
+
+        Returns:
+            list[torch.Tensor]: Per level (the deepest ``levels``), each position's best similarity ``(B, H_l, W_l)``.
+        """
+        bank = self.reference_levels if bank is None else bank
+        out = []
+        for feature, references in zip(features[-levels:], list(bank)[-levels:], strict=True):
+            batch, channels, height, width = feature.shape
+            reference_maps = references.reshape(-1, height, width, channels).permute(0, 3, 1, 2)
+            pooled_query = F.avg_pool2d(feature, 3, stride=1, padding=1)
+            pooled_bank = F.avg_pool2d(reference_maps, 3, stride=1, padding=1).permute(0, 2, 3, 1)
+            vectors = pooled_query.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
+            _, similarity, _ = match_features(vectors, pooled_bank.reshape(-1, channels))
+            out.append(similarity.reshape(batch, height, width))
+        return out

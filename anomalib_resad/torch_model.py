@@ -26,12 +26,20 @@ import torch
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from .anomaly_map import AnomalyMapGenerator, ScoreComponents, leave_one_out_calibration
+from .anomaly_map import (
+    NEAREST_AVERAGING,
+    NEAREST_LEVELS,
+    AnomalyMapGenerator,
+    ScoreComponents,
+    leave_one_out_calibration,
+)
+from .errors import ResADInputError, check_choice
 from .feature_constraintor import FeatureConstraintor
 from .feature_converter import FeatureConverter, ReferenceBank, flatten_levels
 from .feature_extractor import ResADFeatureExtractor
 from .residual_codebook import ResidualCodebook
 from .residual_flow import ResidualFlow
+from .synthetic_defects import synthetic_defects
 
 
 class ResADModel(nn.Module):
@@ -61,6 +69,9 @@ class ResADModel(nn.Module):
             (:mod:`~anomalib_resad.residual_codebook`). Defaults to ``False`` (the NeurIPS ResAD).
         codebook_size (int): Codes per level. Defaults to ``1536`` (reference).
         efdm_alpha (float): EFDM's share of the residual kept. Defaults to ``0.4`` (reference).
+        nearest_averaging (str): PatchCore's 3 x 3 neighbourhood averaging in the nearest-neighbour term: ``"off"``,
+            ``"on"``, or ``"auto"`` - chosen per class from synthetic defects in its references
+            (:mod:`~anomalib_resad.anomaly_map`). Defaults to ``"off"``.
     """
 
     def __init__(
@@ -84,8 +95,10 @@ class ResADModel(nn.Module):
         distribution_matching: bool = False,
         codebook_size: int = 1536,
         efdm_alpha: float = 0.4,
+        nearest_averaging: str = "off",
     ) -> None:
         super().__init__()
+        check_choice("nearest_averaging", nearest_averaging, NEAREST_AVERAGING)
         self.feature_extractor = ResADFeatureExtractor(backbone, layers, pre_trained)
         channels = self.feature_extractor.out_dims
         self.feature_converter = FeatureConverter(len(channels), residual)
@@ -102,6 +115,7 @@ class ResADModel(nn.Module):
         self.threshold_margin = threshold_margin
         self.dissimilarity_margin = dissimilarity_margin
         self.reverse_dissimilarity_margin = reverse_dissimilarity_margin
+        self.nearest_averaging = nearest_averaging
         # ResAD++: residuals moved toward a codebook of normal residuals at test time (None: the NeurIPS ResAD)
         self.codebook = ResidualCodebook(channels, codebook_size, efdm_alpha) if distribution_matching else None
 
@@ -116,7 +130,12 @@ class ResADModel(nn.Module):
         return self.feature_extractor(images)
 
     @torch.no_grad()
-    def calibrate(self, features: Sequence[torch.Tensor], image_size: tuple[int, int]) -> torch.Tensor:
+    def calibrate(
+        self,
+        features: Sequence[torch.Tensor],
+        image_size: tuple[int, int],
+        images: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """A class's calibration from the per-level features ``(k, C_l, H_l, W_l)`` of its k reference images.
 
         Every reference image is scored against a bank of the other k - 1
@@ -125,9 +144,11 @@ class ResADModel(nn.Module):
         Args:
             features (Sequence[torch.Tensor]): Per-level features of the reference images.
             image_size (tuple[int, int]): Size of the pre-processed images (the maps' resolution).
+            images (torch.Tensor | None): The pre-processed reference images ``(k, 3, H, W)``: with
+                ``nearest_averaging="auto"`` their synthetic defects choose the class's matching.
 
         Returns:
-            torch.Tensor: The flat calibration ``(L + 5,)``.
+            torch.Tensor: The flat calibration ``(L + 7,)``.
         """
         was_training = self.training
         self.eval()  # BatchNorm on running statistics, as at inference
@@ -138,6 +159,20 @@ class ResADModel(nn.Module):
             query = [level[index : index + 1] for level in features]
             return self.score_components(query, flatten_levels(others), constants.to(features[0].device), image_size)
 
+        score_defects = None
+        if self.nearest_averaging == "auto":
+            if images is None:
+                msg = "nearest_averaging='auto' chooses from the reference images: pass them to calibrate(images=...)."
+                raise ResADInputError(msg)
+            defects = synthetic_defects(images)
+
+            def score_defects(index: int, constants: torch.Tensor) -> ScoreComponents:
+                others = [torch.cat([level[:index], level[index + 1 :]]) for level in features]
+                query = self.feature_extractor(defects[index])
+                return self.score_components(
+                    query, flatten_levels(others), constants.to(features[0].device), image_size
+                )
+
         generator = self.anomaly_map_generator
         calibration = leave_one_out_calibration(
             score_reference,
@@ -147,6 +182,8 @@ class ResADModel(nn.Module):
             margin=self.threshold_margin,
             dissimilarity_margin=self.dissimilarity_margin,
             reverse_dissimilarity_margin=self.reverse_dissimilarity_margin,
+            nearest_averaging=self.nearest_averaging,
+            score_defects=score_defects,
         )
         self.train(was_training)
         return calibration.to_tensor()
@@ -155,7 +192,7 @@ class ResADModel(nn.Module):
     def make_reference_bank(self, images: torch.Tensor) -> ReferenceBank:
         """Calibrated reference bank of a class from its k pre-processed normal images ``(k, 3, H, W)``."""
         features = self.reference_features(images)
-        return ReferenceBank.from_features(features, self.calibrate(features, tuple(images.shape[-2:])))
+        return ReferenceBank.from_features(features, self.calibrate(features, tuple(images.shape[-2:]), images))
 
     @torch.no_grad()
     def set_references(self, bank: ReferenceBank) -> None:
@@ -192,8 +229,9 @@ class ResADModel(nn.Module):
     ) -> ScoreComponents:
         """Uncalibrated scoring of backbone features against a bank (calibration and the exported calibrator)."""
         log_likelihoods, similarities, coverage = self.level_outputs(features, reference_bank)
+        averaged = self.feature_converter.averaged_similarities(features, reference_bank, NEAREST_LEVELS)
         return self.anomaly_map_generator.components(
-            log_likelihoods, similarities, image_size, level_constants, coverage
+            log_likelihoods, similarities, image_size, level_constants, coverage, averaged
         )
 
     def forward(
@@ -208,14 +246,17 @@ class ResADModel(nn.Module):
             images (torch.Tensor): Pre-processed images ``(B, 3, H, W)``.
             reference_bank (Sequence[torch.Tensor] | None): Per-level banks ``(M_l, C_l)`` to use instead of the
                 stored one (all images must belong to the bank's class).
-            calibration (torch.Tensor | None): That bank's calibration ``(L + 5,)``; the stored one when ``None``.
+            calibration (torch.Tensor | None): That bank's calibration ``(L + 7,)``; the stored one when ``None``.
 
         Returns:
             InferenceBatch: ``pred_score`` ``(B,)`` and ``anomaly_map`` ``(B, 1, H, W)``.
         """
         features = self.feature_extractor(images)
         log_likelihoods, similarities, coverage = self.level_outputs(features, reference_bank)
+        averaged = None
+        if self.anomaly_map_generator.nearest_score:  # the averaged matching (deep levels: cheap) where it may count
+            averaged = self.feature_converter.averaged_similarities(features, reference_bank, NEAREST_LEVELS)
         anomaly_map, pred_score = self.anomaly_map_generator(
-            log_likelihoods, similarities, images.shape[-2:], calibration, coverage
+            log_likelihoods, similarities, images.shape[-2:], calibration, coverage, averaged
         )
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)

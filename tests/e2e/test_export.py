@@ -16,12 +16,15 @@ from anomalib.deploy import OpenVINOInferencer, TorchInferencer
 from anomalib.engine import Engine
 
 from anomalib_resad import ResAD, ResADInputError
+from anomalib_resad.anomaly_map import ScoreCalibration
 from anomalib_resad.data import MultiClassDataModule
 from anomalib_resad.deploy import (
     ReferenceConditionedInferencer,
     export_deployment,
     load_references,
     make_references,
+    model_signature,
+    save_references,
 )
 from anomalib_resad.offline_weights import LITE0_BACKBONE, LITE0_LAYERS
 from anomalib_resad.references import select_folder_references
@@ -305,3 +308,37 @@ def test_damaged_references_file_and_unreadable_image_are_named(deployment: Path
         inferencer.predict(tmp_path / "broken.png", class_name="brick")
     with pytest.raises(ResADInputError, match=r"missing\.png' does not exist"):
         inferencer.predict(tmp_path / "missing.png", class_name="brick")
+
+
+def test_per_class_averaging_is_chosen_and_scored_alike_in_eager_and_openvino(
+    checkpoint: Path, texture_root: Path, tmp_path: Path
+) -> None:
+    """``nearest_averaging="auto"``: the OpenVINO calibrator pastes the same synthetic defects and makes the same
+    choice as eager PyTorch, and the exported graph scores the averaged nearest-neighbour term like eager."""
+    model = ResAD.load_from_checkpoint(checkpoint, nearest_averaging="auto").eval()
+    root = export_deployment(model, tmp_path / "deployment")
+    folder = texture_root / "brick" / "train" / "good"
+    references = make_references(root, folder, tmp_path / "brick.npz", k=3)
+    bank, _ = load_references(references)
+    model.set_references(select_folder_references(folder, 3, "brick"))
+    eager_calibration = ScoreCalibration.from_tensor(model.model.anomaly_map_generator.calibration)
+    exported_calibration = ScoreCalibration.from_tensor(bank.calibration)
+    assert exported_calibration.averaging == eager_calibration.averaging
+    assert exported_calibration.averaged_nearest_threshold == pytest.approx(
+        eager_calibration.averaged_nearest_threshold, rel=1e-2, abs=1e-3
+    )
+    # the averaged term switched on: the exported graph computes it like eager PyTorch
+    exported_calibration.averaging = 1.0
+    bank.calibration = exported_calibration.to_tensor()
+    bank_file = tmp_path / "brick_averaged.npz"
+    save_references(bank_file, bank, model_signature(model), select_folder_references(folder, 3, "brick"))
+    inferencer = ReferenceConditionedInferencer(root)
+    inferencer.add_class("brick", bank_file)
+    model.model.set_references(bank)
+    for image in images_of(texture_root, "brick", 2):
+        prediction = inferencer.predict(image, class_name="brick")
+        with torch.no_grad():
+            reference = model(read_image(image, as_tensor=True).unsqueeze(0))
+        assert_parity({name: value.numpy() for name, value in reference._asdict().items() if value is not None},
+                      {"pred_score": prediction.pred_score, "anomaly_map": prediction.anomaly_map,
+                       "pred_label": prediction.pred_label})  # fmt: skip

@@ -171,14 +171,15 @@ def test_leave_one_out_with_global_constants_and_k1() -> None:
 
 
 def test_calibration_round_trips_through_a_flat_tensor() -> None:
-    calibration = ScoreCalibration(torch.tensor([1.0, -2.0, 3.0]), 0.5, 0.25, 0.125, 2.0, 4.0)
+    calibration = ScoreCalibration(torch.tensor([1.0, -2.0, 3.0]), 0.5, 0.25, 0.125, 2.0, 4.0, 8.0, 1.0)
     values = calibration.to_tensor()
-    assert values.tolist() == [1.0, -2.0, 3.0, 0.5, 0.25, 0.125, 2.0, 4.0]
+    assert values.tolist() == [1.0, -2.0, 3.0, 0.5, 0.25, 0.125, 2.0, 4.0, 8.0, 1.0]
     restored = ScoreCalibration.from_tensor(values)
     torch.testing.assert_close(restored.level_constants, calibration.level_constants)
     thresholds = (restored.map_threshold, restored.score_threshold, restored.dissimilarity_threshold)
     assert thresholds == (0.5, 0.25, 0.125) and restored.nearest_threshold == 2.0
     assert restored.reverse_dissimilarity_threshold == 4.0
+    assert (restored.averaged_nearest_threshold, restored.averaging) == (8.0, 1.0)
 
 
 def test_nearest_score_is_the_blurred_match_distance_of_the_two_deepest_levels() -> None:
@@ -208,7 +209,7 @@ def test_checkpoints_without_the_nearest_threshold_still_load() -> None:
     generator = AnomalyMapGenerator(num_levels=2)
     old = {**generator.state_dict(), "calibration": torch.tensor([1.0, 2.0, 0.5, 0.5, 0.5])}  # L + 3 values
     generator.load_state_dict(old)
-    assert generator.calibration.tolist() == [1.0, 2.0, 0.5, 0.5, 0.5, 0.0, 0.0]
+    assert generator.calibration.tolist() == [1.0, 2.0, 0.5, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0]
     assert generator.has_calibration  # scores as before
     fused = AnomalyMapGenerator(num_levels=2, nearest_score=True)
     fused.load_state_dict(old)
@@ -230,7 +231,7 @@ def test_checkpoints_without_the_reverse_threshold_load_with_that_check_off(capl
     old = {**generator.state_dict(), "calibration": torch.tensor([0.0, 1.0, 1.0, 0.2, 1.0])}  # L + 4 values
     with caplog.at_level("WARNING"):
         generator.load_state_dict(old)
-    assert generator.calibration.tolist() == pytest.approx([0.0, 1.0, 1.0, 0.2, 1.0, 0.0])
+    assert generator.calibration.tolist() == pytest.approx([0.0, 1.0, 1.0, 0.2, 1.0, 0.0, 0.0, 0.0])
     assert "reverse odd-frame check" in caplog.text and "set again" in caplog.text
     assert generator.has_calibration
     # no coverage at all: a reverse dissimilarity of 1 would be flagged at any calibrated threshold below 1
@@ -264,7 +265,7 @@ def test_a_calibration_of_another_length_is_refused() -> None:
     """A references file of the previous format read past its version check would shift every threshold by one."""
     generator = AnomalyMapGenerator(num_levels=2, sigma=1.0)
     old = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 1.0])  # L + 4 values
-    with pytest.raises(ResADInputError, match=r"6 values .* 2 level constants \+ 5 thresholds"):
+    with pytest.raises(ResADInputError, match=r"6 values .* 2 level constants \+ 7 thresholds"):
         generator([level(0.0), level(0.0)], [torch.ones(1, 4, 4)] * 2, (8, 8), old)
 
 

@@ -27,7 +27,7 @@ class CountingEncoder:
         return [values.reshape(-1, 1, 1, 1).expand(-1, 2, 3, 3).clone()], (12, 12)
 
 
-def calibrate(features, image_size):
+def calibrate(features, image_size, paths):
     return torch.cat([features[0].mean().reshape(1), torch.tensor([1.0, 1.0, 1.0])])
 
 
