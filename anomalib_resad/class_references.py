@@ -83,7 +83,7 @@ class FeatureCache:
 
 
 class FileEncoder:
-    """Image files -> per-level backbone features of a :class:`ResADModel`, through a pre-processing transform.
+    """Image files -> per-level backbone features of a :class:`ResADModel` (and its calibration of a class).
 
     Images are read as RGB. Blank frames are not refused here: training draws from whole pools, as the reference
     does; evaluation banks check their images (:meth:`ClassReferences.bank`).
@@ -104,27 +104,15 @@ class FileEncoder:
         images = load_images(paths, self.transform).to(device)
         return self.model.reference_features(images), (int(images.shape[-2]), int(images.shape[-1]))
 
-
-class FileCalibrator:
-    """(features, image size, image files) of k references -> a class's calibration by a :class:`ResADModel`.
-
-    The files are read again only where the calibration needs the images themselves (``nearest_averaging="auto"``:
-    synthetic defects are pasted into them); otherwise the cached features are enough.
-
-    Args:
-        model (ResADModel): The model whose calibration rule is used.
-        transform (Callable | None): Pre-processing (resize + normalise) applied to each image.
-    """
-
-    def __init__(self, model: ResADModel, transform: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
-        self.model = model
-        self.transform = transform
-
     @torch.no_grad()
-    def __call__(
+    def calibrate(
         self, features: Sequence[torch.Tensor], image_size: tuple[int, int], paths: Sequence[str]
     ) -> torch.Tensor:
-        """The flat calibration of the class whose k reference images are ``paths``."""
+        """The class's flat calibration from its k references' features (and files).
+
+        The files are read again only where the calibration needs the images themselves
+        (``nearest_averaging="auto"``: synthetic defects are pasted into them); otherwise the cached features do.
+        """
         images = None
         if self.model.nearest_averaging == "auto":
             images = load_images(paths, self.transform).to(features[0].device)
@@ -157,7 +145,8 @@ class ClassReferences:
         cache_bytes: int = 1 << 30,
     ) -> "ClassReferences":
         """References encoded and calibrated by ``model``, images pre-processed with ``transform``."""
-        return cls(FileEncoder(model, transform), FileCalibrator(model, transform), cache_bytes)
+        encoder = FileEncoder(model, transform)
+        return cls(encoder, encoder.calibrate, cache_bytes)
 
     def clear(self) -> None:
         """Forget cached features and banks (the model changed: new training, new weights)."""
