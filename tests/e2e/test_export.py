@@ -16,7 +16,7 @@ from anomalib.deploy import OpenVINOInferencer, TorchInferencer
 from anomalib.engine import Engine
 
 from anomalib_resad import ResAD, ResADInputError
-from anomalib_resad.anomaly_map import ScoreCalibration
+from anomalib_resad.anomaly_map import CALIBRATION_THRESHOLDS, ScoreCalibration
 from anomalib_resad.data import MultiClassDataModule
 from anomalib_resad.deploy import (
     ReferenceConditionedInferencer,
@@ -244,7 +244,8 @@ def test_resad_references_command_line(deployment: Path, texture_root: Path, tmp
     inferencer = ReferenceConditionedInferencer(deployment)
     inferencer.add_class("gravel", output)
     assert inferencer.banks["gravel"]["reference_0"].shape[0] == 2 * 24 * 24  # k=2 images, 24x24 grid at 96 px
-    assert inferencer.banks["gravel"]["calibration"].shape == (3 + 5,)  # per-level constants + 5 thresholds
+    # per-level constants + the class's thresholds and averaging choice
+    assert inferencer.banks["gravel"]["calibration"].shape == (3 + CALIBRATION_THRESHOLDS,)
     assert "Wrote" in result.stdout and str(output) in result.stdout  # says what it wrote
 
 
