@@ -56,7 +56,8 @@ from .synthetic_defects import synthetic_defects
 logger = logging.getLogger(__name__)
 
 # 2: references files and the conditioned model carry the class's calibration; 3: it has the nearest-neighbour
-# threshold; 4: and the reverse-dissimilarity threshold (the calibrator has that output)
+# threshold; 4: and the reverse-dissimilarity threshold (the calibrator has that output); 5: and the averaged
+# nearest-neighbour threshold and the class's averaging choice (calibrator output "averaged_nearest")
 FORMAT_VERSION = 5
 MODEL_FILE = "model"
 ENCODER_FILE = "reference_encoder"

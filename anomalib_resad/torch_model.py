@@ -234,6 +234,17 @@ class ResADModel(nn.Module):
             log_likelihoods, similarities, image_size, level_constants, coverage, averaged
         )
 
+    def _averaging(self, calibration: torch.Tensor | None) -> bool:
+        """Whether the class scored needs the averaged matching.
+
+        Always in exported graphs (the calibration is an input there); in eager only where the class's calibration
+        chose it, so the classes that did not pay nothing per image.
+        """
+        if torch.compiler.is_exporting():
+            return True
+        stored = calibration if calibration is not None else self.anomaly_map_generator.calibration
+        return bool(stored.numel()) and bool(stored[-1] > 0)
+
     def forward(
         self,
         images: torch.Tensor,
@@ -254,7 +265,7 @@ class ResADModel(nn.Module):
         features = self.feature_extractor(images)
         log_likelihoods, similarities, coverage = self.level_outputs(features, reference_bank)
         averaged = None
-        if self.anomaly_map_generator.nearest_score:  # the averaged matching (deep levels: cheap) where it may count
+        if self.anomaly_map_generator.nearest_score and self._averaging(calibration):
             averaged = self.feature_converter.averaged_similarities(features, reference_bank, NEAREST_LEVELS)
         anomaly_map, pred_score = self.anomaly_map_generator(
             log_likelihoods, similarities, images.shape[-2:], calibration, coverage, averaged
