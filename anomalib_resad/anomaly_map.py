@@ -37,12 +37,15 @@ blurred like the map - is PatchCore's score on ResAD's own matching and costs no
 anyway). With the option, the image score is the mean of the flow score's and the nearest-neighbour score's
 ratios to their own leave-one-out thresholds: the class's boundary stays at ``1``. See docs/benchmark.md (ablation).
 
-**Neighbourhood averaging, chosen per class** (``nearest_averaging``). PatchCore averages each feature with its
-3 x 3 neighbours before matching; on stochastic textures that helps, on aligned parts (circuit boards) it blurs small
-defects away. With ``"auto"`` a class's k references choose: synthetic defects pasted into each reference
+**PatchCore's matching, chosen per class** (``nearest_averaging``). PatchCore averages each feature with its
+3 x 3 neighbours before matching and measures Euclidean distances; on stochastic textures that localises and ranks
+better than ResAD's position-precise cosine matching, on aligned parts (circuit boards) it blurs small defects away.
+With ``"auto"`` a class's k references choose: synthetic defects pasted into each reference
 (:mod:`~anomalib_resad.synthetic_defects`) are scored leave-one-out with both matchings, and when the averaged one
-puts them more than ``1 + AVERAGING_GAIN`` times further above its own threshold (median ratio), the class's
-nearest-neighbour term becomes the mean of the precise and the averaged ratios. ``"on"`` / ``"off"`` force it.
+puts them more than ``1 + AVERAGING_GAIN`` times further above its own threshold (median ratio), the class is scored
+with both: its nearest-neighbour term becomes the mean of the precise and the averaged ratios, and its anomaly map the
+mean of the flows' map and the averaged map, each divided by its own leave-one-out threshold. ``"on"`` / ``"off"``
+force it.
 
 Example:
     >>> import torch
@@ -91,8 +94,11 @@ class ScoreComponents(NamedTuple):
             deepest levels, summed, upsampled and blurred).
         reverse_dissimilarity (torch.Tensor): ``(B,)`` mean ``1 - cos`` of each reference position's best match in
             the image, averaged over levels.
-        averaged_nearest (torch.Tensor | None): ``(B,)`` the nearest-neighbour score after 3 x 3 neighbourhood
-            averaging of both sides (``None``: not computed).
+        averaged_nearest (torch.Tensor | None): ``(B,)`` the maximum of the averaged nearest-neighbour map
+            (``None``: not computed).
+        averaged_map (torch.Tensor | None): ``(B, 1, H, W)`` the averaged nearest-neighbour map: PatchCore's matching
+            (3 x 3 averaging of both sides, Euclidean distance) on the two deepest levels, summed, upsampled and
+            blurred (``None``: not computed).
     """
 
     anomaly_map: torch.Tensor
@@ -103,6 +109,7 @@ class ScoreComponents(NamedTuple):
     nearest: torch.Tensor
     reverse_dissimilarity: torch.Tensor
     averaged_nearest: torch.Tensor | None = None
+    averaged_map: torch.Tensor | None = None
 
 
 @dataclass
@@ -416,7 +423,7 @@ class AnomalyMapGenerator(nn.Module):
         image_size: tuple[int, int] | torch.Size,
         level_constants: torch.Tensor,
         coverage: Sequence[torch.Tensor] | None = None,
-        averaged_similarities: Sequence[torch.Tensor] | None = None,
+        averaged_distances: Sequence[torch.Tensor] | None = None,
     ) -> ScoreComponents:
         """Uncalibrated map, image score and dissimilarities.
 
@@ -430,9 +437,9 @@ class AnomalyMapGenerator(nn.Module):
             coverage (Sequence[torch.Tensor] | None): Per level, each reference position's best similarity in each
                 image ``(B, M_l)`` (:class:`~anomalib_resad.feature_converter.ResidualMatches`). ``None``: no
                 reverse dissimilarity (zeros).
-            averaged_similarities (Sequence[torch.Tensor] | None): The two deepest levels' match similarities after
+            averaged_distances (Sequence[torch.Tensor] | None): The two deepest levels' nearest distances after
                 neighbourhood averaging (:meth:`~anomalib_resad.feature_converter.FeatureConverter.
-                averaged_similarities`). ``None``: no averaged nearest-neighbour score (zeros).
+                averaged_distances`). ``None``: no averaged nearest-neighbour map and score (zeros).
 
         Returns:
             ScoreComponents: The scoring results.
@@ -448,10 +455,10 @@ class AnomalyMapGenerator(nn.Module):
         for similarity in similarities[-NEAREST_LEVELS:]:
             nearest_map = nearest_map + self._upsample((1 - similarity).unsqueeze(1), image_size)
         maps = [(likelihood_map + classifier_map / len(log_likelihoods)) / 2, nearest_map]
-        if averaged_similarities is not None:
+        if averaged_distances is not None:
             averaged_map = 0.0
-            for similarity in averaged_similarities[-NEAREST_LEVELS:]:
-                averaged_map = averaged_map + self._upsample((1 - similarity).unsqueeze(1), image_size)
+            for distance in averaged_distances[-NEAREST_LEVELS:]:
+                averaged_map = averaged_map + self._upsample(distance.unsqueeze(1), image_size)
             maps.append(averaged_map)
         # all maps in one call of the blur
         blurred = self.blur(torch.cat(maps, dim=1)).split(1, dim=1)
@@ -466,9 +473,14 @@ class AnomalyMapGenerator(nn.Module):
             score = flat.topk(count, dim=1).values.mean(dim=1)
         level_max = torch.stack([log_normal.flatten(start_dim=1).amax(dim=1) for log_normal, _ in log_likelihoods])
         nearest = nearest_map.flatten(start_dim=1).amax(dim=1)
-        averaged = blurred[2].flatten(start_dim=1).amax(dim=1) if len(blurred) > 2 else torch.zeros_like(nearest)
+        averaged_map = blurred[2].contiguous() if len(blurred) > 2 else None
+        averaged = (
+            averaged_map.flatten(start_dim=1).amax(dim=1) if averaged_map is not None else torch.zeros_like(nearest)
+        )
         dissimilarity, reverse = odd_frame_statistics(similarities, coverage)
-        return ScoreComponents(anomaly_map, score, map_max, dissimilarity, level_max.T, nearest, reverse, averaged)
+        return ScoreComponents(
+            anomaly_map, score, map_max, dissimilarity, level_max.T, nearest, reverse, averaged, averaged_map
+        )
 
     def forward(
         self,
@@ -477,7 +489,7 @@ class AnomalyMapGenerator(nn.Module):
         image_size: tuple[int, int] | torch.Size,
         calibration: torch.Tensor | None = None,
         coverage: Sequence[torch.Tensor] | None = None,
-        averaged_similarities: Sequence[torch.Tensor] | None = None,
+        averaged_distances: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Calibrated anomaly map and image score: ``1`` is the class's decision boundary.
 
@@ -487,7 +499,7 @@ class AnomalyMapGenerator(nn.Module):
             image_size (tuple[int, int] | torch.Size): Output size ``(H, W)``.
             calibration (torch.Tensor | None): ``(L + 7,)`` the class's calibration; the stored one when ``None``.
             coverage (Sequence[torch.Tensor] | None): See :meth:`components`.
-            averaged_similarities (Sequence[torch.Tensor] | None): See :meth:`components` (needed where the
+            averaged_distances (Sequence[torch.Tensor] | None): See :meth:`components` (needed where the
                 calibration asks for averaging).
 
         Returns:
@@ -509,7 +521,7 @@ class AnomalyMapGenerator(nn.Module):
             )
             raise ResADInputError(msg)
         parts = self.components(
-            log_likelihoods, similarities, image_size, self.constants_for(calibration), coverage, averaged_similarities
+            log_likelihoods, similarities, image_size, self.constants_for(calibration), coverage, averaged_distances
         )
         (
             map_threshold,
@@ -521,11 +533,15 @@ class AnomalyMapGenerator(nn.Module):
             averaging,
         ) = calibration[-CALIBRATION_THRESHOLDS:].unbind()
         score = parts.score / score_threshold
+        anomaly_map = parts.anomaly_map / map_threshold
         if self.nearest_score:
             nearest = parts.nearest / nearest_threshold
             averaged = parts.averaged_nearest / averaged_threshold.clamp(min=1e-12)
             nearest = torch.where(averaging > 0, (nearest + averaged) / 2, nearest)
             score = (score + nearest) / 2
+            if parts.averaged_map is not None:  # the averaging classes' map: the flows' and PatchCore's, fused
+                fused = (anomaly_map + parts.averaged_map / averaged_threshold.clamp(min=1e-12)) / 2
+                anomaly_map = torch.where(averaging > 0, fused, anomaly_map)
         if self.dissimilarity_check:
             # the check takes over only above its own thresholds: the labels are those of max(score, ratios), and
             # below them the images keep the score's ranking (no normal image is ranked up by a mere lighting change).
@@ -535,7 +551,7 @@ class AnomalyMapGenerator(nn.Module):
             )
             odd = torch.maximum(parts.dissimilarity / dissimilarity_threshold, reverse)
             score = torch.where(odd > 1, torch.maximum(score, odd), score)
-        return parts.anomaly_map / map_threshold, score
+        return anomaly_map, score
 
     @staticmethod
     def _upsample(level_map: torch.Tensor, image_size: tuple[int, int] | torch.Size) -> torch.Tensor:

@@ -57,8 +57,9 @@ logger = logging.getLogger(__name__)
 
 # 2: references files and the conditioned model carry the class's calibration; 3: it has the nearest-neighbour
 # threshold; 4: and the reverse-dissimilarity threshold (the calibrator has that output); 5: and the averaged
-# nearest-neighbour threshold and the class's averaging choice (calibrator output "averaged_nearest")
-FORMAT_VERSION = 5
+# nearest-neighbour threshold and the class's averaging choice (calibrator output "averaged_nearest"); 6: the averaged
+# matching is PatchCore's (Euclidean), so format-5 averaged thresholds are in other units, and it fuses into the map
+FORMAT_VERSION = 6
 MODEL_FILE = "model"
 ENCODER_FILE = "reference_encoder"
 CALIBRATOR_FILE = "reference_calibrator"
@@ -143,8 +144,9 @@ def load_references(path: str | Path, expected: dict[str, Any] | None = None) ->
         raise ResADInputError(msg) from error
     if calibration is None or metadata.get("format_version", 1) < FORMAT_VERSION:
         msg = (
-            f"References file '{path}' was made by an older anomalib-resad without the class's full calibration "
-            "(per-class thresholds). Make it again with: resad references --model <deployment> --images <folder> ..."
+            f"References file '{path}' was made by an older anomalib-resad: its class calibration (per-class "
+            "thresholds) is missing or in units this version does not score in. Make it again with: "
+            "resad references --model <deployment> --images <folder> ..."
         )
         raise ResADInputError(msg)
     if expected is not None:
@@ -485,7 +487,7 @@ def _read_metadata(model_dir: Path) -> dict[str, Any]:
     if metadata.get("format_version", 1) < FORMAT_VERSION:
         msg = (
             f"'{model_dir}' was exported by an older anomalib-resad (format {metadata.get('format_version', 1)}, "
-            f"this one reads {FORMAT_VERSION}: the class calibration gained a threshold). Export it again with: "
+            f"this one reads {FORMAT_VERSION}: the class calibration changed). Export it again with: "
             "resad export --checkpoint <model.ckpt> --export_root <folder>, then remake its references with "
             "resad references."
         )

@@ -123,6 +123,41 @@ def nearest_reference(query: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Te
     return matched[0], similarity[0]
 
 
+def nearest_distance(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance of every query vector to its nearest bank vector.
+
+    ``|q - b|^2 = |q|^2 - 2 q.b + |b|^2`` minimised over the bank: one matrix product (in blocks of the same bounded
+    size as :func:`match_features`), no ``(B, N, M, C)`` difference tensor; what ``torch.cdist`` computes, written
+    out because the exporter and OpenVINO take plain matrix products.
+
+    Args:
+        query (torch.Tensor): Query vectors of B images ``(B, N, C)``.
+        bank (torch.Tensor): Reference vectors ``(M, C)``.
+
+    Returns:
+        torch.Tensor: ``(B, N)`` distances.
+
+    Example:
+        >>> bank = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+        >>> nearest_distance(torch.tensor([[[3.0, 3.0], [0.0, 1.0]]]), bank)
+        tensor([[1., 1.]])
+    """
+    batch, length, _ = query.shape
+    bank_norms = (bank * bank).sum(dim=1)
+    if torch.compiler.is_exporting():
+        return _nearest_distance_block(query, bank, bank_norms)
+    rows = max(1, _MATCH_BLOCK_ELEMENTS // max(1, bank.shape[0]))
+    flat = query.reshape(batch * length, -1)
+    parts = [_nearest_distance_block(block.unsqueeze(0), bank, bank_norms)[0] for block in flat.split(rows)]
+    return torch.cat(parts).reshape(batch, length)
+
+
+def _nearest_distance_block(query: torch.Tensor, bank: torch.Tensor, bank_norms: torch.Tensor) -> torch.Tensor:
+    """Nearest Euclidean distance ``(b, n)`` of ``(b, n, C)`` query vectors to a ``(M, C)`` bank."""
+    squared = (query * query).sum(dim=2, keepdim=True) - 2 * query @ bank.T + bank_norms
+    return squared.amin(dim=2).clamp(min=0).sqrt()
+
+
 def _first_index_of_max(similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``similarity.argmax(dim=1)`` written as reductions, for exported graphs.
 
@@ -323,18 +358,21 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
             coverage.append(level_coverage)
         return ResidualMatches(residuals, similarities, coverage)
 
-    def averaged_similarities(
+    def averaged_distances(
         self,
         features: Sequence[torch.Tensor],
         bank: Sequence[torch.Tensor] | None = None,
         levels: int = 2,
     ) -> list[torch.Tensor]:
-        """Match similarities after PatchCore's 3 x 3 neighbourhood averaging, on the ``levels`` deepest levels.
+        """PatchCore's matching on the ``levels`` deepest levels: 3 x 3 averaging, then the Euclidean nearest distance.
 
         Both sides are averaged (``avg_pool2d(3, stride=1, padding=1)``, as PatchCore's feature pooling); the
         references are averaged within each reference image, whose grid is the query's (the bank holds ``k`` images
-        of the query's feature size, row-major - checked in eager for the stored bank). Used by the nearest-neighbour
-        score of classes that need it (:mod:`~anomalib_resad.anomaly_map`); written here because it needs the bank.
+        of the query's feature size, row-major - checked in eager for the stored bank). The distance is Euclidean, as
+        PatchCore's, not ResAD's cosine: on magnetic tile the Euclidean maps localise 6-7 points of pixel AUROC better
+        than the cosine ones, and on CrackForest within 1 (docs/benchmark.md, "Which nearest-neighbour map"). Used by
+        the nearest-neighbour score and map of classes that need it (:mod:`~anomalib_resad.anomaly_map`); written here
+        because it needs the bank.
 
         Args:
             features (Sequence[torch.Tensor]): Per-level query features ``(B, C_l, H_l, W_l)``.
@@ -343,7 +381,8 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
             levels (int): How many of the deepest levels. Defaults to ``2``.
 
         Returns:
-            list[torch.Tensor]: Per level (the deepest ``levels``), each position's best similarity ``(B, H_l, W_l)``.
+            list[torch.Tensor]: Per level (the deepest ``levels``), each position's distance to its nearest averaged
+            reference feature ``(B, H_l, W_l)``.
         """
         bank = self.reference_levels if bank is None else bank
         out = []
@@ -353,6 +392,5 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
             pooled_query = F.avg_pool2d(feature, 3, stride=1, padding=1)
             pooled_bank = F.avg_pool2d(reference_maps, 3, stride=1, padding=1).permute(0, 2, 3, 1)
             vectors = pooled_query.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
-            _, similarity, _ = match_features(vectors, pooled_bank.reshape(-1, channels))
-            out.append(similarity.reshape(batch, height, width))
+            out.append(nearest_distance(vectors, pooled_bank.reshape(-1, channels)).reshape(batch, height, width))
         return out

@@ -57,6 +57,16 @@ from .references import ReferenceSelection
 logger = logging.getLogger(__name__)
 
 COST_KEYS = ("model", "k")
+# ResAD arguments that change how a trained model scores, not what it learned: they apply to a given checkpoint too
+SCORING_OPTIONS = (
+    "image_score",
+    "dissimilarity_check",
+    "nearest_score",
+    "threshold_margin",
+    "dissimilarity_margin",
+    "reverse_dissimilarity_margin",
+    "nearest_averaging",
+)
 
 
 def _with_root(specs: Sequence[dict[str, Any]], root: str | None) -> list[dict[str, Any]]:
@@ -331,6 +341,8 @@ def run_protocol(
             if draw == 0 and maps_per_category:
                 save_anomaly_maps(scores, output / "anomaly_maps" / name / category / f"k{k}", maps_per_category)
             row = {"model": name, "category": category, "k": k, "draw": draw, "seed": selection.seed}
+            if isinstance(entry.module, ResAD):  # which matching the class's references chose (nearest_averaging)
+                row["averaged"] = float(entry.module.model.anomaly_map_generator.calibration[-1])
             results.add({**row, "fit_s": fit_s, **metrics})
             if cost and not costs.done(name, k):  # once per model and k, with this class's bank
                 size = _input_size(entry.module)
@@ -359,6 +371,23 @@ def run_protocol(
     return summary
 
 
+def scoring_overrides(model: dict[str, Any] | None) -> dict[str, Any]:
+    """The scoring options of a ``model`` section that apply to a given trained checkpoint.
+
+    A checkpoint fixes the architecture and the training; how it scores (:data:`SCORING_OPTIONS`) can be compared on
+    the very same trained model, e.g. ``--model.nearest_averaging auto``. The other keys of ``model`` (the setting's
+    training recipe) are the checkpoint's own business and ignored.
+
+    Example:
+        >>> scoring_overrides({"backbone": "resnet18", "nearest_averaging": "auto"})
+        {'nearest_averaging': 'auto'}
+    """
+    overrides = {key: value for key, value in (model or {}).items() if key in SCORING_OPTIONS}
+    if overrides:
+        logger.warning("Scoring the checkpoint with %s", overrides)
+    return overrides
+
+
 def _trained_resad(
     datamodule: MultiClassDataModule,
     output: Path,
@@ -379,11 +408,13 @@ def _trained_resad(
         if trained.get("checkpoint") and Path(trained["checkpoint"]).is_file():
             logger.info("Reusing the finished training of this output folder: %s", trained["checkpoint"])
             datamodule.setup()
-            resad = ResAD.load_from_checkpoint(trained["checkpoint"], map_location="cpu")
+            resad = ResAD.load_from_checkpoint(trained["checkpoint"], map_location="cpu", **scoring_overrides(model))
             return resad, trained["checkpoint"], float(trained.get("train_s", math.nan))
     if checkpoint:
         datamodule.setup()
-        return ResAD.load_from_checkpoint(checkpoint, map_location="cpu"), checkpoint, math.nan
+        overrides = scoring_overrides(model)
+        resad = ResAD.load_from_checkpoint(checkpoint, map_location="cpu", **overrides)
+        return resad, checkpoint, math.nan
     start = time.perf_counter()
     resad = ResAD(**(model or {}))
     engine = Engine(default_root_dir=output / "train", logger=False, **(trainer or {}))

@@ -229,7 +229,7 @@ class ResADModel(nn.Module):
     ) -> ScoreComponents:
         """Uncalibrated scoring of backbone features against a bank (calibration and the exported calibrator)."""
         log_likelihoods, similarities, coverage = self.level_outputs(features, reference_bank)
-        averaged = self.feature_converter.averaged_similarities(features, reference_bank, NEAREST_LEVELS)
+        averaged = self.feature_converter.averaged_distances(features, reference_bank, NEAREST_LEVELS)
         return self.anomaly_map_generator.components(
             log_likelihoods, similarities, image_size, level_constants, coverage, averaged
         )
@@ -266,7 +266,7 @@ class ResADModel(nn.Module):
         log_likelihoods, similarities, coverage = self.level_outputs(features, reference_bank)
         averaged = None
         if self.anomaly_map_generator.nearest_score and self._averaging(calibration):
-            averaged = self.feature_converter.averaged_similarities(features, reference_bank, NEAREST_LEVELS)
+            averaged = self.feature_converter.averaged_distances(features, reference_bank, NEAREST_LEVELS)
         anomaly_map, pred_score = self.anomaly_map_generator(
             log_likelihoods, similarities, images.shape[-2:], calibration, coverage, averaged
         )

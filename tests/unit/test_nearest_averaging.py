@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_resad import ResADConfigurationError, ResADInputError, ResADModel
+from anomalib_resad import ResADConfigurationError, ResADInputError, ResADModel, feature_converter
 from anomalib_resad.anomaly_map import (
     AVERAGING_GAIN,
     CALIBRATION_THRESHOLDS,
@@ -44,7 +44,7 @@ def test_defects_commute_with_a_per_channel_normalisation() -> None:
     torch.testing.assert_close(normalised_then, then_normalised, atol=1e-4, rtol=1e-4)
 
 
-def test_averaged_similarities_equal_brute_force_pooled_matching() -> None:
+def test_averaged_distances_equal_brute_force_pooled_euclidean_matching() -> None:
     torch.manual_seed(0)
     references = [torch.rand(3, 4, 6, 5), torch.rand(3, 8, 3, 4)]
     query = [torch.rand(2, 4, 6, 5), torch.rand(2, 8, 3, 4)]
@@ -52,14 +52,23 @@ def test_averaged_similarities_equal_brute_force_pooled_matching() -> None:
     bank = ReferenceBank.from_features(references)
     converter.set_bank(bank)
     for given in (None, bank.levels):  # the stored bank and a bank passed in (the exported graph's inputs)
-        averaged = converter.averaged_similarities(query, given, levels=2)
+        averaged = converter.averaged_distances(query, given, levels=2)
         for level in range(2):
             pooled_query = F.avg_pool2d(query[level], 3, stride=1, padding=1)
             pooled_bank = F.avg_pool2d(references[level], 3, stride=1, padding=1)
-            q = F.normalize(pooled_query.permute(0, 2, 3, 1).flatten(1, 2), dim=-1)
-            b = F.normalize(pooled_bank.permute(0, 2, 3, 1).reshape(-1, pooled_bank.shape[1]), dim=-1)
-            expected = (q @ b.T).amax(dim=-1).reshape(averaged[level].shape)
-            torch.testing.assert_close(averaged[level], expected)
+            q = pooled_query.permute(0, 2, 3, 1).reshape(-1, pooled_query.shape[1])
+            b = pooled_bank.permute(0, 2, 3, 1).reshape(-1, pooled_bank.shape[1])
+            expected = torch.cdist(q, b).amin(dim=1).reshape(averaged[level].shape)
+            torch.testing.assert_close(averaged[level], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_nearest_distance_is_blocked_without_changing_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(1)
+    query, bank = torch.randn(3, 50, 6) * 10, torch.randn(40, 6) * 10
+    expected = torch.cdist(query.reshape(-1, 6), bank).amin(dim=1).reshape(3, 50)
+    monkeypatch.setattr(feature_converter, "_MATCH_BLOCK_ELEMENTS", 40 * 7)  # blocks of 7 rows, across images
+    torch.testing.assert_close(feature_converter.nearest_distance(query, bank), expected, atol=1e-4, rtol=1e-4)
+    assert float(feature_converter.nearest_distance(bank[None, :5], bank).abs().max()) < 1e-2  # own vectors: ~0
 
 
 def _components(nearest: float, averaged: float) -> ScoreComponents:
@@ -93,18 +102,23 @@ def test_auto_averaging_follows_the_defects(defect_nearest: float, defect_averag
         leave_one_out_calibration(lambda index, constants: normal[index], 2, 1, nearest_averaging="auto")
 
 
-def test_averaging_changes_only_the_nearest_term() -> None:
+def test_averaging_changes_the_nearest_term_and_fuses_the_averaged_map() -> None:
     generator = AnomalyMapGenerator(num_levels=2, nearest_score=True, dissimilarity_check=False)
     log_likelihoods = [(torch.randn(2, 4, 4), torch.randn(2, 4, 4)) for _ in range(2)]
     similarities = [torch.rand(2, 4, 4) for _ in range(2)]
-    averaged = [torch.rand(2, 4, 4) for _ in range(2)]
+    averaged = [torch.rand(2, 4, 4) * 3 for _ in range(2)]  # Euclidean distances
     base = ScoreCalibration(torch.zeros(2), 1.0, 2.0, 1.0, 4.0, 1.0, averaged_nearest_threshold=8.0)
     parts = generator.components(log_likelihoods, similarities, (16, 16), torch.zeros(2), None, averaged)
-    off = generator(log_likelihoods, similarities, (16, 16), base.to_tensor(), None, averaged)[1]
+    torch.testing.assert_close(parts.averaged_nearest, parts.averaged_map.flatten(start_dim=1).amax(dim=1))
+    off_map, off = generator(log_likelihoods, similarities, (16, 16), base.to_tensor(), None, averaged)
     base.averaging = 1.0
-    on = generator(log_likelihoods, similarities, (16, 16), base.to_tensor(), None, averaged)[1]
+    on_map, on = generator(log_likelihoods, similarities, (16, 16), base.to_tensor(), None, averaged)
     torch.testing.assert_close(off, (parts.score / 2.0 + parts.nearest / 4.0) / 2)
     torch.testing.assert_close(on, (parts.score / 2.0 + (parts.nearest / 4.0 + parts.averaged_nearest / 8.0) / 2) / 2)
+    torch.testing.assert_close(off_map, parts.anomaly_map / 1.0)  # precise classes: the flows' map
+    torch.testing.assert_close(on_map, (parts.anomaly_map / 1.0 + parts.averaged_map / 8.0) / 2)
+    without = generator(log_likelihoods, similarities, (16, 16), base.to_tensor(), None, None)[0]
+    torch.testing.assert_close(without, parts.anomaly_map)  # not computed: the flows' map alone
     assert len(base.to_tensor()) == 2 + CALIBRATION_THRESHOLDS
 
 
