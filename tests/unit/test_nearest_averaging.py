@@ -115,10 +115,12 @@ def test_averaging_changes_the_nearest_term_and_fuses_the_averaged_map() -> None
     on_map, on = generator(log_likelihoods, similarities, (16, 16), base.to_tensor(), None, averaged)
     torch.testing.assert_close(off, (parts.score / 2.0 + parts.nearest / 4.0) / 2)
     torch.testing.assert_close(on, (parts.score / 2.0 + (parts.nearest / 4.0 + parts.averaged_nearest / 8.0) / 2) / 2)
-    torch.testing.assert_close(off_map, parts.anomaly_map / 1.0)  # precise classes: the flows' map
+    torch.testing.assert_close(off_map, (parts.anomaly_map / 1.0 + parts.nearest_map / 4.0) / 2)  # precise classes
     torch.testing.assert_close(on_map, (parts.anomaly_map / 1.0 + parts.averaged_map / 8.0) / 2)
-    without = generator(log_likelihoods, similarities, (16, 16), base.to_tensor(), None, None)[0]
-    torch.testing.assert_close(without, parts.anomaly_map)  # not computed: the flows' map alone
+    torch.testing.assert_close(parts.nearest, parts.nearest_map.flatten(start_dim=1).amax(dim=1))
+    flows_only = AnomalyMapGenerator(num_levels=2, nearest_score=False, dissimilarity_check=False)
+    without = flows_only(log_likelihoods, similarities, (16, 16), base.to_tensor(), None, averaged)[0]
+    torch.testing.assert_close(without, parts.anomaly_map)  # the reference's scoring: the flows' map alone
     assert len(base.to_tensor()) == 2 + CALIBRATION_THRESHOLDS
 
 
