@@ -456,15 +456,8 @@ class AnomalyMapGenerator(nn.Module):
             abnormal_probability = torch.softmax(torch.stack([log_normal, log_abnormal], dim=1), dim=1)[:, 1:]
             likelihood_map = likelihood_map + (1 - self._upsample(normality, image_size))
             classifier_map = classifier_map + self._upsample(abnormal_probability, image_size)
-        nearest_map = 0.0
-        for similarity in similarities[-NEAREST_LEVELS:]:
-            nearest_map = nearest_map + self._upsample((1 - similarity).unsqueeze(1), image_size)
-        maps = [(likelihood_map + classifier_map / len(log_likelihoods)) / 2, nearest_map]
-        if averaged_distances is not None:
-            averaged_map = 0.0
-            for distance in averaged_distances[-NEAREST_LEVELS:]:
-                averaged_map = averaged_map + self._upsample(distance.unsqueeze(1), image_size)
-            maps.append(averaged_map)
+        maps = [(likelihood_map + classifier_map / len(log_likelihoods)) / 2]
+        maps += self._nearest_maps(similarities, averaged_distances, image_size)
         # all maps in one call of the blur
         blurred = self.blur(torch.cat(maps, dim=1)).split(1, dim=1)
         # maps of their own, not views of one tensor holding them all
@@ -494,6 +487,50 @@ class AnomalyMapGenerator(nn.Module):
             averaged,
             averaged_map,
             nearest_map,
+        )
+
+    def _nearest_maps(
+        self,
+        similarities: Sequence[torch.Tensor],
+        averaged_distances: Sequence[torch.Tensor] | None,
+        image_size: tuple[int, int] | torch.Size,
+    ) -> list[torch.Tensor]:
+        """The precise (and averaged) nearest-neighbour maps at the output size, not yet blurred."""
+        nearest_map = 0.0
+        for similarity in similarities[-NEAREST_LEVELS:]:
+            nearest_map = nearest_map + self._upsample((1 - similarity).unsqueeze(1), image_size)
+        if averaged_distances is None:
+            return [nearest_map]
+        averaged_map = 0.0
+        for distance in averaged_distances[-NEAREST_LEVELS:]:
+            averaged_map = averaged_map + self._upsample(distance.unsqueeze(1), image_size)
+        return [nearest_map, averaged_map]
+
+    def nearest_components(
+        self,
+        similarities: Sequence[torch.Tensor],
+        averaged_distances: Sequence[torch.Tensor],
+        image_size: tuple[int, int] | torch.Size,
+    ) -> ScoreComponents:
+        """Only the two nearest-neighbour scores, without the flows (what the averaging choice reads).
+
+        The same values as :meth:`components` gives for them (the blur treats each map on its own); the other
+        fields are zeros. Scoring the references' synthetic defects this way skips the constraintor and the flows.
+
+        Example:
+            >>> generator = AnomalyMapGenerator(num_levels=2)
+            >>> parts = generator.nearest_components([torch.ones(1, 4, 4)] * 2, [torch.zeros(1, 4, 4)] * 2, (8, 8))
+            >>> parts.nearest.tolist(), parts.averaged_nearest.tolist()
+            ([0.0], [0.0])
+        """
+        nearest_map, averaged_map = self.blur(
+            torch.cat(self._nearest_maps(similarities, averaged_distances, image_size), dim=1)
+        ).split(1, dim=1)
+        nearest = nearest_map.flatten(start_dim=1).amax(dim=1)
+        zeros = torch.zeros_like(nearest)
+        averaged = averaged_map.flatten(start_dim=1).amax(dim=1)
+        return ScoreComponents(
+            None, zeros, zeros, zeros, zeros.new_zeros(len(zeros), self.num_levels), nearest, zeros, averaged
         )
 
     def forward(

@@ -167,11 +167,14 @@ class ResADModel(nn.Module):
             defects = synthetic_defects(images)
 
             def score_defects(index: int, constants: torch.Tensor) -> ScoreComponents:
-                others = [torch.cat([level[:index], level[index + 1 :]]) for level in features]
-                query = self.feature_extractor(defects[index])
-                return self.score_components(
-                    query, flatten_levels(others), constants.to(features[0].device), image_size
-                )
+                # the choice reads the two nearest-neighbour scores only: matching, no constraintor or flows
+                del constants
+                deepest = features[-NEAREST_LEVELS:]
+                bank = flatten_levels([torch.cat([level[:index], level[index + 1 :]]) for level in deepest])
+                query = self.feature_extractor(defects[index])[-NEAREST_LEVELS:]
+                similarities = self.feature_converter(query, bank).similarities
+                averaged = self.feature_converter.averaged_distances(query, bank, NEAREST_LEVELS)
+                return self.anomaly_map_generator.nearest_components(similarities, averaged, image_size)
 
         generator = self.anomaly_map_generator
         calibration = leave_one_out_calibration(

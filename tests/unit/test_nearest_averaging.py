@@ -150,3 +150,22 @@ def test_model_calibrates_and_scores_with_averaging(averaging: str) -> None:
     if averaging == "auto":  # the choice reads the reference images themselves
         with pytest.raises(ResADInputError, match="reference images"):
             model.calibrate(model.reference_features(references), (64, 64))
+
+
+def test_nearest_components_equal_the_full_scoring() -> None:
+    """The averaging choice scores defects without the flows: the same two values as the full scoring."""
+    torch.manual_seed(0)
+    model = ResADModel("resnet18", ["layer1", "layer2", "layer3"], pre_trained=False, coupling_layers=2,
+                       pos_embed_dim=16).eval()  # fmt: skip
+    references, query = torch.rand(3, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        bank = [level.permute(0, 2, 3, 1).reshape(-1, level.shape[1]) for level in model.reference_features(references)]
+        features = model.feature_extractor(query)
+        full = model.score_components(features, bank, torch.zeros(3), (64, 64))
+        deepest = features[-2:]
+        similarities = model.feature_converter(deepest, bank[-2:]).similarities
+        averaged = model.feature_converter.averaged_distances(deepest, bank[-2:], 2)
+        light = model.anomaly_map_generator.nearest_components(similarities, averaged, (64, 64))
+    torch.testing.assert_close(light.nearest, full.nearest)
+    torch.testing.assert_close(light.averaged_nearest, full.averaged_nearest)
+    assert bool((full.averaged_nearest > 0).all())
