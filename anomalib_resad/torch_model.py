@@ -69,9 +69,9 @@ class ResADModel(nn.Module):
             (:mod:`~anomalib_resad.residual_codebook`). Defaults to ``False`` (the NeurIPS ResAD).
         codebook_size (int): Codes per level. Defaults to ``1536`` (reference).
         efdm_alpha (float): EFDM's share of the residual kept. Defaults to ``0.4`` (reference).
-        nearest_averaging (str): PatchCore's 3 x 3 neighbourhood averaging in the nearest-neighbour term: ``"off"``,
-            ``"on"``, or ``"auto"`` - chosen per class from synthetic defects in its references
-            (:mod:`~anomalib_resad.anomaly_map`). Defaults to ``"off"``.
+        nearest_averaging (str): PatchCore's matching (3 x 3 averaging, Euclidean) in the nearest-neighbour score and
+            map: ``"off"``, ``"on"``, or ``"auto"`` - chosen per class from synthetic defects in its references
+            (:mod:`~anomalib_resad.anomaly_map`). Defaults to ``"auto"``.
     """
 
     def __init__(
@@ -95,7 +95,7 @@ class ResADModel(nn.Module):
         distribution_matching: bool = False,
         codebook_size: int = 1536,
         efdm_alpha: float = 0.4,
-        nearest_averaging: str = "off",
+        nearest_averaging: str = "auto",
     ) -> None:
         super().__init__()
         check_choice("nearest_averaging", nearest_averaging, NEAREST_AVERAGING)

@@ -10,7 +10,7 @@ import torch
 
 from anomalib_resad import ResADInputError
 from anomalib_resad.class_references import ClassReferences
-from anomalib_resad.references import ReferenceSelection
+from anomalib_resad.references import ReferenceSelection, load_images
 from tests.helpers.models import tiny_resad
 from tests.unit.test_references import write_constant, write_image
 
@@ -92,5 +92,6 @@ def test_calibration_reads_only_the_reference_images(tmp_path: Path) -> None:
     bank = model.references.bank(ReferenceSelection("widget", paths))
     assert sorted(encoded) == sorted(paths)
     # and the calibration is the leave-one-out rule applied to exactly these features
-    expected = model.model.calibrate(model.references.features(paths), (64, 64))
+    images = load_images(paths, model.pre_processor.transform)  # nearest_averaging="auto" reads the images too
+    expected = model.model.calibrate(model.references.features(paths), (64, 64), images)
     torch.testing.assert_close(bank.calibration, expected)

@@ -132,11 +132,12 @@ def test_each_odd_frame_statistic_gets_its_own_margin(tiny_model: ResADModel) ->
     from anomalib_resad.anomaly_map import ScoreCalibration
 
     assert (tiny_model.dissimilarity_margin, tiny_model.reverse_dissimilarity_margin) == (2.0, 1.5)
-    features = tiny_model.reference_features(torch.rand(3, 3, 64, 64))
-    default = ScoreCalibration.from_tensor(tiny_model.calibrate(features, (64, 64)))
+    images = torch.rand(3, 3, 64, 64)
+    features = tiny_model.reference_features(images)
+    default = ScoreCalibration.from_tensor(tiny_model.calibrate(features, (64, 64), images))
     tiny_model.dissimilarity_margin, tiny_model.reverse_dissimilarity_margin = 1.0, 1.0
     try:
-        plain = ScoreCalibration.from_tensor(tiny_model.calibrate(features, (64, 64)))
+        plain = ScoreCalibration.from_tensor(tiny_model.calibrate(features, (64, 64), images))
     finally:
         tiny_model.dissimilarity_margin, tiny_model.reverse_dissimilarity_margin = 2.0, 1.5
     assert default.dissimilarity_threshold == pytest.approx(2.0 * plain.dissimilarity_threshold)
