@@ -33,12 +33,9 @@ ARCHITECTURE_HPARAMS = (
     "codebook_size",
 )
 # What `anomalib predict/test/export --ckpt_path X` takes from the checkpoint when left at its default on the line.
-CHECKPOINT_SETTINGS = (
-    *ARCHITECTURE_HPARAMS,
-    "image_size",
-    "clamp_alpha",
-    "k",
-    "reference_seed",
+# ResAD arguments that change how a trained model scores, not what it learned (``resad evaluate`` applies them to a
+# given checkpoint too)
+SCORING_OPTIONS = (
     "image_score",
     "level_constants",
     "dissimilarity_check",
@@ -47,6 +44,14 @@ CHECKPOINT_SETTINGS = (
     "dissimilarity_margin",
     "reverse_dissimilarity_margin",
     "nearest_averaging",
+)
+CHECKPOINT_SETTINGS = (
+    *ARCHITECTURE_HPARAMS,
+    "image_size",
+    "clamp_alpha",
+    "k",
+    "reference_seed",
+    *SCORING_OPTIONS,
     "efdm_alpha",
 )
 

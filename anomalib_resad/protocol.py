@@ -46,6 +46,7 @@ from lightning.pytorch import seed_everything
 from torchvision.transforms.v2 import Resize
 
 from .baselines import BASELINES, SKIPPED_STATUS, FewShotPatchcore, build_baselines
+from .checkpoint_settings import SCORING_OPTIONS
 from .cost import COST_COLUMNS, OPENVINO_COST_COLUMNS, measure_cost, measure_openvino_cost
 from .data.multi_class import CATEGORY_COLUMN, MultiClassDataModule
 from .errors import ResADConfigurationError
@@ -57,16 +58,6 @@ from .references import ReferenceSelection
 logger = logging.getLogger(__name__)
 
 COST_KEYS = ("model", "k")
-# ResAD arguments that change how a trained model scores, not what it learned: they apply to a given checkpoint too
-SCORING_OPTIONS = (
-    "image_score",
-    "dissimilarity_check",
-    "nearest_score",
-    "threshold_margin",
-    "dissimilarity_margin",
-    "reverse_dissimilarity_margin",
-    "nearest_averaging",
-)
 
 
 def _with_root(specs: Sequence[dict[str, Any]], root: str | None) -> list[dict[str, Any]]:

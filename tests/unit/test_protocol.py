@@ -85,9 +85,12 @@ def test_reference_folder_and_checkpoint_reuse(protocol_run: Path, texture_root:
         reference_dirs={"brick": str(folder)},
         num_workers=0,
         maps_per_category=0,
+        # a scoring option applies to the given checkpoint; the training recipe's keys are the checkpoint's own
+        model={"nearest_averaging": "on", "coupling_layers": 99},
     )
     results = pd.read_csv(output / "results.csv")
     assert len(results) == 1  # a folder is one fixed draw
+    assert results.averaged.tolist() == [1.0]  # the class was scored with PatchCore's matching, as asked
     selection = json.loads((output / "references" / "brick" / "k2_draw0.json").read_text())
     assert selection["paths"] == sorted(str(path) for path in folder.glob("*.png"))[:2]
     assert not (output / "train").exists()
