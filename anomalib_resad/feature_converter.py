@@ -143,6 +143,10 @@ def nearest_distance(query: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
         tensor([[1., 1.]])
     """
     batch, length, _ = query.shape
+    # centred on the bank's mean (distances unchanged): the expansion then subtracts smaller numbers, which keeps
+    # the small normal distances that set the thresholds accurate - also where a runtime computes in f16 / bf16
+    centre = bank.mean(dim=0)
+    query, bank = query - centre, bank - centre
     bank_norms = (bank * bank).sum(dim=1)
     if torch.compiler.is_exporting():
         return _nearest_distance_block(query, bank, bank_norms)

@@ -771,8 +771,10 @@ class ResAD(AnomalibModule):
             self.model.dissimilarity_margin = _DISSIMILARITY_MARGIN
             self.hparams["dissimilarity_margin"] = _DISSIMILARITY_MARGIN
         generator = self.model.anomaly_map_generator
-        if "nearest_averaging" not in saved and self.model.nearest_averaging != "off":
-            # saved before the option: references set on it are calibrated as that release did (precise matching)
+        if "nearest_averaging" not in saved and self.model.nearest_averaging == "auto":
+            # saved before the option: references set on it are calibrated as that release did (precise matching);
+            # an explicit "on" is kept (an explicit "auto" cannot be told from the default: resad evaluate sets its
+            # scoring options after loading)
             self.model.nearest_averaging = "off"
             self.hparams["nearest_averaging"] = "off"
         if "nearest_score" not in saved and generator.nearest_score:

@@ -379,6 +379,24 @@ def scoring_overrides(model: dict[str, Any] | None) -> dict[str, Any]:
     return overrides
 
 
+def apply_scoring_options(resad: ResAD, options: dict[str, Any]) -> ResAD:
+    """Set scoring options on a loaded model, after its checkpoint's own (legacy) adjustments.
+
+    Passed to ``load_from_checkpoint`` they would be undone where a checkpoint predates an option (it then keeps that
+    release's scoring, :meth:`ResAD.on_load_checkpoint`); set afterwards they hold. References set from now on use
+    them (the calibration is made by the model with these options).
+    """
+    generator = resad.model.anomaly_map_generator
+    for name, value in options.items():
+        target = resad.model if hasattr(resad.model, name) else generator
+        if not hasattr(target, name):
+            msg = f"{name} is not a scoring option of this ResAD."
+            raise ResADConfigurationError(msg)
+        setattr(target, name, value)
+        resad.hparams[name] = value
+    return resad
+
+
 def _trained_resad(
     datamodule: MultiClassDataModule,
     output: Path,
@@ -399,12 +417,13 @@ def _trained_resad(
         if trained.get("checkpoint") and Path(trained["checkpoint"]).is_file():
             logger.info("Reusing the finished training of this output folder: %s", trained["checkpoint"])
             datamodule.setup()
-            resad = ResAD.load_from_checkpoint(trained["checkpoint"], map_location="cpu", **scoring_overrides(model))
+            resad = ResAD.load_from_checkpoint(trained["checkpoint"], map_location="cpu")
+            resad = apply_scoring_options(resad, scoring_overrides(model))
             return resad, trained["checkpoint"], float(trained.get("train_s", math.nan))
     if checkpoint:
         datamodule.setup()
         overrides = scoring_overrides(model)
-        resad = ResAD.load_from_checkpoint(checkpoint, map_location="cpu", **overrides)
+        resad = apply_scoring_options(ResAD.load_from_checkpoint(checkpoint, map_location="cpu"), overrides)
         return resad, checkpoint, math.nan
     start = time.perf_counter()
     resad = ResAD(**(model or {}))

@@ -160,7 +160,10 @@ class ResADModel(nn.Module):
             return self.score_components(query, flatten_levels(others), constants.to(features[0].device), image_size)
 
         score_defects = None
-        if self.nearest_averaging == "auto":
+        generator = self.anomaly_map_generator
+        # without the nearest-neighbour term the choice changes nothing: no defects to score
+        averaging = self.nearest_averaging if generator.nearest_score else "off"
+        if averaging == "auto":
             if images is None:
                 msg = "nearest_averaging='auto' chooses from the reference images: pass them to calibrate(images=...)."
                 raise ResADInputError(msg)
@@ -176,7 +179,6 @@ class ResADModel(nn.Module):
                 averaged = self.feature_converter.averaged_distances(query, bank, NEAREST_LEVELS)
                 return self.anomaly_map_generator.nearest_components(similarities, averaged, image_size)
 
-        generator = self.anomaly_map_generator
         calibration = leave_one_out_calibration(
             score_reference,
             k,
@@ -185,7 +187,7 @@ class ResADModel(nn.Module):
             margin=self.threshold_margin,
             dissimilarity_margin=self.dissimilarity_margin,
             reverse_dissimilarity_margin=self.reverse_dissimilarity_margin,
-            nearest_averaging=self.nearest_averaging,
+            nearest_averaging=averaging,
             score_defects=score_defects,
         )
         self.train(was_training)

@@ -169,3 +169,19 @@ def test_nearest_components_equal_the_full_scoring() -> None:
     torch.testing.assert_close(light.nearest, full.nearest)
     torch.testing.assert_close(light.averaged_nearest, full.averaged_nearest)
     assert bool((full.averaged_nearest > 0).all())
+
+
+def test_nearest_distance_keeps_small_distances_among_large_features() -> None:
+    """Centred on the bank: a query 1e-2 away from features of size 1e3 keeps its distance (float32)."""
+    bank = torch.full((4, 8), 1000.0) + torch.arange(4.0).unsqueeze(1)
+    query = (bank[1] + 0.01).reshape(1, 1, 8)
+    distance = float(feature_converter.nearest_distance(query, bank))
+    assert distance == pytest.approx(0.01 * 8**0.5, rel=0.05)
+
+
+def test_auto_scores_no_defects_without_the_nearest_neighbour_term() -> None:
+    model = ResADModel("resnet18", ["layer1", "layer2"], pre_trained=False, coupling_layers=2, pos_embed_dim=16,
+                       nearest_score=False).eval()  # fmt: skip
+    references = torch.rand(2, 3, 64, 64)
+    calibration = model.calibrate(model.reference_features(references), (64, 64))  # no images needed
+    assert float(calibration[-1]) == 0.0

@@ -94,3 +94,21 @@ def test_reference_folder_and_checkpoint_reuse(protocol_run: Path, texture_root:
     selection = json.loads((output / "references" / "brick" / "k2_draw0.json").read_text())
     assert selection["paths"] == sorted(str(path) for path in folder.glob("*.png"))[:2]
     assert not (output / "train").exists()
+
+
+def test_scoring_options_are_set_after_the_checkpoint_s_legacy_adjustments() -> None:
+    """A checkpoint of before an option resets it while loading; options given for the run must still hold."""
+    from anomalib_resad.errors import ResADConfigurationError
+    from anomalib_resad.protocol import apply_scoring_options
+    from tests.helpers.models import tiny_resad
+
+    resad = tiny_resad()
+    resad.model.nearest_averaging = "off"  # what on_load_checkpoint leaves for a checkpoint of before the option
+    resad.model.anomaly_map_generator.nearest_score = False
+    apply_scoring_options(resad, {"nearest_averaging": "on", "nearest_score": True, "threshold_margin": 2.0})
+    assert resad.model.nearest_averaging == "on"
+    assert resad.model.anomaly_map_generator.nearest_score is True
+    assert resad.model.threshold_margin == 2.0
+    assert resad.hparams["nearest_averaging"] == "on"
+    with pytest.raises(ResADConfigurationError, match="not a scoring option"):
+        apply_scoring_options(resad, {"no_such_option": 1})
