@@ -25,7 +25,7 @@ from lightning.pytorch import seed_everything
 
 from .data.multi_class import CATEGORY_COLUMN, MultiClassDataModule
 from .data.textures import generate_texture_dataset
-from .evaluation import METRIC_NAMES, VERDICT_NAMES, category_metrics, save_anomaly_maps, score_samples
+from .evaluation import METRIC_NAMES, ORACLE_NAMES, VERDICT_NAMES, category_metrics, save_anomaly_maps, score_samples
 from .lightning_model import ResAD
 from .offline_weights import LITE0_BACKBONE, LITE0_LAYERS, LITE0_PACKAGE, cache_dir
 
@@ -129,7 +129,8 @@ def run_demo(
         selection.save(output_dir / "references" / f"{target}_k{k}.json")
         rows.append({"category": target, "k": k, **metrics})
     table = pd.DataFrame(rows)
-    table.loc[len(table)] = {"category": "mean", "k": k, **table[list(METRIC_NAMES + VERDICT_NAMES)].mean().to_dict()}
+    means = table[list(METRIC_NAMES + VERDICT_NAMES + ORACLE_NAMES)].mean()
+    table.loc[len(table)] = {"category": "mean", "k": k, **means.to_dict()}
     output_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(output_dir / "metrics.csv", index=False)
     print()

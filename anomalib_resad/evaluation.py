@@ -32,6 +32,7 @@ from anomalib.metrics import AUPRO, AUROC, F1Max
 from anomalib.models.components import AnomalibModule
 from anomalib.visualization.image.item_visualizer import visualize_image_item
 from torch.utils.data import DataLoader
+from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
 from torchvision.transforms.v2 import Resize
 
 from .data.multi_class import MultiClassDataset
@@ -43,6 +44,11 @@ METRIC_NAMES = ("image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1Max")
 # The model's own verdicts (``pred_label``) on the category's test images: NaN for a model without a per-class
 # threshold (few-shot PatchCore has none: its labels come from a threshold nobody set for the class).
 VERDICT_NAMES = ("normal_FPR", "anomalous_recall")
+# What the best possible threshold would give, chosen on the test labels (a ceiling for any threshold rule that sees
+# normal images only, and the issue's yardstick): the F1-max threshold's recall and false-positive rate, and the
+# highest recall of any threshold that flags at most ``ORACLE_FPR`` of the normal images.
+ORACLE_FPR = 0.1
+ORACLE_NAMES = ("oracle_F1_recall", "oracle_F1_FPR", "oracle_recall_at_FPR10")
 
 
 @dataclass
@@ -127,17 +133,47 @@ def _rescale(values: torch.Tensor) -> torch.Tensor:
     return (values - low) / (high - low) if high > low else torch.zeros_like(values)
 
 
+def oracle_verdicts(pred_scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Verdict rates of thresholds chosen on the test labels: the most any threshold rule could reach.
+
+    Args:
+        pred_scores (torch.Tensor): ``(N,)`` image scores (any scale; only their order matters).
+        labels (torch.Tensor): ``(N,)`` 0 normal / 1 anomalous, both present.
+
+    Returns:
+        dict[str, float]: ``oracle_F1_recall`` / ``oracle_F1_FPR`` at the F1-max threshold (anomalib's ``F1Max``
+        picks the same one), and ``oracle_recall_at_FPR10``: the highest recall among thresholds that flag at most
+        :data:`ORACLE_FPR` of the normal images.
+
+    Example:
+        >>> oracle_verdicts(torch.tensor([0.1, 0.2, 0.3, 0.9]), torch.tensor([0, 0, 1, 1]))["oracle_F1_recall"]
+        1.0
+    """
+    # rescaled to [0, 1] first: torchmetrics passes scores outside [0, 1] through a sigmoid (see the module docstring)
+    scores, targets = _rescale(pred_scores.double()), labels.long()
+    precision, recall, thresholds = binary_precision_recall_curve(scores, targets)
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    threshold = thresholds[f1[:-1].argmax()]  # the last point (recall 0) has no threshold
+    false_positive_rate, true_positive_rate, _ = binary_roc(scores, targets)
+    return {
+        "oracle_F1_recall": float((scores[targets == 1] >= threshold).double().mean()),
+        "oracle_F1_FPR": float((scores[targets == 0] >= threshold).double().mean()),
+        "oracle_recall_at_FPR10": float(true_positive_rate[false_positive_rate <= ORACLE_FPR + 1e-9].max()),
+    }
+
+
 def category_metrics(scores: CategoryScores) -> dict[str, float]:
-    """Image AUROC and F1-max, pixel AUROC and AUPRO, and the model's own verdict rates (NaN where undefined).
+    """Image AUROC and F1-max, pixel AUROC and AUPRO, the model's own verdict rates and the oracle's (NaN: undefined).
 
     Args:
         scores (CategoryScores): Predictions and ground truth.
 
     Returns:
-        dict[str, float]: Metric name -> value, names as in :data:`METRIC_NAMES` and :data:`VERDICT_NAMES`
-        (``normal_FPR``: share of normal images flagged, ``anomalous_recall``: share of anomalous ones flagged).
+        dict[str, float]: Metric name -> value, names as in :data:`METRIC_NAMES`, :data:`VERDICT_NAMES` and
+        :data:`ORACLE_NAMES` (``normal_FPR``: share of normal images flagged, ``anomalous_recall``: share of
+        anomalous ones flagged; the oracle's as in :func:`oracle_verdicts`).
     """
-    results = dict.fromkeys(METRIC_NAMES + VERDICT_NAMES, float("nan"))
+    results = dict.fromkeys(METRIC_NAMES + VERDICT_NAMES + ORACLE_NAMES, float("nan"))
     labels = scores.labels
     if scores.pred_labels is not None:
         for name, wanted in (("normal_FPR", 0), ("anomalous_recall", 1)):
@@ -151,6 +187,7 @@ def category_metrics(scores: CategoryScores) -> dict[str, float]:
             instance = metric(fields=["pred_score", "gt_label"])
             instance.update(batch)
             results[name] = float(instance.compute())
+        results.update(oracle_verdicts(scores.pred_scores, labels))
     if scores.masks is not None and scores.masks.any():
         batch = SimpleNamespace(anomaly_map=_rescale(scores.anomaly_maps), gt_mask=scores.masks.int())
         for name, metric in (("pixel_AUROC", AUROC), ("pixel_AUPRO", AUPRO)):

@@ -50,7 +50,7 @@ from .checkpoint_settings import SCORING_OPTIONS
 from .cost import COST_COLUMNS, OPENVINO_COST_COLUMNS, measure_cost, measure_openvino_cost
 from .data.multi_class import CATEGORY_COLUMN, MultiClassDataModule
 from .errors import ResADConfigurationError
-from .evaluation import METRIC_NAMES, VERDICT_NAMES, category_metrics, save_anomaly_maps, score_samples
+from .evaluation import METRIC_NAMES, ORACLE_NAMES, VERDICT_NAMES, category_metrics, save_anomaly_maps, score_samples
 from .grid import CELL_KEYS, CsvStore, Progress, check_run_config, plot_auroc_vs_k
 from .lightning_model import ResAD
 from .references import ReferenceSelection
@@ -71,7 +71,7 @@ def _summarize(results: pd.DataFrame) -> pd.DataFrame:
     much the choice of reference images moves the headline number.
     """
     keys = ["model", "category", "k"]
-    columns = [name for name in METRIC_NAMES + VERDICT_NAMES if name in results]
+    columns = [name for name in METRIC_NAMES + VERDICT_NAMES + ORACLE_NAMES if name in results]
     grouped = results.groupby(keys, sort=False)[columns]
     per_category = grouped.mean().join(grouped.std(ddof=0), rsuffix="_std").reset_index()
     per_draw = results.groupby(["model", "k", "draw"], sort=False)[columns].mean()
