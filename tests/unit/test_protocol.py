@@ -44,6 +44,10 @@ def test_one_row_per_model_category_k_and_draw(protocol_run: Path) -> None:
     metrics = results[["image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1Max"]]
     assert metrics.notna().all().all()
     assert ((metrics >= 0) & (metrics <= 1)).all().all()
+    # every model gets the oracle's verdict rates (thresholds chosen on the test labels), PatchCore included
+    oracle = results[["oracle_F1_recall", "oracle_F1_FPR", "oracle_recall_at_FPR10"]]
+    assert oracle.notna().all().all() and ((oracle >= 0) & (oracle <= 1)).all().all()
+    assert ((results.oracle_recall_at_FPR10 <= results.oracle_F1_recall + 1e-6) | (results.oracle_F1_FPR <= 0.1)).all()
 
 
 def test_summary_has_mean_and_std_over_draws(protocol_run: Path) -> None:
