@@ -193,16 +193,35 @@ def test_nearest_score_is_the_blurred_match_distance_of_the_two_deepest_levels()
     torch.testing.assert_close(nearest, torch.tensor([0.75]))
 
 
-def test_with_nearest_score_the_image_score_averages_the_two_calibrated_ratios() -> None:
+def test_with_nearest_score_the_image_score_is_the_fused_maps_maximum() -> None:
     calibration = ScoreCalibration(torch.zeros(1), 1.0, 4.0, 10.0, 0.25, 1.0).to_tensor()
     similarities = [torch.full((1, 4, 4), 0.5)]  # nearest score 0.5 -> ratio 2
     flow_only = AnomalyMapGenerator(num_levels=1, sigma=1.0)
     fused = AnomalyMapGenerator(num_levels=1, sigma=1.0, nearest_score=True)
     raw = components(flow_only, [level(-1.0)], torch.zeros(1), similarities=similarities)
     _, flow_score = flow_only([level(-1.0)], similarities, (8, 8), calibration)
-    _, fused_score = fused([level(-1.0)], similarities, (8, 8), calibration)
+    fused_map, fused_score = fused([level(-1.0)], similarities, (8, 8), calibration)
     torch.testing.assert_close(flow_score, raw.score / 4.0)
-    torch.testing.assert_close(fused_score, (raw.score / 4.0 + 0.5 / 0.25) / 2)
+    # constant maps: the fused map is the mean of the flows' map over its threshold (1) and the nearest ratio
+    # everywhere; the flow *score*'s own threshold (4) is not used by the fused score
+    torch.testing.assert_close(fused_score, (raw.map_max / 1.0 + 0.5 / 0.25) / 2)
+    torch.testing.assert_close(fused_score, fused_map.flatten(start_dim=1).amax(dim=1))
+
+
+def test_the_fused_score_rewards_flows_and_matching_agreeing_on_the_place() -> None:
+    # the flows see one defect in the top-left corner; the matching sees one either there or in the far corner
+    generator = AnomalyMapGenerator(num_levels=1, sigma=1.0, nearest_score=True, dissimilarity_check=False)
+    calibration = ScoreCalibration(torch.zeros(1), 1.0, 1.0, 10.0, 1.0, 1.0).to_tensor()
+    log_normal = torch.zeros(1, 8, 8)
+    log_normal[0, 0, 0] = -20.0
+    likelihoods = [(log_normal, torch.full((1, 8, 8), -50.0))]
+    same, other = torch.ones(1, 8, 8), torch.ones(1, 8, 8)
+    same[0, 0, 0], other[0, 7, 7] = 0.0, 0.0
+    parts = generator.components(likelihoods, [other], (8, 8), torch.zeros(1))
+    _, agreeing = generator(likelihoods, [same], (8, 8), calibration)
+    _, apart = generator(likelihoods, [other], (8, 8), calibration)
+    assert agreeing > apart
+    assert apart < (parts.score + parts.nearest) / 2  # the mean of the two terms' own maxima would not tell them apart
 
 
 def test_checkpoints_without_the_nearest_threshold_still_load() -> None:
