@@ -34,11 +34,13 @@ ratios (below both, the score alone: the check sets labels, it does not reorder 
 classes; on a target class unlike them they can rank images worse than their own input does. The nearest-neighbour
 map - ``1 - cos`` of each position's nearest reference feature on the two deepest levels, summed, upsampled and
 blurred like the map - is PatchCore's score on ResAD's own matching and costs nothing extra (the matching is done
-anyway). With the option, the image score is the mean of the flow score's and the nearest-neighbour score's
-ratios to their own leave-one-out thresholds: the class's boundary stays at ``1``; the anomaly map is likewise the
-mean of the flows' map and the nearest-neighbour map, each divided by its threshold (on all three settings of
-``../shared/data`` that localises 0.4-0.9 point of pixel AUROC better than the flows' map alone). See
-docs/benchmark.md (ablation).
+anyway). With the option, the anomaly map is the mean of the flows' map and the nearest-neighbour map, each divided
+by its own leave-one-out threshold (on all three settings of ``../shared/data`` that localises 0.4-0.9 point of pixel
+AUROC better than the flows' map alone), and the image score is that fused map's maximum: a defect must stand out
+where both terms see it (the mean of the two terms' own maxima ranked images worse on all three settings). Every
+leave-one-out reference stays at or below ``1 / margin`` on the fused map, so the class's boundary stays at ``1``, and
+an image is flagged exactly when its map has a pixel above the boundary (or the odd-frame check fires). See
+docs/benchmark.md (ablation, "The image score of the fused map").
 
 **PatchCore's matching, chosen per class** (``nearest_averaging``). PatchCore averages each feature with its
 3 x 3 neighbours before matching and measures Euclidean distances; on stochastic textures that localises and ranks
@@ -46,9 +48,9 @@ better than ResAD's position-precise cosine matching, on aligned parts (circuit 
 With ``"auto"`` a class's k references choose: synthetic defects pasted into each reference
 (:mod:`~anomalib_resad.synthetic_defects`) are scored leave-one-out with both matchings, and when the averaged one
 puts them more than ``1 + AVERAGING_GAIN`` times further above its own threshold (median ratio), the class is scored
-with both: its nearest-neighbour term becomes the mean of the precise and the averaged ratios, and its anomaly map the
-mean of the flows' map and the averaged map, each divided by its own leave-one-out threshold (the other classes' map:
-the mean of the flows' map and the precise nearest-neighbour map, likewise). ``"on"`` / ``"off"`` force it.
+with it: its anomaly map (and so its image score) is the mean of the flows' map and the averaged map, each divided by
+its own leave-one-out threshold (the other classes' map: the mean of the flows' map and the precise
+nearest-neighbour map, likewise). ``"on"`` / ``"off"`` force it.
 
 Example:
     >>> import torch
@@ -349,8 +351,9 @@ class AnomalyMapGenerator(nn.Module):
         level_constants (str): ``"per_class"`` (from the references, default) or ``"global"`` (learned in training).
         dissimilarity_check (bool): Flag frames unlike the references through the dissimilarity and the reverse
             dissimilarity. Defaults to ``True``.
-        nearest_score (bool): Image score = mean of the flow score's and the nearest-neighbour score's calibrated
-            ratios (see the module docstring). Defaults to ``False`` (the reference's flow score alone).
+        nearest_score (bool): Fuse the flows' map with the class's nearest-neighbour map (each over its threshold);
+            the image score is the fused map's score (see the module docstring). Defaults to ``False`` (the
+            reference's flows alone).
 
     Attributes:
         global_level_constants (torch.Tensor): ``(L,)`` constants learned in training (EMA).

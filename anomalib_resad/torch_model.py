@@ -59,8 +59,9 @@ class ResADModel(nn.Module):
         level_constants (str): ``"per_class"`` (leave-one-out over the references) or ``"global"``.
         dissimilarity_check (bool): Flag frames unlike the references (dissimilarity and reverse dissimilarity).
             Defaults to ``True``.
-        nearest_score (bool): Image score = mean of the flow score's and the nearest-neighbour score's calibrated
-            ratios (:mod:`~anomalib_resad.anomaly_map`). Defaults to ``True``.
+        nearest_score (bool): Anomaly map = mean of the flows' map and the nearest-neighbour map, each over its
+            leave-one-out threshold; image score = that map's maximum (:mod:`~anomalib_resad.anomaly_map`). Defaults
+            to ``True``.
         threshold_margin (float): Factor on the largest leave-one-out score that sets a class's threshold.
             Defaults to ``1.25``.
         dissimilarity_margin (float): The same for the dissimilarity. Defaults to ``2.0``.
