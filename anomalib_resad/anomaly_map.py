@@ -36,11 +36,13 @@ map - ``1 - cos`` of each position's nearest reference feature on the two deepes
 blurred like the map - is PatchCore's score on ResAD's own matching and costs nothing extra (the matching is done
 anyway). With the option, the anomaly map is the mean of the flows' map and the nearest-neighbour map, each divided
 by its own leave-one-out threshold (on all three settings of ``../shared/data`` that localises 0.4-0.9 point of pixel
-AUROC better than the flows' map alone), and the image score is that fused map's maximum: a defect must stand out
-where both terms see it (the mean of the two terms' own maxima ranked images worse on all three settings). Every
-leave-one-out reference stays at or below ``1 / margin`` on the fused map, so the class's boundary stays at ``1``, and
-an image is flagged exactly when its map has a pixel above the boundary (or the odd-frame check fires). See
-docs/benchmark.md (ablation, "The image score of the fused map").
+AUROC better than the flows' map alone), and the image score is that fused map's score (``image_score``: its
+maximum by default, or its top-pixel mean): a defect must stand out where both terms see it (the mean of the two terms'
+own maxima ranked images better or level on all three settings, end to end). Each term is divided by ``margin`` x
+its own leave-one-out maximum, so every leave-one-out reference stays at or below ``1 / margin`` on the fused map and
+the class's boundary stays at ``1``; with ``image_score="max"`` an image is flagged exactly when its map has a pixel
+above the boundary (or the odd-frame check fires) - ``"top_mean"`` is more conservative (its thresholds are still
+those of the maxima). See docs/benchmark.md (ablation, "The image score of the fused map").
 
 **PatchCore's matching, chosen per class** (``nearest_averaging``). PatchCore averages each feature with its
 3 x 3 neighbours before matching and measures Euclidean distances; on stochastic textures that localises and ranks
@@ -134,14 +136,17 @@ class ScoreCalibration:
     Attributes:
         level_constants (torch.Tensor): ``(L,)`` the constants ``c_l``.
         map_threshold (float): Anomaly-map value above which a pixel is anomalous.
-        score_threshold (float): Image score above which an image is anomalous.
+        score_threshold (float): Flow score above which an image is anomalous (the image boundary without
+            ``nearest_score``; with it the image score is the fused map's, in the map's units).
         dissimilarity_threshold (float): Dissimilarity above which a frame is unlike the references.
-        nearest_threshold (float): Nearest-neighbour score above which an image is anomalous.
+        nearest_threshold (float): Divides the precise nearest-neighbour map in the fused map (``margin`` x its
+            largest leave-one-out maximum).
         reverse_dissimilarity_threshold (float): Reverse dissimilarity above which a frame is unlike the references
             (``0``: not calibrated - references set before the statistic existed; that check is then off).
         averaged_nearest_threshold (float): Threshold of the neighbourhood-averaged nearest-neighbour score (``0``:
             not calibrated).
-        averaging (float): ``1``: the class's nearest-neighbour term includes the averaged score; ``0``: precise only.
+        averaging (float): ``1``: the class's fused map (and so its score) uses the averaged nearest-neighbour map
+            instead of the precise one; ``0``: precise.
     """
 
     level_constants: torch.Tensor
@@ -599,7 +604,7 @@ class AnomalyMapGenerator(nn.Module):
             # with PatchCore's averaged map, each divided by its own leave-one-out threshold (docs/benchmark.md, "Which
             # nearest-neighbour map"); the image score is this map's score, so the image is judged on the map the
             # user sees: a defect must stand out where both terms see it, not in each term somewhere (the mean of the
-            # two terms' own maxima ranked images 0.2-3 points worse on all three settings; "The image score of the
+            # two terms' own maxima ranked images better or level on all three settings; "The image score of the
             # fused map"). Every leave-one-out reference stays <= 1 / margin on it, so 1 is still the boundary.
             fused = (anomaly_map + parts.nearest_map / nearest_threshold) / 2
             if parts.averaged_map is not None:

@@ -60,9 +60,9 @@ class ResADModel(nn.Module):
         dissimilarity_check (bool): Flag frames unlike the references (dissimilarity and reverse dissimilarity).
             Defaults to ``True``.
         nearest_score (bool): Anomaly map = mean of the flows' map and the nearest-neighbour map, each over its
-            leave-one-out threshold; image score = that map's maximum (:mod:`~anomalib_resad.anomaly_map`). Defaults
-            to ``True``.
-        threshold_margin (float): Factor on the largest leave-one-out score that sets a class's threshold.
+            leave-one-out threshold; image score = that map's ``image_score``
+            (:mod:`~anomalib_resad.anomaly_map`). Defaults to ``True``.
+        threshold_margin (float): Factor on each scoring term's largest leave-one-out value (its threshold).
             Defaults to ``1.25``.
         dissimilarity_margin (float): The same for the dissimilarity. Defaults to ``2.0``.
         reverse_dissimilarity_margin (float): The same for the reverse dissimilarity. Defaults to ``1.5``.

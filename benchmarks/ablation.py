@@ -252,7 +252,7 @@ def resad_variants(
         rows.append({"variant": f"ResAD {mode} max+nn2", **image_metrics(fused, labels), **verdicts(fused, labels)})
         fused_pool = (ratio_max + nn2_both) / 2
         rows.append({"variant": f"ResAD {mode} max+nn2+pool", **image_metrics(fused_pool, labels)})
-        # the product's default: fused score with the odd-frame check (max with the dissimilarity ratio) ...
+        # the previous release's product: fused score with the odd-frame check (max with the dissimilarity ratio) ...
         checked = torch.maximum(fused, ratio_dis)
         rows.append(
             {"variant": f"ResAD {mode} max+nn2+dis", **image_metrics(checked, labels), **verdicts(checked, labels)}

@@ -12,7 +12,8 @@ upsampled to the input size and blurred like ResAD's (sigma 4), pixel and image 
   level's grid and concatenated, one joint match per position (``euc concat pooled`` is PatchCore's map);
 * ``... pooled``: both sides 3 x 3 averaged first (PatchCore's neighbourhood averaging);
 * with ``--checkpoint``: the flows' calibrated map, and each nearest map divided by its leave-one-out threshold and
-  averaged with it (``flows + <map>``), as the product fuses the image scores.
+  averaged with it (``flows + <map>``), as the product fuses its map; the image AUROC of a variant is that of its
+  maximum - the product's image score since the fused map's maximum replaced the mean of the two maxima.
 
 No test image or label chooses anything here; the table is for choosing a default leave-one-setting-out.
 

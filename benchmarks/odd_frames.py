@@ -162,8 +162,9 @@ def odd_minima(frame: pd.DataFrame) -> pd.DataFrame:
 def verdicts(
     frame: pd.DataFrame, scores: pd.DataFrame, margin: float, dissimilarity_margin: float, reverse_margin: float
 ) -> pd.DataFrame:
-    """The product's verdict (fused score over ``margin`` or a statistic over its own margin), forward check
-    alone vs both checks, per setting / role / k: normal FPR and anomalous recall (mean over categories and draws)."""
+    """The previous release's verdict (mean of the two maxima over ``margin`` or a statistic over its own margin),
+    forward check alone vs both checks, per setting / role / k: normal FPR and anomalous recall (mean over categories
+    and draws)."""
     scores = scores.copy()
     scores["index"] = scores.groupby(KEYS).cumcount()
     merged = frame[frame.role != "odd"].merge(scores, on=[*KEYS, "index"], suffixes=("", "_ablation"))

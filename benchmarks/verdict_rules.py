@@ -8,8 +8,9 @@ the largest value the references gave each other): ``max`` (the flows' map maxim
 distance on the two deepest levels) and ``dis`` (the dissimilarity of the odd-frame check). Every rule below is a
 function of those numbers, so no forward pass is repeated:
 
-* image score ``s_w = w * max + (1 - w) * nn2`` for ``w`` in ``--weights`` (``w = 0.5`` is today's ``nearest_score``,
-  ``w = 1`` the flows alone, ``w = 0`` the nearest-neighbour score alone);
+* image score ``s_w = w * max + (1 - w) * nn2`` for ``w`` in ``--weights`` (``w = 0.5`` was ``nearest_score``
+  until the image score became the fused map's maximum, ``w = 1`` the flows alone, ``w = 0`` the nearest-neighbour
+  score alone);
 * verdict ``max(s_w / margin, dis / dissimilarity_margin, rev / reverse_margin) > 1`` (the product's odd-frame
   check; ``rev``, the reverse dissimilarity, where the file has it, at ``--reverse_margin``), for the grids of
   both margins; the *gated* check (the dissimilarity takes over only above its own threshold) gives the same labels and

@@ -309,3 +309,33 @@ def test_checkpoints_with_anomalibs_2d_blur_kernel_load_strictly() -> None:
     old = {**generator.state_dict(), "blur.kernel": torch.ones(1, 1, 33, 33)}  # saved by earlier versions
     generator.load_state_dict(old, strict=True)
     assert generator.blur.kernel.shape == (33,)
+
+
+@pytest.mark.parametrize("image_score", ["max", "top_mean"])
+@pytest.mark.parametrize("averaging", ["off", "on"])
+def test_every_leave_one_out_reference_scores_at_most_one_over_the_margin(image_score: str, averaging: str) -> None:
+    # the fused score needs no threshold of its own: each term is over margin x its own leave-one-out maximum
+    generator = AnomalyMapGenerator(num_levels=2, sigma=1.0, image_score=image_score, nearest_score=True)
+    generator.dissimilarity_check = False
+    torch.manual_seed(0)
+    references = [
+        (
+            [(torch.randn(1, 4, 4) * 3, torch.randn(1, 4, 4)) for _ in range(2)],  # log-likelihoods per level
+            [torch.rand(1, 4, 4) for _ in range(2)],  # cosine similarities
+            [torch.rand(1, 4, 4) * 5 for _ in range(2)],  # averaged Euclidean distances
+        )
+        for _ in range(3)
+    ]
+
+    def score_reference(index: int, constants: torch.Tensor) -> ScoreComponents:
+        likelihoods, similarities, averaged = references[index]
+        return generator.components(likelihoods, similarities, (8, 8), constants, None, averaged)
+
+    calibration = leave_one_out_calibration(score_reference, 3, 2, margin=1.25, nearest_averaging=averaging)
+    scores = torch.cat(
+        [generator(likelihoods, similarities, (8, 8), calibration.to_tensor(), None, averaged)[1]
+         for likelihoods, similarities, averaged in references]
+    )  # fmt: skip
+    assert (scores <= 1 / 1.25 + 1e-6).all()
+    if image_score == "max":
+        assert scores.max() > 0.5  # not trivially small: the worst reference comes close to 1 / margin
