@@ -597,9 +597,10 @@ class AnomalyMapGenerator(nn.Module):
             averaged_threshold,
             averaging,
         ) = calibration[-CALIBRATION_THRESHOLDS:].unbind()
-        score = parts.score / score_threshold
         anomaly_map = parts.anomaly_map / map_threshold
-        if self.nearest_score:
+        if not self.nearest_score:
+            score = parts.score / score_threshold  # the reference's flow score
+        else:
             # the flows' map fused with the precise nearest-neighbour map, or - for the classes that chose averaging -
             # with PatchCore's averaged map, each divided by its own leave-one-out threshold (docs/benchmark.md, "Which
             # nearest-neighbour map"); the image score is this map's score, so the image is judged on the map the

@@ -120,13 +120,11 @@ class ResAD(AnomalibModule):
         nearest_score (bool): Anomaly map = mean of the flows' map and the nearest-neighbour map (``1 - cos`` to the
             nearest reference feature on the two deepest levels: PatchCore's score on ResAD's own matching, at no
             extra cost), each over its leave-one-out threshold; image score = that map's maximum (or top-pixel mean,
-            ``image_score``). Not in the
-            reference. Defaults to ``True``: +8.9 I-AUROC on the source classes' validation images, +4.2 on the
-            unseen DeepPCB groups when introduced (docs/benchmark.md). Checkpoints saved before the option score
-            without it.
+            ``image_score``). Not in the reference. Defaults to ``True``: +8.9 I-AUROC on the source classes'
+            validation images, +4.2 on the unseen DeepPCB groups when introduced (docs/benchmark.md). Checkpoints
+            saved before the option score without it.
         threshold_margin (float): Each scoring term's threshold = this x its largest leave-one-out value over the
-            class's references.
-            Defaults to ``1.25``.
+            class's references. Defaults to ``1.25``.
         dissimilarity_margin (float): The same for the odd-frame check's dissimilarity. Defaults to ``2.0``.
         reverse_dissimilarity_margin (float): The same for its reverse dissimilarity. Defaults to ``1.5``. The two
             odd-frame margins were chosen on the source classes' validation images of the three shared settings
