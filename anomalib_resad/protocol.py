@@ -180,6 +180,17 @@ class _Evaluated:
         self.set_references = set_references
 
 
+def _measure_cost(
+    entry: _Evaluated, name: str, category: str, k: int, costs: CsvStore, repeats: int, openvino: bool
+) -> None:
+    """Record what ``entry`` costs per image with the references it holds (:mod:`anomalib_resad.cost`)."""
+    size = _input_size(entry.module)
+    measured = measure_cost(entry.module.model, size, repeats=repeats).as_row()
+    if openvino:
+        measured.update(measure_openvino_cost(entry.module, size, repeats=repeats))
+    costs.add({"model": name, "k": k, "category": category, **measured})
+
+
 def run_protocol(
     sources: Sequence[dict[str, Any]],
     targets: Sequence[dict[str, Any]],
@@ -316,17 +327,24 @@ def run_protocol(
     )
     for category, k, draw in cells:
         pending = [name for name in evaluated if not results.done(name, category, k, draw)]
-        if not pending:
+        # a (model, k) without its cost gets it here even where its cells are finished: a grid run with
+        # `cost: false` on a busy machine can be given its cost columns later, alone, without rescoring anything
+        unmeasured = [name for name in evaluated if cost and not costs.done(name, k)]
+        if not pending and not unmeasured:
             continue
         samples = test_samples[test_samples[CATEGORY_COLUMN] == category]
         folder = reference_dirs.get(category) if reference_dirs else None
         selection = resad.references.select(category, k, seed + draw, folder=folder)
         selection.save(output / "references" / category / f"k{k}_draw{draw}.json")
-        for name in pending:
-            entry = evaluated[name]
+        for name, entry in evaluated.items():
+            if name not in pending and name not in unmeasured:
+                continue
             fit_start = time.perf_counter()
             entry.set_references(selection)
             fit_s = time.perf_counter() - fit_start
+            if name not in pending:  # finished cell: its references are set for the cost alone
+                _measure_cost(entry, name, category, k, costs, cost_repeats, openvino_cost)
+                continue
             scores = score_samples(entry.module, samples, batch_size=batch_size)
             metrics = category_metrics(scores)
             if draw == 0 and maps_per_category:
@@ -335,12 +353,8 @@ def run_protocol(
             if isinstance(entry.module, ResAD):  # which matching the class's references chose (nearest_averaging)
                 row["averaged"] = float(entry.module.model.anomaly_map_generator.calibration[-1])
             results.add({**row, "fit_s": fit_s, **metrics})
-            if cost and not costs.done(name, k):  # once per model and k, with this class's bank
-                size = _input_size(entry.module)
-                measured = measure_cost(entry.module.model, size, repeats=cost_repeats).as_row()
-                if openvino_cost:
-                    measured.update(measure_openvino_cost(entry.module, size, repeats=cost_repeats))
-                costs.add({"model": name, "k": k, "category": category, **measured})
+            if name in unmeasured:  # once per model and k, with this class's bank
+                _measure_cost(entry, name, category, k, costs, cost_repeats, openvino_cost)
             progress.finished(
                 f"{name} {category} k={k} draw {draw}: image AUROC {metrics['image_AUROC']:.3f}, "
                 f"pixel AUROC {metrics['pixel_AUROC']:.3f}",

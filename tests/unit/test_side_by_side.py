@@ -263,3 +263,48 @@ def test_anomaly_dino_from_a_given_weights_file(grid: dict, texture_root: Path, 
     assert results.image_AUROC.between(0, 1).all()
     cost = pd.read_csv(tmp_path / "dino" / "cost.csv").set_index("model")
     assert cost.loc["AnomalyDINO", "GMACs_per_image"] > 1  # ViT-S/14 at 252 px: about 6 GMACs
+
+
+def test_resume_with_cost_measures_only_the_missing_costs(
+    grid: dict, texture_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_cached_weights: None
+) -> None:
+    # a grid scored with `cost: false` on a busy machine, given its cost columns later by the same command with cost on
+    output = tmp_path / "costs_later"
+    shutil.copytree(grid["output"], output)
+    cost = pd.read_csv(output / "cost.csv")
+    cost[cost.k == 2].to_csv(output / "cost.csv", index=False)  # k = 3's costs missing
+    results = pd.read_csv(output / "results.csv")
+
+    def no_scoring(*args: object, **kwargs: object) -> None:
+        raise AssertionError("finished cells must not be scored again")
+
+    given: list[int] = []  # k of the references each model was last given
+    for owner in (ResAD, FewShotPatchcore):
+        setter = owner.set_references
+
+        def recording(self, selection, *args, _original=setter, **kwargs) -> None:
+            if kwargs.get("pinned", True):  # the evaluation references (not ResAD's own bookkeeping)
+                given.append(len(selection.paths))
+            return _original(self, selection, *args, **kwargs)
+
+        monkeypatch.setattr(owner, "set_references", recording)
+    measured: list[tuple[str, int]] = []
+    original = protocol.measure_cost
+
+    def counting(module: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        measured.append((type(module).__name__, given[-1]))
+        return original(module, *args, **kwargs)
+
+    monkeypatch.setattr(protocol, "score_samples", no_scoring)
+    monkeypatch.setattr(protocol, "measure_cost", counting)
+    monkeypatch.setattr(protocol, "measure_openvino_cost", lambda *args, **kwargs: {})  # real one: test_cost.py
+    run_protocol(**arguments(texture_root, output, baselines=["patchcore"]))
+    # k = 3 only, once per model, each measured with k = 3 references just set (not the last cell's)
+    assert measured == [("ResADModel", 3), ("PatchcoreModel", 3)]
+    after = pd.read_csv(output / "cost.csv").set_index(["model", "k"])
+    assert sorted(after.index) == [("PatchCore", 2), ("PatchCore", 3), ("ResAD", 2), ("ResAD", 3)]
+    assert (after.ms_per_image_b1 > 0).all()
+    pd.testing.assert_frame_equal(pd.read_csv(output / "results.csv"), results)
+    summary = pd.read_csv(output / "summary.csv")
+    mean = summary[(summary.category == "mean") & (summary.status == "ok")].set_index(["model", "k"])
+    assert mean.loc[("ResAD", 3), "latency_vs_PatchCore"] > 0
