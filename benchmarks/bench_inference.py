@@ -15,7 +15,8 @@ across machines.
 Weights do not change speed, so the default backbone (wide_resnet50_2) runs with random weights (no download);
 the light one uses the offline EfficientNet-Lite0 weights. OpenVINO compiles in f32 (what matches PyTorch), in its CPU
 default (bf16 where the CPU supports it) and, quantised to INT8 by NNCF (``openvino-int8``: INT8 where NNCF put
-quantisers, f32 elsewhere).
+quantisers, f32 elsewhere; ``openvino-int8-match-f32``: the same with the reference matching's matrix products left
+in f32, see :func:`quantize_int8`).
 
 The ratios depend on the CPU (bf16 and int8 units, AVX-512 or only AVX2): the output starts with the CPU (model,
 cores, the ISA extensions that matter) and the runtime versions, and ``--json`` writes them beside the rows.
@@ -56,6 +57,9 @@ CONFIGS = {
 }
 
 
+RUNTIMES = ("pytorch", "openvino-f32", "openvino-default", "openvino-int8", "openvino-int8-match-f32")
+
+
 def build_model(config_name: str, shots: int, **overrides: object) -> "ResAD":  # noqa: F821
     """The benchmarked model: fixed seed, k random reference images; ``overrides`` replace configuration entries."""
     import torch
@@ -68,22 +72,58 @@ def build_model(config_name: str, shots: int, **overrides: object) -> "ResAD":  
     return model
 
 
+# What keeps f32 in an INT8 model (NNCF ``IgnoredScope``). The exported graph keeps no module names, but torch.export
+# names each node after its operator: ``node_matmul*`` are the ``@`` products of the reference matching
+# (feature_converter.py: cosine similarities, averaged Euclidean distances), ``node_linear*`` the flows' Linear layers.
+KEEP_F32 = {
+    "none": None,
+    "matching": {"patterns": ["node_matmul.*"]},  # the matching's similarities decide the nearest reference
+    "matmul": {"types": ["MatMul"]},  # every matrix product (matching and flows): only convolutions quantised
+}
+
+
+def quantize_int8(xml: str | Path, images: list, output: str | Path, keep_f32: str = "none") -> Path:
+    """INT8 post-training quantisation with NNCF's defaults (``anomalib export --compression_type int8_ptq``).
+
+    Args:
+        xml (str | Path): The exported f32 OpenVINO IR.
+        images (list): Calibration inputs, each ``(1, 3, H, W)`` float32.
+        output (str | Path): Where the INT8 IR is written.
+        keep_f32 (str): A :data:`KEEP_F32` key: ``"none"`` (NNCF's defaults, everything it can quantise),
+            ``"matching"`` (the reference matching's products in f32) or ``"matmul"`` (every matrix product in f32).
+
+    Returns:
+        Path: ``output``.
+    """
+    import nncf
+    import openvino as ov
+
+    scope = KEEP_F32[keep_f32]
+    model = nncf.quantize(
+        ov.Core().read_model(xml),
+        nncf.Dataset(list(images)),
+        subset_size=len(images),
+        ignored_scope=nncf.IgnoredScope(**scope, validate=True) if scope else None,
+    )
+    ov.save_model(model, output)
+    return Path(output)
+
+
 def export(config_name: str, shots: int, folder: str) -> dict:
     """Run in a subprocess: export the model to OpenVINO IR (anomalib's ``to_openvino``), so the timed runtime
     process holds only the OpenVINO model (its peak RSS is then that of deployment), and quantise a copy to INT8 with
     NNCF (``nncf.quantize`` with its defaults, as ``anomalib export --compression_type int8_ptq``; random calibration
     images: the work per image, hence the speed, does not depend on them - accuracy is measured by
     ``benchmarks/bench_quantization.py`` on a trained model)."""
-    import nncf
     import numpy as np
-    import openvino as ov
 
     path = build_model(config_name, shots).to_openvino(folder, input_size=(224, 224))
-    images = np.random.default_rng(1).random((16, 1, 3, 224, 224), dtype=np.float32)
-    quantized = nncf.quantize(ov.Core().read_model(path), nncf.Dataset(list(images)), subset_size=len(images))
-    int8 = Path(folder) / "int8.xml"
-    ov.save_model(quantized, int8)
-    return {"path": str(path), "int8": str(int8)}
+    images = list(np.random.default_rng(1).random((16, 1, 3, 224, 224), dtype=np.float32))
+    return {
+        "path": str(path),
+        "int8": str(quantize_int8(path, images, Path(folder) / "int8.xml")),
+        "int8-match-f32": str(quantize_int8(path, images, Path(folder) / "int8_match_f32.xml", keep_f32="matching")),
+    }
 
 
 def measure(config_name: str, runtime: str, batch: int, iterations: int, shots: int, model_path: str) -> dict:
@@ -105,10 +145,11 @@ def measure(config_name: str, runtime: str, batch: int, iterations: int, shots: 
     else:  # nothing of torch or anomalib_resad in this process
         import openvino as ov
 
-        options = {"INFERENCE_PRECISION_HINT": "f32"} if runtime in ("openvino-f32", "openvino-int8") else {}
+        int8 = runtime.startswith("openvino-int8")
+        options = {"INFERENCE_PRECISION_HINT": "f32"} if runtime == "openvino-f32" or int8 else {}
         compiled = ov.Core().compile_model(model_path, "CPU", options)
         precision = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
-        precision = f"int8 + {precision}" if runtime == "openvino-int8" else precision
+        precision = f"int8 + {precision}" if int8 else precision
         threads = compiled.get_property("INFERENCE_NUM_THREADS")
 
         def run() -> None:
@@ -175,9 +216,9 @@ def main() -> None:
                 results = {
                     runtime: worker(
                         "measure", config_name, runtime, batch, iterations, arguments.shots,
-                        paths["int8" if runtime == "openvino-int8" else "path"],
+                        paths.get(runtime.removeprefix("openvino-"), paths["path"]),
                     )
-                    for runtime in ("pytorch", "openvino-f32", "openvino-default", "openvino-int8")
+                    for runtime in RUNTIMES
                 }  # fmt: skip
                 for runtime, result in results.items():
                     speedup = results["pytorch"]["ms_per_image"] / result["ms_per_image"]

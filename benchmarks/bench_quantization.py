@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_inference import KEEP_F32, quantize_int8
 from PIL import Image
 from torchmetrics.functional.classification import binary_auroc
 
@@ -53,23 +54,6 @@ def test_images(root: Path) -> tuple[list[str], list[int]]:
     return paths, labels
 
 
-def quantize(xml: Path, calibration: list[np.ndarray], output: Path, convolutions_only: bool = False) -> Path:
-    """INT8 post-training quantisation of an OpenVINO model, with NNCF's defaults (as anomalib's export).
-
-    ``convolutions_only`` keeps every matrix product (the reference matching, the flows' subnets) in f32: only the
-    backbone's and the constraintor's convolutions are quantised.
-    """
-    import nncf
-    import openvino as ov
-
-    ignored = nncf.IgnoredScope(types=["MatMul"]) if convolutions_only else None
-    model = nncf.quantize(
-        ov.Core().read_model(xml), nncf.Dataset(calibration), subset_size=len(calibration), ignored_scope=ignored
-    )
-    ov.save_model(model, output)
-    return output
-
-
 def main() -> None:
     """Export, quantise, score and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -82,7 +66,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=1, help="threads of every runtime (1: least noise)")
     parser.add_argument("--limit", type=int, default=None, help="score only this many test images (evenly spaced)")
-    parser.add_argument("--convolutions_only", action="store_true", help="also an INT8 model with f32 matmuls")
+    parser.add_argument("--keep_f32", nargs="+", choices=sorted(KEEP_F32), default=["none", "matching"],
+                        help="INT8 variants: what stays f32 (none: NNCF's defaults; matching: the reference "
+                             "matching's products; matmul: every matrix product)")  # fmt: skip
     parser.add_argument("--eager_every", type=int, default=8, help="time eager PyTorch on every n-th image only")
     args = parser.parse_args()
 
@@ -107,9 +93,10 @@ def main() -> None:
         resad.model.set_references(resad.model.make_reference_bank(load_images(references, transform, True)))
         with tempfile.TemporaryDirectory() as root:
             xml = resad.to_openvino(root, input_size=size)
-            models = {"f32": xml, "int8": quantize(xml, calibration, Path(root) / "int8.xml")}
-            if args.convolutions_only:
-                models["int8_conv"] = quantize(xml, calibration, Path(root) / "int8_conv.xml", convolutions_only=True)
+            models = {"f32": xml}
+            for keep in args.keep_f32:
+                name = "int8" if keep == "none" else f"int8_{keep}_f32"
+                models[name] = quantize_int8(xml, calibration, Path(root) / f"{name}.xml", keep_f32=keep)
             compiled = {name: core.compile_model(path, "CPU", options) for name, path in models.items()}
             scores: dict[str, list[float]] = {name: [] for name in models}
             predicted: dict[str, list[bool]] = {name: [] for name in models}
@@ -145,7 +132,8 @@ def main() -> None:
           "max score difference vs f32 |\n|---|---|---|---|---|---|")  # fmt: skip
     eager_ms = statistics.mean(results["eager"]["ms"])
     titles = {"eager": "PyTorch eager f32", "f32": "OpenVINO f32", "int8": "OpenVINO INT8 (NNCF PTQ)",
-              "int8_conv": "OpenVINO INT8, convolutions only (matrix products f32)"}  # fmt: skip
+              "int8_matching_f32": "OpenVINO INT8, the matching's products f32",
+              "int8_matmul_f32": "OpenVINO INT8, convolutions only (matrix products f32)"}  # fmt: skip
     for name, row in results.items():
         label = titles[name]
         ms, auroc = statistics.mean(row["ms"]), np.array(row["auroc"] or [np.nan]) * 100
