@@ -79,6 +79,9 @@ KEEP_F32 = {
     "none": None,
     "matching": {"patterns": ["node_matmul.*"]},  # the matching's similarities decide the nearest reference
     "matmul": {"types": ["MatMul"]},  # every matrix product (matching and flows): only convolutions quantised
+    # only the flows' Linear layers quantised: the backbone and constraintor convolutions stay f32, so query features
+    # stay comparable with a reference bank computed in f32 (the baked bank is a constant of the graph)
+    "features": {"patterns": ["node_matmul.*"], "types": ["Convolution", "GroupConvolution"]},
 }
 
 
@@ -90,20 +93,29 @@ def quantize_int8(xml: str | Path, images: list, output: str | Path, keep_f32: s
         images (list): Calibration inputs, each ``(1, 3, H, W)`` float32.
         output (str | Path): Where the INT8 IR is written.
         keep_f32 (str): A :data:`KEEP_F32` key: ``"none"`` (NNCF's defaults, everything it can quantise),
-            ``"matching"`` (the reference matching's products in f32) or ``"matmul"`` (every matrix product in f32).
+            ``"matching"`` (the reference matching's products in f32), ``"matmul"`` (every matrix product in f32) or
+            ``"features"`` (convolutions and matching in f32: only the flows' Linear layers quantised).
 
     Returns:
         Path: ``output``.
     """
+    import re
+
     import nncf
     import openvino as ov
 
     scope = KEEP_F32[keep_f32]
+    model = ov.Core().read_model(xml)
+    names = [op.get_friendly_name() for op in model.get_ordered_ops()]
+    for pattern in (scope or {}).get("patterns", []):  # node types may be absent (no depthwise convs); names not
+        if not any(re.fullmatch(pattern, name) for name in names):
+            msg = f"No node of {xml} matches {pattern!r}: the exporter's node names changed; update KEEP_F32."
+            raise ValueError(msg)
     model = nncf.quantize(
-        ov.Core().read_model(xml),
+        model,
         nncf.Dataset(list(images)),
         subset_size=len(images),
-        ignored_scope=nncf.IgnoredScope(**scope, validate=True) if scope else None,
+        ignored_scope=nncf.IgnoredScope(**scope, validate=False) if scope else None,
     )
     ov.save_model(model, output)
     return Path(output)

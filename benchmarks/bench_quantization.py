@@ -68,7 +68,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="score only this many test images (evenly spaced)")
     parser.add_argument("--keep_f32", nargs="+", choices=sorted(KEEP_F32), default=["none", "matching"],
                         help="INT8 variants: what stays f32 (none: NNCF's defaults; matching: the reference "
-                             "matching's products; matmul: every matrix product)")  # fmt: skip
+                             "matching's products; matmul: every matrix product; features: convolutions and "
+                             "matching)")  # fmt: skip
     parser.add_argument("--eager_every", type=int, default=8, help="time eager PyTorch on every n-th image only")
     args = parser.parse_args()
 
@@ -133,7 +134,8 @@ def main() -> None:
     eager_ms = statistics.mean(results["eager"]["ms"])
     titles = {"eager": "PyTorch eager f32", "f32": "OpenVINO f32", "int8": "OpenVINO INT8 (NNCF PTQ)",
               "int8_matching_f32": "OpenVINO INT8, the matching's products f32",
-              "int8_matmul_f32": "OpenVINO INT8, convolutions only (matrix products f32)"}  # fmt: skip
+              "int8_matmul_f32": "OpenVINO INT8, convolutions only (matrix products f32)",
+              "int8_features_f32": "OpenVINO INT8, flows only (convolutions and matching f32)"}  # fmt: skip
     for name, row in results.items():
         label = titles[name]
         ms, auroc = statistics.mean(row["ms"]), np.array(row["auroc"] or [np.nan]) * 100
