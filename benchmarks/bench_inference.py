@@ -107,10 +107,18 @@ def quantize_int8(xml: str | Path, images: list, output: str | Path, keep_f32: s
     scope = KEEP_F32[keep_f32]
     model = ov.Core().read_model(xml)
     names = [op.get_friendly_name() for op in model.get_ordered_ops()]
-    for pattern in (scope or {}).get("patterns", []):  # node types may be absent (no depthwise convs); names not
-        if not any(re.fullmatch(pattern, name) for name in names):
+    types = {op.get_type_name() for op in model.get_ordered_ops()}
+    # NNCF's own check would refuse a listed type that is absent (wide_resnet50_2 has no depthwise convolutions), so
+    # check here instead: every name pattern matches some node, and some listed type exists
+    for pattern in (scope or {}).get("patterns", []):
+        matched = [name for name in names if re.fullmatch(pattern, name)]
+        if not matched:
             msg = f"No node of {xml} matches {pattern!r}: the exporter's node names changed; update KEEP_F32."
             raise ValueError(msg)
+        print(f"keep f32 ({keep_f32}): {len(matched)} nodes match {pattern!r}: {', '.join(matched)}", flush=True)
+    if scope and scope.get("types") and not types & set(scope["types"]):
+        msg = f"No node of {xml} has a type in {scope['types']}: update KEEP_F32."
+        raise ValueError(msg)
     model = nncf.quantize(
         model,
         nncf.Dataset(list(images)),

@@ -278,17 +278,17 @@ def test_resume_with_cost_measures_only_the_missing_costs(
     def no_scoring(*args: object, **kwargs: object) -> None:
         raise AssertionError("finished cells must not be scored again")
 
-    given: list[int] = []  # k of the references each model was last given
+    given: list[tuple[int, int]] = []  # (k, seed) of the references each model was last given
     for owner in (ResAD, FewShotPatchcore):
         setter = owner.set_references
 
         def recording(self, selection, *args, _original=setter, **kwargs) -> None:
             if kwargs.get("pinned", True):  # the evaluation references (not ResAD's own bookkeeping)
-                given.append(len(selection.paths))
+                given.append((len(selection.paths), selection.seed))
             return _original(self, selection, *args, **kwargs)
 
         monkeypatch.setattr(owner, "set_references", recording)
-    measured: list[tuple[str, int]] = []
+    measured: list[tuple[str, tuple[int, int]]] = []
     original = protocol.measure_cost
 
     def counting(module: torch.nn.Module, *args: object, **kwargs: object) -> object:
@@ -299,8 +299,8 @@ def test_resume_with_cost_measures_only_the_missing_costs(
     monkeypatch.setattr(protocol, "measure_cost", counting)
     monkeypatch.setattr(protocol, "measure_openvino_cost", lambda *args, **kwargs: {})  # real one: test_cost.py
     run_protocol(**arguments(texture_root, output, baselines=["patchcore"]))
-    # k = 3 only, once per model, each measured with k = 3 references just set (not the last cell's)
-    assert measured == [("ResADModel", 3), ("PatchcoreModel", 3)]
+    # k = 3 only, once per model, each with the references of k = 3's first cell (draw 0: seed 5) just set
+    assert measured == [("ResADModel", (3, 5)), ("PatchcoreModel", (3, 5))]
     after = pd.read_csv(output / "cost.csv").set_index(["model", "k"])
     assert sorted(after.index) == [("PatchCore", 2), ("PatchCore", 3), ("ResAD", 2), ("ResAD", 3)]
     assert (after.ms_per_image_b1 > 0).all()
