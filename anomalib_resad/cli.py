@@ -33,8 +33,9 @@ def main() -> None:
     """Entry point of the ``resad`` console script."""
     install_cli_excepthook()
     logging.basicConfig(level=os.environ.get("RESAD_LOG_LEVEL", "WARNING"))
-    if "RESAD_LOG_LEVEL" not in os.environ:  # long grids (`resad evaluate`): one progress line per finished cell
-        logging.getLogger("anomalib_resad.grid").setLevel(logging.INFO)
+    if "RESAD_LOG_LEVEL" not in os.environ:  # long grids (`resad evaluate`): one progress line per finished cell,
+        logging.getLogger("anomalib_resad.grid").setLevel(logging.INFO)  # and what a resumed run reuses or measures
+        logging.getLogger("anomalib_resad.protocol").setLevel(logging.INFO)
     commands = {"demo": run_demo, "evaluate": run_protocol, "export": export_model, "references": make_references}
     CLI(commands, as_positional=False)
 

@@ -343,6 +343,7 @@ def run_protocol(
             entry.set_references(selection)
             fit_s = time.perf_counter() - fit_start
             if name not in pending:  # finished cell: its references are set for the cost alone
+                logger.info("%s k=%d: cells finished, measuring its cost (%s, draw %d)", name, k, category, draw)
                 _measure_cost(entry, name, category, k, costs, cost_repeats, openvino_cost)
                 continue
             scores = score_samples(entry.module, samples, batch_size=batch_size)
