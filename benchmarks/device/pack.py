@@ -5,14 +5,19 @@
 ``../shared/data`` (55 MiB of PNG) plus the offline Lite0 weights (18 MiB) exceed the transfer limit, so the images
 travel as 224-px lossless WebP (the model resizes to 224 anyway; PatchCore's AUROC on the copies equals the
 originals', docs/benchmark.md "Longer training on a GPU"); ``unpack.py`` turns them back into PNG on the device.
-Wheels of the packages the device image lacks (anomalib, FrEIA, jsonargparse, kornia, omegaconf, ...) go to
-``.gpu/whl`` (``pip download --no-deps``, see /work/.library/device/README.md); ``.gpu/stubs`` holds empty
-``kornia_rs`` / ``imagecodecs`` modules (imported by kornia / anomalib, unused here).
+Wheels of the packages the device image lacks (anomalib, FrEIA, jsonargparse, kornia, omegaconf, ...), at the
+versions installed here, go to ``.gpu/whl`` (``pip download --no-deps`` for the device's Python 3.12; FrEIA has no
+wheel on PyPI and is built here); ``.gpu/stubs`` holds empty ``kornia_rs`` (with ``kornia_rs.io``, which kornia 0.9
+imports) and ``imagecodecs`` modules (imported by kornia / anomalib, unused here). About 58 MiB in all: the repo
+beside it must stay under the tool's 64 MiB.
 
-    python benchmarks/device/pack.py   # then: device run "bash benchmarks/device/run_epochs.sh", carry [".gpu"]
+    python benchmarks/device/pack.py   # then: device run "bash benchmarks/device/run_flow_steps.sh", carry [".gpu"]
 """
 
 import shutil
+import subprocess
+import sys
+from importlib.metadata import version
 from pathlib import Path
 
 from PIL import Image
@@ -20,6 +25,26 @@ from PIL import Image
 from anomalib_resad.offline_weights import efficientnet_lite0_weights
 
 SOURCE, TARGET = Path("../shared/data"), Path(".gpu/data")
+DEVICE_LACKS = ("anomalib", "jsonargparse", "omegaconf", "kornia", "docstring_parser", "typeshed_client",
+                "rich-argparse", "platformdirs")  # fmt: skip
+DEVICE_PLATFORM = ["--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
+                   "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64"]  # fmt: skip
+
+
+def pack_wheels(folder: Path) -> None:
+    """The device image's missing packages as wheels, pinned to the versions this environment runs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pins = [f"{name}=={version(name)}" for name in DEVICE_LACKS]
+    pip = [sys.executable, "-m", "pip", "-q"]
+    subprocess.run([*pip, "download", "--no-deps", "--only-binary=:all:", *DEVICE_PLATFORM, "-d", folder, *pins],
+                   check=True)  # fmt: skip
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", folder, f"FrEIA=={version('FrEIA')}"],
+                   check=True)  # fmt: skip
+    for module in ("kornia_rs/__init__.py", "kornia_rs/io.py", "imagecodecs/__init__.py"):
+        stub = Path(".gpu/stubs") / module
+        stub.parent.mkdir(parents=True, exist_ok=True)
+        stub.touch()
+
 
 if __name__ == "__main__":
     for path in SOURCE.rglob("*"):
@@ -38,4 +63,5 @@ if __name__ == "__main__":
     cache = Path(".gpu/cache")
     cache.mkdir(parents=True, exist_ok=True)
     shutil.copy(efficientnet_lite0_weights(), cache)
+    pack_wheels(Path(".gpu/whl"))
     print(sum(f.stat().st_size for f in Path(".gpu").rglob("*") if f.is_file()) / 2**20, "MiB in .gpu")
