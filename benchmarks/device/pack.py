@@ -33,7 +33,8 @@ DEVICE_PLATFORM = ["--python-version", "3.12", "--implementation", "cp", "--plat
 
 def pack_wheels(folder: Path) -> None:
     """The device image's missing packages as wheels, pinned to the versions this environment runs."""
-    folder.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder, ignore_errors=True)  # two versions of one package would stop the device's install
+    folder.mkdir(parents=True)
     pins = [f"{name}=={version(name)}" for name in DEVICE_LACKS]
     pip = [sys.executable, "-m", "pip", "-q"]
     subprocess.run([*pip, "download", "--no-deps", "--only-binary=:all:", *DEVICE_PLATFORM, "-d", folder, *pins],
@@ -41,7 +42,7 @@ def pack_wheels(folder: Path) -> None:
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", folder, f"FrEIA=={version('FrEIA')}"],
                    check=True)  # fmt: skip
     for module in ("kornia_rs/__init__.py", "kornia_rs/io.py", "imagecodecs/__init__.py"):
-        stub = Path(".gpu/stubs") / module
+        stub = folder.parent / "stubs" / module
         stub.parent.mkdir(parents=True, exist_ok=True)
         stub.touch()
 

@@ -5,6 +5,8 @@
 # closest to PatchCore (-> magnetic tile, -> CrackForest). The four trainings run side by side on one GPU, each
 # stopped by Lightning's `max_time`; PatchCore on the same references rides with the `batch` runs.
 #   python benchmarks/device/pack.py   # then: device run "bash benchmarks/device/run_flow_steps.sh", carry [".gpu"]
+# Run it again on the same warm machine to resume the scoring (`resad evaluate` reuses finished trainings and cells);
+# ad-hoc commands need its PYTHONPATH (kornia_rs stubs) and RESAD_CACHE (the offline weights) too.
 set -u
 export OMP_NUM_THREADS=3 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 RESAD_CACHE=$PWD/.gpu/cache MALLOC_MMAP_THRESHOLD_=65536
 T0=$(date +%s)
@@ -19,10 +21,11 @@ nvidia-smi -L; nproc --all
 python3 -c "import torch, timm, lightning, anomalib, anomalib_resad; print(torch.__version__, timm.__version__, lightning.__version__, anomalib.__version__, torch.cuda.is_available())" || exit 5
 echo "setup $(( $(date +%s) - T0 )) s"
 LEFT=$(( TOTAL - ($(date +%s) - T0) - 20 ))
+[ "$LEFT" -gt 60 ] || { echo "setup left only $LEFT s"; exit 6; }
 for setting in $SETTINGS; do
   for steps in batch chunk; do
     if [ $steps = batch ]; then extra=(--baselines '[patchcore]'); else extra=(--baselines '[]' --model.flow_positions 8192); fi
-    timeout $LEFT python3 -m anomalib_resad.cli evaluate --config configs/settings/$setting.yaml \
+    timeout -k 15 $LEFT python3 -m anomalib_resad.cli evaluate --config configs/settings/$setting.yaml \
       --output_dir /tmp/res/${setting}_$steps --trainer.max_epochs 100 --trainer.max_time $TRAIN \
       --trainer.enable_progress_bar false --model.flow_steps $steps "${extra[@]}" --cost false \
       --maps_per_category 0 --num_workers 3 $EXTRA > /tmp/res_log_${setting}_$steps.txt 2>&1 &
