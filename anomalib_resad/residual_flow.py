@@ -9,6 +9,12 @@ conditioned on a 2-D sin/cos positional encoding. The flow works on single vecto
 through the condition.
 
 Log-likelihoods are divided by the number of channels everywhere (loss, boundaries, maps), as in the reference code.
+
+Inference projects the condition once per position: each subnet's first layer splits into
+``W_x @ x1 + (W_cond @ condition + bias)``, and the second term is the same for every image - a ``(H*W, 2d)`` table
+per block, cached until the weights change (eager) or folded into a constant by OpenVINO (export). Exact up to float
+summation order; wide_resnet50_2's flows run about 1.2x faster on CPU (``benchmarks/bench_flow_condition.py``).
+Training keeps FrEIA's own forward.
 Besides the normal log-likelihood ``log N(z; 0, I) + log|det J|``, the flow reports the "abnormal" one under
 ``N(z; 1, I)``, which the reference uses for its focal loss and its second anomaly map.
 
@@ -26,6 +32,7 @@ from collections.abc import Sequence
 import torch
 from anomalib.models.image.cflow.utils import cflow_head, get_logp, positional_encoding_2d
 from torch import nn
+from torch.nn import functional as F  # noqa: N812
 
 from .feature_converter import flatten_positions
 
@@ -46,6 +53,11 @@ def log_likelihoods(z: torch.Tensor, log_jac_det: torch.Tensor) -> tuple[torch.T
 
 class ResidualFlow(nn.Module):
     """Per-level conditional normalizing flows.
+
+    ``project_condition`` (``True``): at inference, each subnet's condition share comes from per-position tables
+    (:meth:`condition_tables`; about 1.2x faster for wide_resnet50_2, in eager PyTorch and in the exported graph,
+    whose constants grow by the tables: ``H*W x 2d`` floats per block). Set it to ``False`` on a model before use or
+    export to trade that speed back for memory.
 
     Args:
         channels (Sequence[int]): Channels of each feature level.
@@ -77,6 +89,9 @@ class ResidualFlow(nn.Module):
             )
         finally:
             block_logger.setLevel(previous_level)
+        self.project_condition = True
+        # (level, height, width) -> (what the tables were computed from, one table per block); see condition_tables
+        self._condition_tables: dict[tuple[int, int, int], tuple[tuple, list[torch.Tensor]]] = {}
 
     def positional_encoding(self, height: int, width: int, device: torch.device) -> torch.Tensor:
         """Condition vectors ``(H*W, D)`` for the positions of an ``H x W`` feature map, row-major."""
@@ -135,8 +150,71 @@ class ResidualFlow(nn.Module):
         z, log_jac_det = self.flows[level](vectors, [conditions])
         return log_likelihoods(z, log_jac_det)
 
+    def condition_tables(self, level: int, height: int, width: int, device: torch.device) -> list[torch.Tensor]:
+        """Per coupling block of ``level``: ``W_cond @ condition + bias`` of its subnet's first layer, ``(H*W, 2d)``.
+
+        Cached while the first layers' weights stay the same tensors at the same version (an optimizer step,
+        ``load_state_dict`` or a device move rebuilds them) and gradients are off; with gradients on, or while
+        ``torch.onnx.export`` traces, they are computed in the graph (OpenVINO folds them into constants).
+
+        Args:
+            level (int): Level index.
+            height (int): Rows of the level's feature map.
+            width (int): Columns of the level's feature map.
+            device (torch.device): Device of the features.
+
+        Returns:
+            list[torch.Tensor]: One table per block, rows in row-major position order.
+        """
+        firsts = [block.subnet[0] for block in self.flows[level].module_list]
+
+        def compute() -> list[torch.Tensor]:
+            condition = self.positional_encoding(height, width, device).to(firsts[0].weight.dtype)
+            return [F.linear(condition, first.weight[:, -self.pos_embed_dim :], first.bias) for first in firsts]
+
+        parameters = [tensor for first in firsts for tensor in (first.weight, first.bias)]
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or any(t.is_inference() for t in parameters):
+            return compute()  # (inference tensors have no version counter to check a cache against)
+        inference = torch.is_inference_mode_enabled()
+        stamp = tuple((t.data_ptr(), t._version, t.device, t.dtype, inference) for t in parameters)
+        cached = self._condition_tables.get((level, height, width))
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, compute())
+            self._condition_tables[level, height, width] = cached
+        return cached[1]
+
+    def _projected_flow(self, level: int, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``self.flows[level](vectors, [conditions])`` with the condition's share of each subnet precomputed.
+
+        Follows ``AllInOneBlock.forward`` (anomalib's port of FrEIA's, for the configuration ``cflow_head`` builds:
+        no Householder, no pre-permutation) block by block; only the subnet's first layer differs.
+        ``tests/unit/test_residual_flow.py`` checks it against FrEIA's forward.
+        """
+        batch, _, height, width = feature.shape
+        tables = self.condition_tables(level, height, width, feature.device)
+        x = flatten_positions(feature)
+        log_jac_det = x.new_zeros(())
+        for block, table in zip(self.flows[level].module_list, tables, strict=True):
+            first, activation, last = block.subnet
+            x1, x2 = torch.split(x, block.splits, dim=1)
+            hidden = F.linear(x1, first.weight[:, : x1.shape[1]]).unflatten(0, (batch, -1)) + table
+            coefficients = last(activation(hidden.flatten(0, 1)))
+            x2, coupling_log_jac = block._affine(x2, coefficients)  # the block's own coupling and scaling
+            x, scaling_log_jac = block._permute(torch.cat((x1, x2), 1), rev=False)
+            log_jac_det = log_jac_det + coupling_log_jac + scaling_log_jac  # one "pixel" per vector
+        return x, log_jac_det
+
+    def _projection_applies(self, level: int) -> bool:
+        return all(
+            block.conditional and not block.householder and not block.reverse_pre_permute and not block.GIN
+            for block in self.flows[level].module_list
+        )
+
     def forward(self, features: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Log-likelihood maps of all positions of all levels.
+
+        In training mode through FrEIA's forward; otherwise with the condition projected once per position
+        (:meth:`condition_tables`), the same values up to float summation order.
 
         Args:
             features (Sequence[torch.Tensor]): Per-level constrained residuals ``(B, C_l, H_l, W_l)``.
@@ -147,7 +225,10 @@ class ResidualFlow(nn.Module):
         outputs = []
         for level, feature in enumerate(features):
             batch, _, height, width = feature.shape
-            vectors, conditions, _ = self.flatten(feature)
-            log_normal, log_abnormal = self.vector_log_likelihoods(level, vectors, conditions)
+            if self.training or not self.project_condition or not self._projection_applies(level):
+                vectors, conditions, _ = self.flatten(feature)
+                log_normal, log_abnormal = self.vector_log_likelihoods(level, vectors, conditions)
+            else:
+                log_normal, log_abnormal = log_likelihoods(*self._projected_flow(level, feature))
             outputs.append((log_normal.reshape(batch, height, width), log_abnormal.reshape(batch, height, width)))
         return outputs

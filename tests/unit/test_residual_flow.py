@@ -52,3 +52,71 @@ def test_condition_depends_on_position() -> None:
     constant = torch.ones(1, 4, 2, 2)
     log_normal, _ = flow([constant])[0]
     assert log_normal.unique().numel() == 4
+
+
+def _perturbed_flow(channels: list[int], seed: int = 0) -> ResidualFlow:
+    torch.manual_seed(seed)
+    flow = ResidualFlow(channels, coupling_layers=3, pos_embed_dim=8)
+    with torch.no_grad():  # away from the near-identity initialisation, so that every term matters
+        for parameter in flow.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.3 * torch.randn_like(parameter))
+    return flow
+
+
+def _freia_maps(flow: ResidualFlow, features: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The maps through FrEIA's own forward, as training computes them."""
+    flow.train()
+    try:
+        return flow(features)
+    finally:
+        flow.eval()
+
+
+def test_projected_condition_equals_freia_forward() -> None:
+    """Inference's condition tables give FrEIA's values: every block, non-square maps, a batch of images."""
+    flow = _perturbed_flow([4, 6]).eval()
+    features = [torch.randn(3, 4, 5, 7), torch.randn(3, 6, 2, 3)]
+    with torch.no_grad():
+        expected = _freia_maps(flow, features)
+        projected = flow(features)
+    for (normal, abnormal), (expected_normal, expected_abnormal) in zip(projected, expected, strict=True):
+        torch.testing.assert_close(normal, expected_normal, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(abnormal, expected_abnormal, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(projected[0][0][0], projected[0][0][1])  # three different images, three different maps
+
+
+def test_condition_tables_are_cached_until_the_weights_change() -> None:
+    flow = _perturbed_flow([4]).eval()
+    features = [torch.randn(2, 4, 3, 3)]
+    with torch.no_grad():
+        flow(features)
+        tables = flow.condition_tables(0, 3, 3, torch.device("cpu"))
+        assert all(a is b for a, b in zip(tables, flow.condition_tables(0, 3, 3, torch.device("cpu")), strict=True))
+        first = flow.flows[0].module_list[1].subnet[0]
+        first.weight.add_(0.5)  # an optimizer step is in place too
+        rebuilt = flow.condition_tables(0, 3, 3, torch.device("cpu"))
+        assert rebuilt[1] is not tables[1]
+        torch.testing.assert_close(flow(features)[0][0], _freia_maps(flow, features)[0][0], atol=1e-5, rtol=1e-5)
+        flow.load_state_dict(_perturbed_flow([4], seed=1).state_dict())  # a checkpoint, copied into the same tensors
+        torch.testing.assert_close(flow(features)[0][0], _freia_maps(flow, features)[0][0], atol=1e-5, rtol=1e-5)
+
+
+def test_projected_condition_keeps_gradients_when_they_are_on() -> None:
+    """With gradients on, the tables are computed in the graph: the condition weights get their gradient."""
+    flow = _perturbed_flow([4]).eval()
+    flow([torch.randn(1, 4, 2, 2)])[0][0].sum().backward()
+    first = flow.flows[0].module_list[0].subnet[0]
+    assert first.weight.grad[:, -flow.pos_embed_dim :].abs().sum() > 0
+    assert first.bias.grad.abs().sum() > 0
+
+
+def test_projection_can_be_switched_off() -> None:
+    """``project_condition = False``: FrEIA's forward at inference too, no tables kept."""
+    flow = _perturbed_flow([4]).eval()
+    flow.project_condition = False
+    features = [torch.randn(2, 4, 3, 3)]
+    with torch.no_grad():
+        maps = flow(features)
+        torch.testing.assert_close(maps[0][0], _freia_maps(flow, features)[0][0], atol=0.0, rtol=0.0)
+    assert flow._condition_tables == {}
