@@ -7,14 +7,22 @@ positional encoding, the same for every image, so its part ``W_cond @ condition 
 table per level and block once the weights are trained. ``ResidualFlow`` uses such tables at inference (eval mode,
 gradients off; cached until the weights change) and FrEIA's own forward in training. This script times both paths of
 the product's ``ResidualFlow`` on random flows of the two backbones' level shapes at 224 px, batch 1, eager PyTorch,
-and prints the largest difference of the log-likelihood maps (exact up to float summation order).
+and prints the largest difference of the log-likelihood maps (exact up to float summation order). With ``--models``,
+a second table times whole models (``bench_inference.py``'s configurations, k = 4, batch 1, random weights) with the
+tables on and off (``residual_flow.project_condition``) in eager PyTorch and in OpenVINO f32 (anomalib's
+``to_openvino``), with the size of each IR's weights file.
 
     python benchmarks/bench_flow_condition.py --threads 1 2
+    python benchmarks/bench_flow_condition.py --threads --models wide_resnet50_2 lite0
 """
 
 import argparse
+import sys
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from anomalib_resad.cpu_info import describe
@@ -44,13 +52,52 @@ def time_level(flow: ResidualFlow, feature: torch.Tensor, repeats: int) -> tuple
     return freia, projected, (output - expected).abs().max().item()
 
 
+def mean_ms(call: object, repeats: int) -> float:
+    """Milliseconds per call: the mean of ``repeats`` calls after two warm-ups."""
+    call()
+    call()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def model_rows(names: list[str], repeats: int) -> None:
+    """Whole models with the condition tables on and off: eager and OpenVINO f32 ms at batch 1, IR weights size."""
+    import openvino as ov
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_inference import CONFIGS, build_model
+
+    image = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
+    print("| model | tables | eager ms | OpenVINO f32 ms | IR .bin MB |")
+    print("|---|---|---|---|---|")
+    for config_name in [name for name in CONFIGS if any(part in name for part in names)]:
+        model = build_model(config_name, 4)
+        for project in (False, True):
+            model.model.residual_flow.project_condition = project
+            with torch.no_grad():
+                eager = mean_ms(lambda model=model: model(torch.from_numpy(image)), repeats)
+            with tempfile.TemporaryDirectory() as folder:
+                path = model.to_openvino(folder, input_size=(224, 224))
+                compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+                deployed = mean_ms(lambda compiled=compiled: compiled(image), repeats)
+                megabytes = Path(path).with_suffix(".bin").stat().st_size / 1e6
+            print(f"| {config_name} | {'on' if project else 'off'} | {eager:.1f} | {deployed:.1f} | {megabytes:.1f} |")
+
+
 def main() -> None:
-    """Print one table row per backbone shape and thread count."""
+    """Print one table row per backbone shape and thread count (and per model with ``--models``)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", nargs="+", type=int, default=[1])
+    parser.add_argument("--threads", nargs="*", type=int, default=[1], help="flows-only table; none: skip it")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--models", nargs="*", default=[], help="whole-model table for configurations matching these")
     args = parser.parse_args()
     print(describe())
+    if args.models:
+        model_rows(args.models, repeats=5)
+    if not args.threads:
+        return
     print("| level shapes | threads | flows today ms | projected condition ms | speed-up "
           "| per level (today / projected) | max abs diff of log-likelihoods |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
