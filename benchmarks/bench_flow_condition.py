@@ -10,7 +10,7 @@ the product's ``ResidualFlow`` on random flows of the two backbones' level shape
 and prints the largest difference of the log-likelihood maps (exact up to float summation order). With ``--models``,
 a second table times whole models (``bench_inference.py``'s configurations, k = 4, batch 1, random weights) with the
 tables on and off (``residual_flow.project_condition``) in eager PyTorch and in OpenVINO f32 (anomalib's
-``to_openvino``), with the size of each IR's weights file.
+``to_openvino``), with the size of each IR's weights file (alternating rounds, medians).
 
     python benchmarks/bench_flow_condition.py --threads 1 2
     python benchmarks/bench_flow_condition.py --threads --models wide_resnet50_2 lite0
@@ -62,8 +62,14 @@ def mean_ms(call: object, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats * 1e3
 
 
-def model_rows(names: list[str], repeats: int) -> None:
-    """Whole models with the condition tables on and off: eager and OpenVINO f32 ms at batch 1, IR weights size."""
+def model_rows(names: list[str], repeats: int, rounds: int) -> None:
+    """Whole models with the condition tables on and off: eager and OpenVINO f32 ms at batch 1, IR weights size.
+
+    Both variants are exported first, then timed in alternating rounds (off, on, off, on, ...) and each cell is the
+    median over the rounds of the mean of ``repeats`` calls: a shared machine's load then hits both alike.
+    """
+    import statistics
+
     import openvino as ov
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -74,16 +80,27 @@ def model_rows(names: list[str], repeats: int) -> None:
     print("|---|---|---|---|---|")
     for config_name in [name for name in CONFIGS if any(part in name for part in names)]:
         model = build_model(config_name, 4)
+        flow = model.model.residual_flow
+        with tempfile.TemporaryDirectory() as folder:
+            compiled, megabytes = {}, {}
+            for project in (False, True):
+                flow.project_condition = project
+                path = model.to_openvino(Path(folder) / str(project), input_size=(224, 224))
+                compiled[project] = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+                megabytes[project] = Path(path).with_suffix(".bin").stat().st_size / 1e6
+            times: dict[tuple[str, bool], list[float]] = {}
+            for _ in range(rounds):
+                for project in (False, True):
+                    flow.project_condition = project
+                    with torch.no_grad():
+                        eager = mean_ms(lambda model=model: model(torch.from_numpy(image)), repeats)
+                    deployed = mean_ms(lambda run=compiled[project]: run(image), repeats)
+                    times.setdefault(("eager", project), []).append(eager)
+                    times.setdefault(("openvino", project), []).append(deployed)
         for project in (False, True):
-            model.model.residual_flow.project_condition = project
-            with torch.no_grad():
-                eager = mean_ms(lambda model=model: model(torch.from_numpy(image)), repeats)
-            with tempfile.TemporaryDirectory() as folder:
-                path = model.to_openvino(folder, input_size=(224, 224))
-                compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-                deployed = mean_ms(lambda compiled=compiled: compiled(image), repeats)
-                megabytes = Path(path).with_suffix(".bin").stat().st_size / 1e6
-            print(f"| {config_name} | {'on' if project else 'off'} | {eager:.1f} | {deployed:.1f} | {megabytes:.1f} |")
+            eager, deployed = (statistics.median(times[runtime, project]) for runtime in ("eager", "openvino"))
+            print(f"| {config_name} | {'on' if project else 'off'} | {eager:.1f} | {deployed:.1f} "
+                  f"| {megabytes[project]:.1f} |")  # fmt: skip
 
 
 def main() -> None:
@@ -92,10 +109,11 @@ def main() -> None:
     parser.add_argument("--threads", nargs="*", type=int, default=[1], help="flows-only table; none: skip it")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--models", nargs="*", default=[], help="whole-model table for configurations matching these")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of the whole-model table")
     args = parser.parse_args()
     print(describe())
     if args.models:
-        model_rows(args.models, repeats=5)
+        model_rows(args.models, repeats=5, rounds=args.rounds)
     if not args.threads:
         return
     print("| level shapes | threads | flows today ms | projected condition ms | speed-up "
