@@ -90,8 +90,27 @@ class ResidualFlow(nn.Module):
         finally:
             block_logger.setLevel(previous_level)
         self.project_condition = True
-        # (level, height, width) -> (what the tables were computed from, one table per block); see condition_tables
-        self._condition_tables: dict[tuple[int, int, int], tuple[tuple, list[torch.Tensor]]] = {}
+        # level -> (what its tables were computed from, one table per block); see condition_tables
+        self._condition_tables: dict[int, tuple[tuple, list[torch.Tensor]]] = {}
+
+    def train(self, mode: bool = True) -> "ResidualFlow":
+        """Switch mode and drop the condition tables.
+
+        Whatever trains the weights (a fused optimizer too) runs between two mode switches, so the next inference
+        rebuilds them from the weights it then finds.
+        """
+        self._condition_tables.clear()
+        return super().train(mode)
+
+    def __getstate__(self) -> dict:
+        """Pickle (``torch.save`` of the module, ``copy.deepcopy``) without the condition tables: derived data."""
+        return {**self.__dict__, "_condition_tables": {}}
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickle, modules pickled before the tables existed too (anomalib's ``to_torch`` files)."""
+        state.setdefault("project_condition", True)
+        state.setdefault("_condition_tables", {})
+        super().__setstate__(state)
 
     def positional_encoding(self, height: int, width: int, device: torch.device) -> torch.Tensor:
         """Condition vectors ``(H*W, D)`` for the positions of an ``H x W`` feature map, row-major."""
@@ -153,9 +172,12 @@ class ResidualFlow(nn.Module):
     def condition_tables(self, level: int, height: int, width: int, device: torch.device) -> list[torch.Tensor]:
         """Per coupling block of ``level``: ``W_cond @ condition + bias`` of its subnet's first layer, ``(H*W, 2d)``.
 
-        Cached while the first layers' weights stay the same tensors at the same version (an optimizer step,
-        ``load_state_dict`` or a device move rebuilds them) and gradients are off; with gradients on, or while
-        ``torch.onnx.export`` traces, they are computed in the graph (OpenVINO folds them into constants).
+        One set per level is kept while gradients are off, for the map size, mode and first-layer weights it was
+        computed from: the same tensors (storage kept alive by the cache, so an address cannot be reused) at the same
+        version - ``load_state_dict``, a device or dtype move and in-place edits rebuild it, and every switch between
+        training and eval mode drops it (fused optimizers do not bump versions; a fused step taken in eval mode, or
+        a write through ``.data``, is not seen). With gradients on, or while ``torch.onnx.export`` traces, the tables
+        are computed in the graph (OpenVINO folds them into constants). Computed in the weights' dtype, autocast off.
 
         Args:
             level (int): Level index.
@@ -175,13 +197,29 @@ class ResidualFlow(nn.Module):
         parameters = [tensor for first in firsts for tensor in (first.weight, first.bias)]
         if torch.compiler.is_compiling() or torch.is_grad_enabled() or any(t.is_inference() for t in parameters):
             return compute()  # (inference tensors have no version counter to check a cache against)
-        inference = torch.is_inference_mode_enabled()
-        stamp = tuple((t.data_ptr(), t._version, t.device, t.dtype, inference) for t in parameters)
-        cached = self._condition_tables.get((level, height, width))
-        if cached is None or cached[0] != stamp:
-            cached = (stamp, compute())
-            self._condition_tables[level, height, width] = cached
-        return cached[1]
+        cached = self._condition_tables.get(level)
+        if cached is not None:
+            (size, inference, versions, aliases), tables = cached
+            if (
+                size == (height, width)
+                and inference == torch.is_inference_mode_enabled()
+                and versions == tuple(t._version for t in parameters)
+                and all(
+                    a.data_ptr() == t.data_ptr() and a.dtype == t.dtype
+                    for a, t in zip(aliases, parameters, strict=True)
+                )
+                and tables[0].device == device
+            ):
+                return tables
+        stamp = (
+            (height, width),
+            torch.is_inference_mode_enabled(),
+            tuple(t._version for t in parameters),
+            tuple(t.detach() for t in parameters),  # keeps the storage alive: its address stays theirs
+        )
+        with torch.autocast(device.type, enabled=False):  # kept tables: full precision whatever the caller's autocast
+            self._condition_tables[level] = (stamp, compute())
+        return self._condition_tables[level][1]
 
     def _projected_flow(self, level: int, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``self.flows[level](vectors, [conditions])`` with the condition's share of each subnet precomputed.

@@ -2,8 +2,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """Residual flows: log-likelihoods and the Jacobian term."""
 
+import copy
 import math
+import pickle
 
+import pytest
 import torch
 from torch.distributions import Normal
 
@@ -74,12 +77,13 @@ def _freia_maps(flow: ResidualFlow, features: list[torch.Tensor]) -> list[tuple[
 
 
 def test_projected_condition_equals_freia_forward() -> None:
-    """Inference's condition tables give FrEIA's values: every block, non-square maps, a batch of images."""
-    flow = _perturbed_flow([4, 6]).eval()
-    features = [torch.randn(3, 4, 5, 7), torch.randn(3, 6, 2, 3)]
+    """Inference's condition tables match FrEIA: every block, odd and even channels, non-square maps, a batch."""
+    flow = _perturbed_flow([5, 6]).eval()
+    features = [torch.randn(3, 5, 5, 7), torch.randn(3, 6, 2, 3)]
     with torch.no_grad():
         expected = _freia_maps(flow, features)
         projected = flow(features)
+    assert set(flow._condition_tables) == {0, 1}  # the projected path ran, for both levels
     for (normal, abnormal), (expected_normal, expected_abnormal) in zip(projected, expected, strict=True):
         torch.testing.assert_close(normal, expected_normal, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(abnormal, expected_abnormal, atol=1e-5, rtol=1e-5)
@@ -100,6 +104,43 @@ def test_condition_tables_are_cached_until_the_weights_change() -> None:
         torch.testing.assert_close(flow(features)[0][0], _freia_maps(flow, features)[0][0], atol=1e-5, rtol=1e-5)
         flow.load_state_dict(_perturbed_flow([4], seed=1).state_dict())  # a checkpoint, copied into the same tensors
         torch.testing.assert_close(flow(features)[0][0], _freia_maps(flow, features)[0][0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", [{}, {"foreach": True}, {"fused": True}])
+def test_training_between_inferences_rebuilds_the_tables(implementation: dict) -> None:
+    """Lightning's cycle (eval, train, step, eval): fused optimizers bump no version, the mode switch counts."""
+    flow = _perturbed_flow([4]).eval()
+    features = [torch.randn(2, 4, 3, 3)]
+    with torch.inference_mode():
+        flow(features)
+    flow.train()
+    optimizer = torch.optim.Adam(flow.parameters(), lr=0.1, **implementation)
+    flow(features)[0][0].sum().backward()
+    optimizer.step()
+    flow.eval()
+    with torch.inference_mode():
+        projected = flow(features)[0][0]
+        expected = _freia_maps(flow, features)[0][0]
+    torch.testing.assert_close(projected, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_tables_stay_out_of_pickles_and_copies() -> None:
+    flow = _perturbed_flow([4]).eval()
+    features = [torch.randn(1, 4, 3, 3)]
+    with torch.no_grad():
+        expected = flow(features)[0][0]
+    assert flow._condition_tables
+    restored = pickle.loads(pickle.dumps(flow))
+    assert restored._condition_tables == {}
+    assert copy.deepcopy(flow)._condition_tables == {}
+    with torch.no_grad():
+        torch.testing.assert_close(restored(features)[0][0], expected, atol=0.0, rtol=0.0)
+    old = flow.__getstate__()  # a module pickled before the tables existed
+    del old["_condition_tables"], old["project_condition"]
+    unpickled = ResidualFlow.__new__(ResidualFlow)
+    unpickled.__setstate__(old)
+    with torch.no_grad():
+        torch.testing.assert_close(unpickled(features)[0][0], expected, atol=0.0, rtol=0.0)
 
 
 def test_projected_condition_keeps_gradients_when_they_are_on() -> None:
