@@ -9,14 +9,14 @@ conditioned on a 2-D sin/cos positional encoding. The flow works on single vecto
 through the condition.
 
 Log-likelihoods are divided by the number of channels everywhere (loss, boundaries, maps), as in the reference code.
+Besides the normal log-likelihood ``log N(z; 0, I) + log|det J|``, the flow reports the "abnormal" one under
+``N(z; 1, I)``, which the reference uses for its focal loss and its second anomaly map.
 
 Inference projects the condition once per position: each subnet's first layer splits into
 ``W_x @ x1 + (W_cond @ condition + bias)``, and the second term is the same for every image - a ``(H*W, 2d)`` table
 per block, cached until the weights change (eager) or folded into a constant by OpenVINO (export). Exact up to float
 summation order; wide_resnet50_2's flows run about 1.2x faster on CPU (``benchmarks/bench_flow_condition.py``).
 Training keeps FrEIA's own forward.
-Besides the normal log-likelihood ``log N(z; 0, I) + log|det J|``, the flow reports the "abnormal" one under
-``N(z; 1, I)``, which the reference uses for its focal loss and its second anomaly map.
 
 Example:
     >>> import torch

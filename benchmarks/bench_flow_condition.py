@@ -20,6 +20,7 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ def time_level(flow: ResidualFlow, feature: torch.Tensor, repeats: int) -> tuple
     return freia, projected, (output - expected).abs().max().item()
 
 
-def mean_ms(call: object, repeats: int) -> float:
+def mean_ms(call: Callable[[], object], repeats: int) -> float:
     """Milliseconds per call: the mean of ``repeats`` calls after two warm-ups."""
     call()
     call()
