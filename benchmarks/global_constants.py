@@ -1,0 +1,183 @@
+# Copyright (C) 2026 anomalib-resad contributors
+# SPDX-License-Identifier: Apache-2.0
+"""The scoring constants ``c_l``: per class, learned in training, or measured in eval mode on held-out normals.
+
+``c_l`` is the per-level log-likelihood above which a position counts as fully normal in the flows' map
+(``1 - exp(min(log p - c_l, 0))``). Three sources are compared on the same checkpoint, references and forward passes
+(issue 11, item 4):
+
+* ``per_class`` (the default): the largest per-level log-likelihood of the class's k references, each scored
+  against the other k - 1 (leave-one-out, part of the class's calibration);
+* ``global, training EMA``: one value per level for every class, the EMA of the largest normal log-likelihood of each
+  training step (BatchNorm on batch statistics, the constraintor and flows still training);
+* ``global, eval mode``: one value per level for every class, measured *after* training in eval mode (BatchNorm on
+  running statistics) on the source classes' held-out validation normals, each scored against k references of its own
+  class drawn from its training images: the mean over those images of their per-level maximum log-likelihood. No
+  target image is read.
+
+For every target class, k and reference draw (the very same references as ``resad evaluate``), every test image goes
+once through the backbone, matching, constraintor and flows; the anomaly map generator then scores it under each
+constant, with that constant's own leave-one-out calibration, both as the product (``nearest_score``: the flows' map
+fused with the nearest-neighbour map) and as the flows alone (the paper's score). Image and pixel AUROC per variant.
+
+Example:
+    python benchmarks/global_constants.py --setting shared_pcb_crack_to_tile \
+        --checkpoint results/grid/tile/train/ResAD/protocol/magnetic_tile/v0/weights/lightning/model.ckpt \
+        --output results/global_constants_tile.csv
+"""
+
+import argparse
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+from ablation import image_metrics, pixel_metrics
+from lightning.pytorch import seed_everything
+from torch.utils.data import DataLoader
+
+from anomalib_resad import ResAD
+from anomalib_resad.anomaly_map import NEAREST_LEVELS
+from anomalib_resad.data.multi_class import CATEGORY_COLUMN, MultiClassDataModule, MultiClassDataset
+from anomalib_resad.evaluation import _resize_of
+from anomalib_resad.feature_converter import flatten_levels
+from anomalib_resad.protocol import apply_scoring_options
+
+REPO = Path(__file__).resolve().parents[1]
+PRODUCT = {  # the shipped defaults (as verdict_margins.py)
+    "nearest_averaging": "auto",
+    "nearest_score": True,
+    "threshold_margin": 1.25,
+    "dissimilarity_margin": 2.0,
+    "reverse_dissimilarity_margin": 1.5,
+}
+
+
+def batches(resad: ResAD, samples: pd.DataFrame, batch_size: int = 8) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Pre-processed images, labels and masks (``None`` without masks) of a sample table, batch by batch."""
+    has_masks = bool(samples.mask_path.astype(str).str.len().gt(0).any())
+    dataset = MultiClassDataset(samples, "segmentation" if has_masks else "classification", _resize_of(resad))
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=dataset.collate_fn)
+    for batch in loader:
+        images, masks = resad.pre_processor.transform(batch.image, batch.gt_mask)
+        yield images, batch.gt_label.reshape(-1).long(), (masks.reshape(len(images), -1).bool() if has_masks else None)
+
+
+@torch.no_grad()
+def eval_mode_constants(resad: ResAD, datamodule: MultiClassDataModule, k: int, seed: int) -> tuple[torch.Tensor, int]:
+    """Mean per-level maximum log-likelihood of the source classes' held-out normals, eval mode, own-class banks."""
+    model, val = resad.model, datamodule.val_data.samples
+    maxima = []
+    for category in datamodule.source_categories:
+        normals = val[(val[CATEGORY_COLUMN] == category) & (val.label_index == 0)]
+        if normals.empty:
+            continue
+        bank = flatten_levels(resad.references.features(resad.references.select(category, k, seed).paths))
+        for images, _, _ in batches(resad, normals):
+            log_likelihoods, _, _ = model.level_outputs(model.feature_extractor(images), bank)
+            maxima.append(torch.stack([normal.flatten(1).amax(1) for normal, _ in log_likelihoods], dim=1))
+    if not maxima:
+        msg = "No held-out normal images of the source classes (val split): cannot measure eval-mode constants."
+        raise SystemExit(msg)
+    maxima = torch.cat(maxima)
+    return maxima.mean(0), len(maxima)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", required=True, help="a configs/settings/<name>.yaml")
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--shots", nargs="+", type=int, default=[2, 4])
+    parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--output", required=True, help="CSV, one row per category, k, draw and variant")
+    args = parser.parse_args()
+    config = yaml.safe_load((REPO / "configs" / "settings" / f"{args.setting}.yaml").read_text())
+    seed = config.get("seed", 42)
+    seed_everything(seed)
+    datamodule = MultiClassDataModule(
+        sources=config["sources"], targets=config["targets"], num_workers=0, seed=seed, name=args.setting
+    )
+    datamodule.setup()
+    resad = apply_scoring_options(ResAD.load_from_checkpoint(args.checkpoint, map_location="cpu").eval(), PRODUCT)
+    categories = [*datamodule.target_categories, *datamodule.source_categories]
+    resad.references.set_pools({name: datamodule.reference_pool(name) for name in categories})
+    model, generator = resad.model, resad.model.anomaly_map_generator
+    size = tuple(int(value) for value in resad.input_size)
+    trained = generator.global_level_constants.clone()
+    start = time.perf_counter()
+    constants = {"global, training EMA": trained}
+    for k in args.shots:
+        measured, count = eval_mode_constants(resad, datamodule, k, seed)
+        constants[f"global, eval mode (k={k})"] = measured
+        print(f"eval-mode constants, k={k}, {count} held-out source normals: {measured.tolist()}", flush=True)
+    print(f"training EMA constants: {trained.tolist()} ({time.perf_counter() - start:.0f} s)", flush=True)
+    table = datamodule.test_data.samples
+    rows = []
+    for draw in range(args.draws):
+        for category in datamodule.target_categories:
+            samples = table[table[CATEGORY_COLUMN] == category]
+            for k in args.shots:
+                selection = resad.references.select(category, k, seed + draw)
+                features = resad.references.features(selection.paths)
+                bank = flatten_levels(features)
+                variants = {"per_class": ("per_class", None)}
+                # the eval-mode constants measured with this k's source banks
+                own = {name: value for name, value in constants.items() if "eval" not in name or f"={k})" in name}
+                variants.update({name: ("global", value) for name, value in own.items()})
+                calibrations = {}
+                for name, (mode, value) in variants.items():
+                    generator.level_constants = mode
+                    if value is not None:
+                        generator.global_level_constants.copy_(value)
+                    calibrations[name] = resad.references.calibrate(features, size, selection.paths)
+                scores = {(name, nearest): [] for name in variants for nearest in (True, False)}
+                maps = {key: [] for key in scores}
+                labels, masks = [], []
+                for images, batch_labels, batch_masks in batches(resad, samples):
+                    with torch.no_grad():
+                        level_features = model.feature_extractor(images)
+                        log_likelihoods, similarities, coverage = model.level_outputs(level_features, bank)
+                        averaged = model.feature_converter.averaged_distances(level_features, bank, NEAREST_LEVELS)
+                        for name, (mode, value) in variants.items():
+                            generator.level_constants = mode
+                            if value is not None:
+                                generator.global_level_constants.copy_(value)
+                            for nearest in (True, False):
+                                generator.nearest_score = nearest
+                                anomaly_map, score = generator(
+                                    log_likelihoods, similarities, size, calibrations[name], coverage, averaged
+                                )
+                                scores[name, nearest].append(score)
+                                maps[name, nearest].append(anomaly_map.reshape(len(images), -1).half())
+                    labels.append(batch_labels)
+                    masks.append(batch_masks)
+                generator.nearest_score = True
+                labels = torch.cat(labels)
+                masks = torch.cat(masks) if masks[0] is not None else None
+                for (name, nearest), values in scores.items():
+                    row = {"category": category, "k": k, "draw": draw, "constants": name,
+                           "score": "product (flows + nearest)" if nearest else "flows alone",
+                           "constants_values": calibrations[name][: model.num_levels].tolist()
+                           if name == "per_class" else variants[name][1].tolist(),
+                           "averaging": float(calibrations[name][-1])}  # fmt: skip
+                    row.update(image_metrics(torch.cat(values), labels))
+                    row.update(pixel_metrics(torch.cat(maps[name, nearest]).float(), masks, aupro=False))
+                    rows.append(row)
+                frame = pd.DataFrame(rows)
+                Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+                frame.to_csv(args.output, index=False)
+                print(f"{category} k={k} draw={draw} ({time.perf_counter() - start:.0f} s)", flush=True)
+    frame["constants"] = frame.constants.str.replace(r" \(k=\d+\)", "", regex=True)
+    summary = (
+        frame.groupby(["score", "constants", "k", "draw"])[["image_AUROC", "pixel_AUROC"]]
+        .mean()  # over classes
+        .groupby(["score", "constants", "k"])
+        .agg(["mean", "std"])  # over draws
+    )
+    print(summary.to_string(float_format=lambda value: f"{100 * value:.1f}"))
+
+
+if __name__ == "__main__":
+    main()
