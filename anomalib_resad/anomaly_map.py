@@ -526,7 +526,7 @@ class AnomalyMapGenerator(nn.Module):
         averaged_distances: Sequence[torch.Tensor],
         image_size: tuple[int, int] | torch.Size,
     ) -> ScoreComponents:
-        """Only the two nearest-neighbour scores, without the flows (what the averaging choice reads).
+        """Only the two nearest-neighbour scores and maps, without the flows (what the averaging choice reads).
 
         The same values as :meth:`components` gives for them (the blur treats each map on its own); the other
         fields are zeros. Scoring the references' synthetic defects this way skips the constraintor and the flows.
@@ -544,7 +544,16 @@ class AnomalyMapGenerator(nn.Module):
         zeros = torch.zeros_like(nearest)
         averaged = averaged_map.flatten(start_dim=1).amax(dim=1)
         return ScoreComponents(
-            None, zeros, zeros, zeros, zeros.new_zeros(len(zeros), self.num_levels), nearest, zeros, averaged
+            None,
+            zeros,
+            zeros,
+            zeros,
+            zeros.new_zeros(len(zeros), self.num_levels),
+            nearest,
+            zeros,
+            averaged,
+            averaged_map.contiguous(),
+            nearest_map.contiguous(),
         )
 
     def forward(

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 import yaml
 from torch.nn import functional as F  # noqa: N812
+from torchmetrics.functional.classification import binary_auroc
 
 from anomalib_resad import ResAD
 from anomalib_resad.anomaly_map import AVERAGING_GAIN, NEAREST_LEVELS
@@ -64,15 +65,24 @@ def statistics(resad: ResAD, paths: list[str]) -> dict[str, float]:
         euclidean = model.feature_converter.averaged_distances(query, bank, NEAREST_LEVELS)
         parts = generator.nearest_components(similarities, euclidean, size)
         cosine = generator.nearest_components(similarities, averaged_cosine(None, query, bank), size)
-        return {"precise": parts.nearest, "euclidean": parts.averaged_nearest, "cosine": cosine.averaged_nearest}
+        values = {"precise": parts.nearest, "euclidean": parts.averaged_nearest, "cosine": cosine.averaged_nearest}
+        maps = {"precise": parts.nearest_map, "euclidean": parts.averaged_map, "cosine": cosine.averaged_map}
+        return values, maps
 
     k = len(paths)
-    normal = [scores(index, None) for index in range(k)]
+    normal = [scores(index, None)[0] for index in range(k)]
     thresholds = {name: max(float(s[name].max()) for s in normal) for name in normal[0]}
     defect = [scores(index, defects[index]) for index in range(k)]
-    ratios = {name: torch.cat([s[name] for s in defect]) / max(thresholds[name], 1e-6) for name in thresholds}
+    ratios = {name: torch.cat([s[name] for s, _ in defect]) / max(thresholds[name], 1e-6) for name in thresholds}
     precise = float(ratios["precise"].median())
-    return {f"stat_{name}": float(ratios[name].median()) / precise for name in ("cosine", "euclidean")}
+    row = {f"stat_{name}": float(ratios[name].median()) / precise for name in ("cosine", "euclidean")}
+    # localisation: how well each matching's map finds the pasted pixels (pixel AUROC over the k x 12 defects;
+    # each map over its own leave-one-out threshold, so the k banks' maps are on one scale)
+    masks = (defects - images.unsqueeze(1)).abs().amax(dim=2).gt(1e-4).flatten()
+    for name in ("precise", "euclidean", "cosine"):
+        maps = torch.cat([m[name].flatten() for _, m in defect]) / max(thresholds[name], 1e-6)
+        row[f"pixel_AUROC_{name}"] = float(binary_auroc(maps, masks.long()))
+    return row
 
 
 def main() -> None:
@@ -106,6 +116,13 @@ def main() -> None:
     frame = pd.DataFrame(rows)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(args.output, index=False)
+    localisation = frame.pixel_AUROC_euclidean - frame.pixel_AUROC_precise
+    chosen = frame.assign(gain=localisation, chosen=localisation > 0).groupby("setting")
+    print("\nlocalisation of the synthetic defects: Euclidean averaged minus precise pixel AUROC per setting")
+    print(chosen.gain.describe()[["min", "50%", "max"]].round(3).to_string())
+    tally = chosen.chosen.agg(["sum", "count"])
+    counts = ", ".join(f"{s}: {int(r['sum'])}/{int(r['count'])}" for s, r in tally.iterrows())
+    print(f"  averaged where it localises better: {counts}")
     for name in ("cosine", "euclidean"):
         column = frame[f"stat_{name}"]
         summary = frame.assign(stat=column).groupby("setting").stat.describe()[["min", "50%", "max"]]

@@ -154,7 +154,7 @@ def test_model_calibrates_and_scores_with_averaging(averaging: str) -> None:
 
 
 def test_nearest_components_equal_the_full_scoring() -> None:
-    """The averaging choice scores defects without the flows: the same two values as the full scoring."""
+    """The averaging choice scores defects without the flows: the same two values and maps as the full scoring."""
     torch.manual_seed(0)
     model = ResADModel("resnet18", ["layer1", "layer2", "layer3"], pre_trained=False, coupling_layers=2,
                        pos_embed_dim=16).eval()  # fmt: skip
@@ -169,6 +169,8 @@ def test_nearest_components_equal_the_full_scoring() -> None:
         light = model.anomaly_map_generator.nearest_components(similarities, averaged, (64, 64))
     torch.testing.assert_close(light.nearest, full.nearest)
     torch.testing.assert_close(light.averaged_nearest, full.averaged_nearest)
+    torch.testing.assert_close(light.nearest_map, full.nearest_map)  # the maps too (benchmarks read them)
+    torch.testing.assert_close(light.averaged_map, full.averaged_map)
     assert bool((full.averaged_nearest > 0).all())
 
 
