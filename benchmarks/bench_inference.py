@@ -85,7 +85,9 @@ KEEP_F32 = {
 }
 
 
-def quantize_int8(xml: str | Path, images: list, output: str | Path, keep_f32: str = "none") -> Path:
+def quantize_int8(
+    xml: str | Path, images: list, output: str | Path, keep_f32: str = "none", ranges: str = "default"
+) -> Path:
     """INT8 post-training quantisation with NNCF's defaults (``anomalib export --compression_type int8_ptq``).
 
     Args:
@@ -95,6 +97,10 @@ def quantize_int8(xml: str | Path, images: list, output: str | Path, keep_f32: s
         keep_f32 (str): A :data:`KEEP_F32` key: ``"none"`` (NNCF's defaults, everything it can quantise),
             ``"matching"`` (the reference matching's products in f32), ``"matmul"`` (every matrix product in f32) or
             ``"features"`` (convolutions and matching in f32: only the flows' Linear layers quantised).
+        ranges (str): ``"default"`` (NNCF's: activation ranges from quantiles of the calibration data, symmetric
+            INT8) or ``"wide"`` (each activation's full min-max range over the calibration data, asymmetric
+            activations - NNCF's ``MIXED`` preset): the anomalous residuals that carry the score lie in the tails
+            that quantile ranges clip.
 
     Returns:
         Path: ``output``.
@@ -119,11 +125,26 @@ def quantize_int8(xml: str | Path, images: list, output: str | Path, keep_f32: s
     if scope and scope.get("types") and not types & set(scope["types"]):
         msg = f"No node of {xml} has a type in {scope['types']}: update KEEP_F32."
         raise ValueError(msg)
+    wide = {}
+    if ranges == "wide":
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+
+        wide = {
+            "preset": nncf.QuantizationPreset.MIXED,
+            "advanced_parameters": AdvancedQuantizationParameters(
+                activations_range_estimator_params=RangeEstimatorParametersSet.MINMAX
+            ),
+        }
+    elif ranges != "default":
+        msg = f"ranges must be 'default' or 'wide', got {ranges!r}."
+        raise ValueError(msg)
     model = nncf.quantize(
         model,
         nncf.Dataset(list(images)),
         subset_size=len(images),
         ignored_scope=nncf.IgnoredScope(**scope, validate=False) if scope else None,
+        **wide,
     )
     ov.save_model(model, output)
     return Path(output)

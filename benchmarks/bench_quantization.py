@@ -35,6 +35,7 @@ from torchmetrics.functional.classification import binary_auroc
 from anomalib_resad import ResAD
 from anomalib_resad.cpu_info import cpu_info, describe, runtime_versions
 from anomalib_resad.references import list_folder_images, load_images, sample_references
+from anomalib_resad.synthetic_defects import synthetic_defects
 
 
 def read_rgb(path: str | Path, size: tuple[int, int]) -> np.ndarray:
@@ -71,6 +72,12 @@ def main() -> None:
                              "matching's products; matmul: every matrix product; features: convolutions and "
                              "matching)")  # fmt: skip
     parser.add_argument("--eager_every", type=int, default=8, help="time eager PyTorch on every n-th image only")
+    parser.add_argument("--ranges", choices=["default", "wide"], default="default",
+                        help="NNCF activation ranges: its defaults (quantiles) or each activation's min-max with "
+                             "asymmetric activations (MIXED preset)")  # fmt: skip
+    parser.add_argument("--calibration_defects", action="store_true",
+                        help="paste one synthetic defect into every other calibration image (still source images "
+                             "only): activation ranges then cover anomalous residuals too")  # fmt: skip
     args = parser.parse_args()
 
     import openvino as ov
@@ -82,6 +89,10 @@ def main() -> None:
     transform = resad.pre_processor.transform
     pool = [path for folder in args.calibration for path in list_folder_images(folder)]
     calibration = [read_rgb(path, size) for path in random.Random(args.seed).sample(pool, args.calibration_images)]
+    if args.calibration_defects:
+        for index in range(0, len(calibration), 2):
+            defective = synthetic_defects(torch.from_numpy(calibration[index]), count=1, seed=index)
+            calibration[index] = defective[:, 0].numpy()
     paths, labels = test_images(args.target)
     if args.limit:
         keep = np.linspace(0, len(paths) - 1, args.limit).round().astype(int)
@@ -97,7 +108,9 @@ def main() -> None:
             models = {"f32": xml}
             for keep in args.keep_f32:
                 name = "int8" if keep == "none" else f"int8_{keep}_f32"
-                models[name] = quantize_int8(xml, calibration, Path(root) / f"{name}.xml", keep_f32=keep)
+                models[name] = quantize_int8(
+                    xml, calibration, Path(root) / f"{name}.xml", keep_f32=keep, ranges=args.ranges
+                )
             compiled = {name: core.compile_model(path, "CPU", options) for name, path in models.items()}
             scores: dict[str, list[float]] = {name: [] for name in models}
             predicted: dict[str, list[bool]] = {name: [] for name in models}
@@ -127,7 +140,8 @@ def main() -> None:
         print(f"draw {draw}: " + ", ".join(f"{n} {results[n]['auroc'][-1]:.4f}" for n in scores), flush=True)
 
     print(f"\nResAD on {args.target.name} ({len(paths)} test images), k = {args.shots}, {args.draws} draw(s), "
-          f"{args.threads} thread(s), checkpoint {args.checkpoint}")  # fmt: skip
+          f"{args.threads} thread(s), checkpoint {args.checkpoint}, NNCF ranges {args.ranges}, "
+          f"calibration defects {args.calibration_defects}")  # fmt: skip
     print(describe(cpu_info(), versions) + "\n")
     print("| runtime | ms / image (batch 1, median) | vs eager | image AUROC | labels differing from f32 | "
           "max score difference vs f32 |\n|---|---|---|---|---|---|")  # fmt: skip
