@@ -525,11 +525,14 @@ class AnomalyMapGenerator(nn.Module):
         similarities: Sequence[torch.Tensor],
         averaged_distances: Sequence[torch.Tensor],
         image_size: tuple[int, int] | torch.Size,
+        maps: bool = False,
     ) -> ScoreComponents:
-        """Only the two nearest-neighbour scores and maps, without the flows (what the averaging choice reads).
+        """Only the two nearest-neighbour scores, without the flows (what the averaging choice reads).
 
         The same values as :meth:`components` gives for them (the blur treats each map on its own); the other
         fields are zeros. Scoring the references' synthetic defects this way skips the constraintor and the flows.
+        ``maps=True`` also returns the two maps (``nearest_map``, ``averaged_map``; benchmarks read them) - off by
+        default, so a calibration holding k x 12 defects' results keeps no maps.
 
         Example:
             >>> generator = AnomalyMapGenerator(num_levels=2)
@@ -552,8 +555,8 @@ class AnomalyMapGenerator(nn.Module):
             nearest,
             zeros,
             averaged,
-            averaged_map.contiguous(),
-            nearest_map.contiguous(),
+            averaged_map.contiguous() if maps else None,
+            nearest_map.contiguous() if maps else None,
         )
 
     def forward(

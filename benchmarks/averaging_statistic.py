@@ -55,7 +55,9 @@ def statistics(resad: ResAD, paths: list[str]) -> dict[str, float]:
     features = model.reference_features(images)[-NEAREST_LEVELS:]
     defects = synthetic_defects(images)
 
-    def scores(index: int, query_images: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def scores(
+        index: int, query_images: torch.Tensor | None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         bank = flatten_levels([torch.cat([level[:index], level[index + 1 :]]) for level in features])
         if query_images is None:
             query = [level[index : index + 1] for level in features]
@@ -63,8 +65,8 @@ def statistics(resad: ResAD, paths: list[str]) -> dict[str, float]:
             query = model.feature_extractor(query_images)[-NEAREST_LEVELS:]
         similarities = model.feature_converter(query, bank).similarities
         euclidean = model.feature_converter.averaged_distances(query, bank, NEAREST_LEVELS)
-        parts = generator.nearest_components(similarities, euclidean, size)
-        cosine = generator.nearest_components(similarities, averaged_cosine(None, query, bank), size)
+        parts = generator.nearest_components(similarities, euclidean, size, maps=True)
+        cosine = generator.nearest_components(similarities, averaged_cosine(None, query, bank), size, maps=True)
         values = {"precise": parts.nearest, "euclidean": parts.averaged_nearest, "cosine": cosine.averaged_nearest}
         maps = {"precise": parts.nearest_map, "euclidean": parts.averaged_map, "cosine": cosine.averaged_map}
         return values, maps
@@ -76,8 +78,9 @@ def statistics(resad: ResAD, paths: list[str]) -> dict[str, float]:
     ratios = {name: torch.cat([s[name] for s, _ in defect]) / max(thresholds[name], 1e-6) for name in thresholds}
     precise = float(ratios["precise"].median())
     row = {f"stat_{name}": float(ratios[name].median()) / precise for name in ("cosine", "euclidean")}
-    # localisation: how well each matching's map finds the pasted pixels (pixel AUROC over the k x 12 defects;
-    # each map over its own leave-one-out threshold, so the k banks' maps are on one scale)
+    # localisation: how well each matching's map finds the pasted pixels (pixel AUROC over the k x 12 defects, every
+    # bank's maps pooled as they are, as a class's images are; dividing by the matching's threshold - one number -
+    # changes no AUROC and only keeps the maps in threshold units)
     masks = (defects - images.unsqueeze(1)).abs().amax(dim=2).gt(1e-4).flatten()
     for name in ("precise", "euclidean", "cosine"):
         maps = torch.cat([m[name].flatten() for _, m in defect]) / max(thresholds[name], 1e-6)

@@ -97,10 +97,10 @@ def quantize_int8(
         keep_f32 (str): A :data:`KEEP_F32` key: ``"none"`` (NNCF's defaults, everything it can quantise),
             ``"matching"`` (the reference matching's products in f32), ``"matmul"`` (every matrix product in f32) or
             ``"features"`` (convolutions and matching in f32: only the flows' Linear layers quantised).
-        ranges (str): ``"default"`` (NNCF's: activation ranges from quantiles of the calibration data, symmetric
-            INT8) or ``"wide"`` (each activation's full min-max range over the calibration data, asymmetric
-            activations - NNCF's ``MIXED`` preset): the anomalous residuals that carry the score lie in the tails
-            that quantile ranges clip.
+        ranges (str): ``"default"`` (NNCF's: per-tensor activation ranges from the mean over calibration images of
+            each image's minimum and maximum, symmetric INT8) or ``"wide"`` (the smallest minimum and largest maximum
+            over all calibration images, asymmetric activations - NNCF's ``MIXED`` preset): the anomalous residuals
+            that carry the score lie in the tails that averaged ranges clip.
 
     Returns:
         Path: ``output``.

@@ -73,11 +73,12 @@ def main() -> None:
                              "matching)")  # fmt: skip
     parser.add_argument("--eager_every", type=int, default=8, help="time eager PyTorch on every n-th image only")
     parser.add_argument("--ranges", choices=["default", "wide"], default="default",
-                        help="NNCF activation ranges: its defaults (quantiles) or each activation's min-max with "
-                             "asymmetric activations (MIXED preset)")  # fmt: skip
+                        help="NNCF activation ranges: its defaults (mean over images of each image's min / max) or "
+                             "the min / max over all images with asymmetric activations (MIXED preset)")  # fmt: skip
     parser.add_argument("--calibration_defects", action="store_true",
-                        help="paste one synthetic defect into every other calibration image (still source images "
-                             "only): activation ranges then cover anomalous residuals too")  # fmt: skip
+                        help="paste one synthetic defect (a Perlin-noise blend: synthetic_defects' first kind) into "
+                             "every other calibration image (still source images only): activation ranges then "
+                             "cover anomalous residuals too")  # fmt: skip
     args = parser.parse_args()
 
     import openvino as ov

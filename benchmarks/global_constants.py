@@ -18,7 +18,12 @@
 For every target class, k and reference draw (the very same references as ``resad evaluate``), every test image goes
 once through the backbone, matching, constraintor and flows; the anomaly map generator then scores it under each
 constant, with that constant's own leave-one-out calibration, both as the product (``nearest_score``: the flows' map
-fused with the nearest-neighbour map) and as the flows alone (the paper's score). Image and pixel AUROC per variant.
+fused with the nearest-neighbour map) and as the flows alone (the paper's score: the flows' map maximum - with the
+product's odd-frame check, on by default, in both). Image and pixel AUROC per variant.
+
+The eval-mode constant differs from the EMA in two ways at once: the model's mode (BatchNorm on running statistics,
+trained weights) and the statistic (the mean of per-image maxima, where the EMA follows per-batch maxima over a
+training batch's normal positions).
 
 Example:
     python benchmarks/global_constants.py --setting shared_pcb_crack_to_tile \
