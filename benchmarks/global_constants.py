@@ -25,6 +25,9 @@ The eval-mode constant differs from the EMA in two ways at once: the model's mod
 trained weights) and the statistic (the mean of per-image maxima, where the EMA follows per-batch maxima over a
 training batch's normal positions).
 
+Also recorded: the verdict at each constant's own calibrated threshold (normal FPR, anomalous recall), and with
+``--source_val`` the same on the source classes' held-out validation images.
+
 Example:
     python benchmarks/global_constants.py --setting shared_pcb_crack_to_tile \
         --checkpoint results/grid/tile/train/ResAD/protocol/magnetic_tile/v0/weights/lightning/model.ckpt \
@@ -97,6 +100,9 @@ def main() -> None:
     parser.add_argument("--shots", nargs="+", type=int, default=[2, 4])
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--output", required=True, help="CSV, one row per category, k, draw and variant")
+    parser.add_argument("--source_val", action="store_true",
+                        help="also score the source classes' held-out validation images (where defaults are chosen; "
+                             "the eval-mode constants were measured on their normal ones)")  # fmt: skip
     args = parser.parse_args()
     config = yaml.safe_load((REPO / "configs" / "settings" / f"{args.setting}.yaml").read_text())
     seed = config.get("seed", 42)
@@ -118,11 +124,14 @@ def main() -> None:
         constants[f"global, eval mode (k={k})"] = measured
         print(f"eval-mode constants, k={k}, {count} held-out source normals: {measured.tolist()}", flush=True)
     print(f"training EMA constants: {trained.tolist()} ({time.perf_counter() - start:.0f} s)", flush=True)
-    table = datamodule.test_data.samples
+    groups = [("target", name, datamodule.test_data.samples) for name in datamodule.target_categories]
+    if args.source_val:
+        groups += [("source", name, datamodule.val_data.samples) for name in datamodule.source_categories]
+    groups = [(role, name, table[table[CATEGORY_COLUMN] == name]) for role, name, table in groups]
+    groups = [group for group in groups if group[2].label_index.nunique() >= 2]  # AUROC needs both labels
     rows = []
     for draw in range(args.draws):
-        for category in datamodule.target_categories:
-            samples = table[table[CATEGORY_COLUMN] == category]
+        for role, category, samples in groups:
             for k in args.shots:
                 selection = resad.references.select(category, k, seed + draw)
                 features = resad.references.features(selection.paths)
@@ -162,12 +171,16 @@ def main() -> None:
                 labels = torch.cat(labels)
                 masks = torch.cat(masks) if masks[0] is not None else None
                 for (name, nearest), values in scores.items():
-                    row = {"category": category, "k": k, "draw": draw, "constants": name,
+                    row = {"role": role, "category": category, "k": k, "draw": draw, "constants": name,
                            "score": "product (flows + nearest)" if nearest else "flows alone",
                            "constants_values": calibrations[name][: model.num_levels].tolist()
                            if name == "per_class" else variants[name][1].tolist(),
                            "averaging": float(calibrations[name][-1])}  # fmt: skip
-                    row.update(image_metrics(torch.cat(values), labels))
+                    scored = torch.cat(values)
+                    row.update(image_metrics(scored, labels))
+                    # the verdict at the class's own threshold: scores are calibrated, 1 is the boundary
+                    row["FPR"] = float((scored[labels == 0] > 1).float().mean())
+                    row["recall"] = float((scored[labels == 1] > 1).float().mean())
                     row.update(pixel_metrics(torch.cat(maps[name, nearest]).float(), masks, aupro=False))
                     rows.append(row)
                 frame = pd.DataFrame(rows)
@@ -176,9 +189,9 @@ def main() -> None:
                 print(f"{category} k={k} draw={draw} ({time.perf_counter() - start:.0f} s)", flush=True)
     frame["constants"] = frame.constants.str.replace(r" \(k=\d+\)", "", regex=True)
     summary = (
-        frame.groupby(["score", "constants", "k", "draw"])[["image_AUROC", "pixel_AUROC"]]
+        frame.groupby(["role", "score", "constants", "k", "draw"])[["image_AUROC", "pixel_AUROC", "FPR", "recall"]]
         .mean()  # over classes
-        .groupby(["score", "constants", "k"])
+        .groupby(["role", "score", "constants", "k"])
         .agg(["mean", "std"])  # over draws
     )
     print(summary.to_string(float_format=lambda value: f"{100 * value:.1f}"))
