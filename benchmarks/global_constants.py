@@ -41,26 +41,15 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import yaml
 from ablation import image_metrics, pixel_metrics
-from lightning.pytorch import seed_everything
 from torch.utils.data import DataLoader
+from verdict_margins import load_product
 
 from anomalib_resad import ResAD
 from anomalib_resad.anomaly_map import NEAREST_LEVELS
 from anomalib_resad.data.multi_class import CATEGORY_COLUMN, MultiClassDataModule, MultiClassDataset
 from anomalib_resad.evaluation import _resize_of
 from anomalib_resad.feature_converter import flatten_levels
-from anomalib_resad.protocol import apply_scoring_options
-
-REPO = Path(__file__).resolve().parents[1]
-PRODUCT = {  # the shipped defaults (as verdict_margins.py)
-    "nearest_averaging": "auto",
-    "nearest_score": True,
-    "threshold_margin": 1.25,
-    "dissimilarity_margin": 2.0,
-    "reverse_dissimilarity_margin": 1.5,
-}
 
 
 def batches(resad: ResAD, samples: pd.DataFrame, batch_size: int = 8) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -104,14 +93,7 @@ def main() -> None:
                         help="also score the source classes' held-out validation images (where defaults are chosen; "
                              "the eval-mode constants were measured on their normal ones)")  # fmt: skip
     args = parser.parse_args()
-    config = yaml.safe_load((REPO / "configs" / "settings" / f"{args.setting}.yaml").read_text())
-    seed = config.get("seed", 42)
-    seed_everything(seed)
-    datamodule = MultiClassDataModule(
-        sources=config["sources"], targets=config["targets"], num_workers=0, seed=seed, name=args.setting
-    )
-    datamodule.setup()
-    resad = apply_scoring_options(ResAD.load_from_checkpoint(args.checkpoint, map_location="cpu").eval(), PRODUCT)
+    seed, datamodule, resad = load_product(args.setting, args.checkpoint)
     categories = [*datamodule.target_categories, *datamodule.source_categories]
     resad.references.set_pools({name: datamodule.reference_pool(name) for name in categories})
     model, generator = resad.model, resad.model.anomaly_map_generator

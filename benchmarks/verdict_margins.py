@@ -42,6 +42,19 @@ PRODUCT = {
 }
 
 
+def load_product(setting: str, checkpoint: str) -> tuple[int, MultiClassDataModule, ResAD]:
+    """A setting's seed and datamodule (set up) and the checkpoint's model with the product's scoring options."""
+    config = yaml.safe_load((REPO / "configs" / "settings" / f"{setting}.yaml").read_text())
+    seed = config.get("seed", 42)
+    seed_everything(seed)
+    datamodule = MultiClassDataModule(
+        sources=config["sources"], targets=config["targets"], num_workers=0, seed=seed, name=setting
+    )
+    datamodule.setup()
+    resad = apply_scoring_options(ResAD.load_from_checkpoint(checkpoint, map_location="cpu").eval(), PRODUCT)
+    return seed, datamodule, resad
+
+
 def fused_leave_one_out_maximum(resad: ResAD, paths: list[str]) -> float:
     """Largest fused-map value of a reference scored against the other k - 1, with the class's stored calibration."""
     model = resad.model
@@ -69,14 +82,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--output", required=True, help="CSV, one row per category, k and draw")
     args = parser.parse_args()
-    config = yaml.safe_load((REPO / "configs" / "settings" / f"{args.setting}.yaml").read_text())
-    seed = config.get("seed", 42)
-    seed_everything(seed)
-    datamodule = MultiClassDataModule(
-        sources=config["sources"], targets=config["targets"], num_workers=0, seed=seed, name=args.setting
-    )
-    datamodule.setup()
-    resad = apply_scoring_options(ResAD.load_from_checkpoint(args.checkpoint, map_location="cpu").eval(), PRODUCT)
+    seed, datamodule, resad = load_product(args.setting, args.checkpoint)
     resad.references.set_pools({name: datamodule.reference_pool(name) for name in datamodule.target_categories})
     table = datamodule.test_data.samples
     rows, start = [], time.perf_counter()
