@@ -17,7 +17,6 @@ tables on and off (``residual_flow.project_condition``) in eager PyTorch and in 
 """
 
 import argparse
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_inference import CONFIGS, build_model
 
 from anomalib_resad.cpu_info import describe
 from anomalib_resad.residual_flow import ResidualFlow
@@ -72,9 +72,6 @@ def model_rows(names: list[str], repeats: int, rounds: int) -> None:
     import statistics
 
     import openvino as ov
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_inference import CONFIGS, build_model
 
     image = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
     print("| model | tables | eager ms | OpenVINO f32 ms | IR .bin MB |")

@@ -30,14 +30,13 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import yaml
-from lightning.pytorch import seed_everything
 from torch.nn import functional as F  # noqa: N812
 from torchmetrics.functional.classification import binary_auroc
+from verdict_margins import setting_datamodule
 
 from anomalib_resad import ResAD
 from anomalib_resad.anomaly_map import leave_one_out_calibration
-from anomalib_resad.data.multi_class import CATEGORY_COLUMN, MultiClassDataModule, MultiClassDataset
+from anomalib_resad.data.multi_class import CATEGORY_COLUMN, MultiClassDataset
 from anomalib_resad.evaluation import _resize_of
 from anomalib_resad.feature_converter import flatten_levels
 
@@ -146,13 +145,7 @@ def score_category(resad: ResAD, samples: pd.DataFrame, selection, batch_size: i
 
 
 def run_setting(args: argparse.Namespace, setting: str) -> pd.DataFrame:
-    config = yaml.safe_load((REPO / "configs" / "settings" / f"{setting}.yaml").read_text())
-    seed = config.get("seed", 42)
-    seed_everything(seed)
-    datamodule = MultiClassDataModule(
-        sources=config["sources"], targets=config["targets"], num_workers=0, seed=seed, name=setting
-    )
-    datamodule.setup()
+    config, seed, datamodule = setting_datamodule(setting)
     resad = ResAD.load_from_checkpoint(args.checkpoint, map_location="cpu") if args.checkpoint else None
     resad = resad or ResAD(**config["model"])
     resad.eval()

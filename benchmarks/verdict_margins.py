@@ -42,8 +42,8 @@ PRODUCT = {
 }
 
 
-def load_product(setting: str, checkpoint: str) -> tuple[int, MultiClassDataModule, ResAD]:
-    """A setting's seed and datamodule (set up) and the checkpoint's model with the product's scoring options."""
+def setting_datamodule(setting: str) -> tuple[dict, int, MultiClassDataModule]:
+    """A ``configs/settings`` file's config, its seed (set) and its datamodule (set up, no loader workers)."""
     config = yaml.safe_load((REPO / "configs" / "settings" / f"{setting}.yaml").read_text())
     seed = config.get("seed", 42)
     seed_everything(seed)
@@ -51,6 +51,12 @@ def load_product(setting: str, checkpoint: str) -> tuple[int, MultiClassDataModu
         sources=config["sources"], targets=config["targets"], num_workers=0, seed=seed, name=setting
     )
     datamodule.setup()
+    return config, seed, datamodule
+
+
+def load_product(setting: str, checkpoint: str) -> tuple[int, MultiClassDataModule, ResAD]:
+    """A setting's seed and datamodule (set up) and the checkpoint's model with the product's scoring options."""
+    _, seed, datamodule = setting_datamodule(setting)
     resad = apply_scoring_options(ResAD.load_from_checkpoint(checkpoint, map_location="cpu").eval(), PRODUCT)
     return seed, datamodule, resad
 
