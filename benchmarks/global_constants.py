@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 from verdict_margins import load_product
 
 from anomalib_resad import ResAD
-from anomalib_resad.anomaly_map import NEAREST_LEVELS
+from anomalib_resad.anomaly_map import NEAREST_LEVELS, AnomalyMapGenerator
 from anomalib_resad.data.multi_class import CATEGORY_COLUMN, MultiClassDataModule, MultiClassDataset
 from anomalib_resad.evaluation import _resize_of
 from anomalib_resad.feature_converter import flatten_levels
@@ -82,6 +82,13 @@ def eval_mode_constants(resad: ResAD, datamodule: MultiClassDataModule, k: int, 
     return maxima.mean(0), len(maxima)
 
 
+def use_constants(generator: AnomalyMapGenerator, constants: torch.Tensor | None) -> None:
+    """Score with the class's own constants (``None``) or with ``constants`` for every class."""
+    generator.level_constants = "per_class" if constants is None else "global"
+    if constants is not None:
+        generator.global_level_constants.copy_(constants)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", required=True, help="a configs/settings/<name>.yaml")
@@ -100,10 +107,10 @@ def main() -> None:
     size = tuple(int(value) for value in resad.input_size)
     trained = generator.global_level_constants.clone()
     start = time.perf_counter()
-    constants = {"global, training EMA": trained}
+    eval_mode = {}  # k -> constants measured with k-image banks of the source classes
     for k in args.shots:
         measured, count = eval_mode_constants(resad, datamodule, k, seed)
-        constants[f"global, eval mode (k={k})"] = measured
+        eval_mode[k] = measured
         print(f"eval-mode constants, k={k}, {count} held-out source normals: {measured.tolist()}", flush=True)
     print(f"training EMA constants: {trained.tolist()} ({time.perf_counter() - start:.0f} s)", flush=True)
     groups = [("target", name, datamodule.test_data.samples) for name in datamodule.target_categories]
@@ -118,15 +125,11 @@ def main() -> None:
                 selection = resad.references.select(category, k, seed + draw)
                 features = resad.references.features(selection.paths)
                 bank = flatten_levels(features)
-                variants = {"per_class": ("per_class", None)}
-                # the eval-mode constants measured with this k's source banks
-                own = {name: value for name, value in constants.items() if "eval" not in name or f"={k})" in name}
-                variants.update({name: ("global", value) for name, value in own.items()})
+                # None: the class's own (per-class) constants; a tensor: that global constant for every class
+                variants = {"per_class": None, "global, training EMA": trained, "global, eval mode": eval_mode[k]}
                 calibrations = {}
-                for name, (mode, value) in variants.items():
-                    generator.level_constants = mode
-                    if value is not None:
-                        generator.global_level_constants.copy_(value)
+                for name, value in variants.items():
+                    use_constants(generator, value)
                     calibrations[name] = resad.references.calibrate(features, size, selection.paths)
                 scores = {(name, nearest): [] for name in variants for nearest in (True, False)}
                 maps = {key: [] for key in scores}
@@ -136,10 +139,8 @@ def main() -> None:
                         level_features = model.feature_extractor(images)
                         log_likelihoods, similarities, coverage = model.level_outputs(level_features, bank)
                         averaged = model.feature_converter.averaged_distances(level_features, bank, NEAREST_LEVELS)
-                        for name, (mode, value) in variants.items():
-                            generator.level_constants = mode
-                            if value is not None:
-                                generator.global_level_constants.copy_(value)
+                        for name, value in variants.items():
+                            use_constants(generator, value)
                             for nearest in (True, False):
                                 generator.nearest_score = nearest
                                 anomaly_map, score = generator(
@@ -155,8 +156,8 @@ def main() -> None:
                 for (name, nearest), values in scores.items():
                     row = {"role": role, "category": category, "k": k, "draw": draw, "constants": name,
                            "score": "product (flows + nearest)" if nearest else "flows alone",
-                           "constants_values": calibrations[name][: model.num_levels].tolist()
-                           if name == "per_class" else variants[name][1].tolist(),
+                           "constants_values": (calibrations[name][: model.num_levels] if variants[name] is None
+                                                else variants[name]).tolist(),
                            "averaging": float(calibrations[name][-1])}  # fmt: skip
                     scored = torch.cat(values)
                     row.update(image_metrics(scored, labels))
@@ -169,7 +170,6 @@ def main() -> None:
                 Path(args.output).parent.mkdir(parents=True, exist_ok=True)
                 frame.to_csv(args.output, index=False)
                 print(f"{category} k={k} draw={draw} ({time.perf_counter() - start:.0f} s)", flush=True)
-    frame["constants"] = frame.constants.str.replace(r" \(k=\d+\)", "", regex=True)
     summary = (
         frame.groupby(["role", "score", "constants", "k", "draw"])[["image_AUROC", "pixel_AUROC", "FPR", "recall"]]
         .mean()  # over classes
