@@ -44,6 +44,7 @@ SCORING_OPTIONS = (
     "dissimilarity_margin",
     "reverse_dissimilarity_margin",
     "nearest_averaging",
+    "reference_views",
 )
 CHECKPOINT_SETTINGS = (
     *ARCHITECTURE_HPARAMS,

@@ -8,7 +8,8 @@ every class in every batch. :class:`ClassReferences` owns all of it:
 * **selection** - the first k images of a folder, or k images drawn with a seed from the class's normal pool
   (:meth:`ClassReferences.select`);
 * **features** - each image's backbone features are computed once and cached (bounded in bytes), so training draws
-  and evaluation banks never re-run the backbone on an image;
+  and evaluation banks never re-run the backbone on an image (evaluation banks with ``reference_views`` cache each
+  image's views as well: :mod:`~anomalib_resad.reference_views`);
 * **banks** - a class's calibrated :class:`~anomalib_resad.feature_converter.ReferenceBank` (features + the
   leave-one-out calibration of :mod:`anomalib_resad.anomaly_map`), built once per set of files
   (:meth:`ClassReferences.bank`); training banks (:meth:`ClassReferences.training_bank`) skip the calibration.
@@ -19,8 +20,8 @@ calibration) - so it never reaches into the Lightning module; training, evaluati
 
 Example:
     >>> import torch
-    >>> def encode(paths):  # per-level features of each file, and the pre-processed image size
-    ...     return [torch.rand(len(paths), 4, 3, 3)], (12, 12)
+    >>> def encode(paths, views=1):  # per-level features of each file (x its views), the pre-processed size
+    ...     return [torch.rand(len(paths) * views, 4, 3, 3)], (12, 12)
     >>> def calibrate(features, image_size, paths):
     ...     return torch.ones(4)
     >>> references = ClassReferences(encode, calibrate)
@@ -29,6 +30,11 @@ Example:
     >>> bank = references.bank(selection)
     >>> bank.k, tuple(bank.levels[0].shape), bank.calibration.tolist()
     (2, (18, 4), [1.0, 1.0, 1.0, 1.0])
+    >>> with_views = ClassReferences(encode, calibrate, view_count=lambda: 4)
+    >>> with_views.set_pools({"widget": ["a.png", "b.png", "c.png"]})
+    >>> bank = with_views.bank(with_views.select("widget", k=2, seed=0))
+    >>> bank.k, bank.views, tuple(bank.levels[0].shape)
+    (8, 4, (72, 4))
 """
 
 import logging
@@ -41,12 +47,14 @@ import torch
 
 from .errors import ResADInputError
 from .feature_converter import ReferenceBank
+from .reference_views import reference_views, view_count
 from .references import ReferenceSelection, is_blank_image, load_images, sample_references, select_folder_references
 from .torch_model import ResADModel
 
 logger = logging.getLogger(__name__)
 
-Encoder = Callable[[Sequence[str]], tuple[list[torch.Tensor], tuple[int, int]]]
+# (files, views per file) -> per-level features of every file's views, file by file, and the pre-processed image size
+Encoder = Callable[[Sequence[str], int], tuple[list[torch.Tensor], tuple[int, int]]]
 Calibrator = Callable[[Sequence[torch.Tensor], tuple[int, int], Sequence[str]], torch.Tensor]
 
 
@@ -98,17 +106,27 @@ class FileEncoder:
         self.transform = transform
 
     @torch.no_grad()
-    def __call__(self, paths: Sequence[str]) -> tuple[list[torch.Tensor], tuple[int, int]]:
-        """Features ``(n, C_l, H_l, W_l)`` per level and the pre-processed image size."""
+    def __call__(self, paths: Sequence[str], views: int = 1) -> tuple[list[torch.Tensor], tuple[int, int]]:
+        """Features ``(n * views, C_l, H_l, W_l)`` per level and the pre-processed image size.
+
+        ``views`` > 1: each image's views of the model's ``reference_views``, image by image.
+        """
         device = next(self.model.parameters()).device
         images = load_images(paths, self.transform).to(device)
-        return self.model.reference_features(images), (int(images.shape[-2]), int(images.shape[-1]))
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        if views > 1:
+            images = reference_views(images, self.model.reference_views)
+        return self.model.reference_features(images), size
+
+    def view_count(self) -> int:
+        """Views per reference image in the model's evaluation banks."""
+        return view_count(self.model.reference_views)
 
     @torch.no_grad()
     def calibrate(
         self, features: Sequence[torch.Tensor], image_size: tuple[int, int], paths: Sequence[str]
     ) -> torch.Tensor:
-        """The class's flat calibration from its k references' features (and files).
+        """The class's flat calibration from its k references' features (and files; their views, image by image).
 
         The files are read again only where the calibration needs the images themselves
         (``nearest_averaging="auto"``: synthetic defects are pasted into them); otherwise the cached features do.
@@ -116,7 +134,7 @@ class FileEncoder:
         images = None
         if self.model.nearest_averaging == "auto":
             images = load_images(paths, self.transform).to(features[0].device)
-        return self.model.calibrate(features, image_size, images)
+        return self.model.calibrate(features, image_size, images, views=int(features[0].shape[0]) // len(paths))
 
 
 class ClassReferences:
@@ -127,11 +145,20 @@ class ClassReferences:
         calibrate (Calibrator): (per-level features of k images, image size, their files) -> the class's flat
             calibration.
         cache_bytes (int): Memory for cached per-image features. Defaults to 1 GiB.
+        view_count (Callable[[], int] | None): Views per reference image in evaluation banks (the model's
+            ``reference_views``); ``None``: the images alone.
     """
 
-    def __init__(self, encode: Encoder, calibrate: Calibrator, cache_bytes: int = 1 << 30) -> None:
+    def __init__(
+        self,
+        encode: Encoder,
+        calibrate: Calibrator,
+        cache_bytes: int = 1 << 30,
+        view_count: Callable[[], int] | None = None,
+    ) -> None:
         self.encode = encode
         self.calibrate = calibrate
+        self.view_count = view_count or (lambda: 1)
         self.cache = FeatureCache(cache_bytes)
         self.pools: dict[str, list[str]] = {}
         self._banks: dict[tuple[str, ...], ReferenceBank] = {}
@@ -146,7 +173,7 @@ class ClassReferences:
     ) -> "ClassReferences":
         """References encoded and calibrated by ``model``, images pre-processed with ``transform``."""
         encoder = FileEncoder(model, transform)
-        return cls(encoder, encoder.calibrate, cache_bytes)
+        return cls(encoder, encoder.calibrate, cache_bytes, encoder.view_count)
 
     def clear(self) -> None:
         """Forget cached features and banks (the model changed: new training, new weights)."""
@@ -185,26 +212,31 @@ class ClassReferences:
         return ReferenceSelection(class_name=class_name, paths=paths, source=source, seed=seed)
 
     # ------------------------------------------------------------------ features and banks
-    def features(self, paths: Sequence[str]) -> list[torch.Tensor]:
-        """Per-level features ``(n, C_l, H_l, W_l)`` of image files, each image encoded once."""
+    def features(self, paths: Sequence[str], views: int = 1) -> list[torch.Tensor]:
+        """Per-level features ``(n * views, C_l, H_l, W_l)`` of files (each file's views in turn), each encoded once."""
         paths = [str(path) for path in paths]
-        missing = [path for path in dict.fromkeys(paths) if self.cache.get(path) is None]
+        # an image's views are cached under their own key: training draws read the images alone
+        keys = {path: path if views == 1 else f"{path}\0views={views}" for path in paths}
+        missing = [path for path in dict.fromkeys(paths) if self.cache.get(keys[path]) is None]
         if missing:
-            encoded, self._image_size = self.encode(missing)
-            computed = {path: [level[index] for level in encoded] for index, path in enumerate(missing)}
+            encoded, self._image_size = self.encode(missing, views)
+            computed = {
+                path: [level[index * views : (index + 1) * views] for level in encoded]
+                for index, path in enumerate(missing)
+            }
             for path, features in computed.items():
-                self.cache.put(path, features)
+                self.cache.put(keys[path], features)
         else:
             computed = {}
-        per_image = [self.cache.get(path) or computed.get(path) for path in paths]
+        per_image = [self.cache.get(keys[path]) or computed.get(path) for path in paths]
         if any(features is None for features in per_image):  # cache smaller than one image: encode directly
-            encoded, self._image_size = self.encode(paths)
+            encoded, self._image_size = self.encode(paths, views)
             return encoded
-        return [torch.stack(level) for level in zip(*per_image, strict=True)]
+        return [torch.cat(level) for level in zip(*per_image, strict=True)]
 
     def bank(self, selection: ReferenceSelection) -> ReferenceBank:
         """The calibrated bank of a class's selected references (built once per set of files)."""
-        key = tuple(selection.paths)
+        key = (*selection.paths, f"views={self.view_count()}")
         if key not in self._banks:
             blank = [path for path in selection.paths if is_blank_image(path)]
             if blank:
@@ -213,11 +245,12 @@ class ClassReferences:
                     "show nothing to compare against. Use k normal images of the class as references."
                 )
                 raise ResADInputError(msg)
-            features = self.features(selection.paths)
+            views = self.view_count()
+            features = self.features(selection.paths, views)
             if self._image_size is None:  # features cached before a clear(): learn the pre-processed size again
-                _, self._image_size = self.encode(selection.paths[:1])
+                _, self._image_size = self.encode(selection.paths[:1], 1)
             calibration = self.calibrate(features, self._image_size, selection.paths)
-            self._banks[key] = ReferenceBank.from_features(features, calibration)
+            self._banks[key] = ReferenceBank.from_features(features, calibration, views)
             logger.info(
                 "ResAD references of class '%s' (k=%d, %s): %s",
                 selection.class_name,

@@ -50,6 +50,7 @@ from .errors import ResADConfigurationError, ResADInputError
 from .export_output import ONNX_OPSET_VERSION, quiet_export, written_files
 from .feature_converter import ReferenceBank, flatten_levels
 from .lightning_model import ResAD
+from .reference_views import reference_views, view_count, view_rows
 from .references import ReferenceSelection, load_images, select_folder_references
 from .synthetic_defects import synthetic_defects
 
@@ -113,6 +114,7 @@ def save_references(
         "format_version": FORMAT_VERSION,
         **signature,
         "k": bank.k,
+        "views": bank.views,
         "reference_grids": [list(grid) for grid in bank.grids],
         "selection": selection.to_dict(),
     }
@@ -157,6 +159,7 @@ def load_references(path: str | Path, expected: dict[str, Any] | None = None) ->
         grids=[tuple(grid) for grid in metadata["reference_grids"]],
         k=int(metadata["k"]),
         calibration=torch.from_numpy(np.asarray(calibration, dtype=np.float32)),
+        views=int(metadata.get("views", 1)),
     )
     return bank, metadata
 
@@ -359,6 +362,7 @@ def export_deployment(
         "dissimilarity_margin": resad.model.dissimilarity_margin,
         "reverse_dissimilarity_margin": resad.model.reverse_dissimilarity_margin,
         "nearest_averaging": resad.model.nearest_averaging,
+        "reference_views": resad.model.reference_views,
     }
     (export_root / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     written.append(export_root / METADATA_FILE)
@@ -409,7 +413,7 @@ def make_references(
         transform = resad.pre_processor.transform if resad.pre_processor is not None else None
         bank = resad.model.make_reference_bank(load_images(selection.paths, transform, refuse_blank=True))
     path = save_references(output, bank, signature, selection)
-    print(f"Wrote {path} (class '{selection.class_name}', k={bank.k}, from {selection.source})")
+    print(f"Wrote {path} (class '{selection.class_name}', k={selection.k}, from {selection.source})")
     return path
 
 
@@ -427,14 +431,19 @@ def _openvino_reference_bank(
     calibrator = core.compile_model(core.read_model(model_dir / "openvino" / f"{CALIBRATOR_FILE}.xml"), device, config)
     # images of any size: resize each like the exported pre-processing does (bilinear), then encode as a batch
     resize = Resize(signature["image_size"], antialias=False)
-    pixels = load_images(selection.paths, transform=resize, refuse_blank=True).numpy()
-    levels = [np.asarray(level) for level in encoder(pixels).values()]
+    images = load_images(selection.paths, transform=resize, refuse_blank=True)
+    pixels = images.numpy()
+    # the bank holds each image's views (as eager PyTorch's: the same function), calibrated leave-one-out by image
+    mode = metadata.get("reference_views", "none")
+    views = view_count(mode)
+    levels = [np.asarray(level) for level in encoder(reference_views(images, mode).numpy()).values()]
     grids = [tuple(grid) for grid in signature["grids"]]
-    per_image = [level.reshape(len(pixels), -1, level.shape[-1]) for level in levels]
+    per_image = [level.reshape(len(pixels) * views, -1, level.shape[-1]) for level in levels]
 
     def score(images: np.ndarray, index: int, constants: torch.Tensor) -> ScoreComponents:
+        rows = np.arange(len(pixels) * views)[view_rows(index, views)]
         others = [
-            np.ascontiguousarray(np.delete(level, index, axis=0).reshape(-1, level.shape[-1])) for level in per_image
+            np.ascontiguousarray(np.delete(level, rows, axis=0).reshape(-1, level.shape[-1])) for level in per_image
         ]
         inputs = {"image": images, "level_constants": constants.numpy().astype(np.float32)}
         inputs.update({f"reference_{level}": bank for level, bank in enumerate(others)})
@@ -466,8 +475,9 @@ def _openvino_reference_bank(
     bank = ReferenceBank(
         levels=[torch.from_numpy(level) for level in levels],
         grids=grids,
-        k=selection.k,
+        k=selection.k * views,
         calibration=calibration.to_tensor(),
+        views=views,
     )
     return bank, signature
 

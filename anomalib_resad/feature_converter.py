@@ -237,26 +237,30 @@ class ReferenceBank:
     Attributes:
         levels (list[torch.Tensor]): ``(k*H_l*W_l, C_l)`` per level.
         grids (list[tuple[int, int]]): ``(H_l, W_l)`` per level (the feature-map size the references were made at).
-        k (int): Number of reference images.
+        k (int): Number of feature maps in the bank: the reference images times ``views``.
         calibration (torch.Tensor | None): The class's scoring calibration (see
             :class:`~anomalib_resad.anomaly_map.ScoreCalibration`), ``None`` for an uncalibrated (training) bank.
+        views (int): Views of each reference image in the bank, image by image
+            (:mod:`~anomalib_resad.reference_views`). Defaults to ``1``.
     """
 
     levels: list[torch.Tensor]
     grids: list[tuple[int, int]]
     k: int
     calibration: torch.Tensor | None = None
+    views: int = 1
 
     @classmethod
     def from_features(
-        cls, features: Sequence[torch.Tensor], calibration: torch.Tensor | None = None
+        cls, features: Sequence[torch.Tensor], calibration: torch.Tensor | None = None, views: int = 1
     ) -> "ReferenceBank":
-        """Build a bank from per-level ``(k, C_l, H_l, W_l)`` features."""
+        """Build a bank from per-level ``(k, C_l, H_l, W_l)`` features (``k`` images x ``views``, image by image)."""
         return cls(
             levels=[level.contiguous() for level in flatten_levels(features)],
             grids=[(int(feature.shape[2]), int(feature.shape[3])) for feature in features],
             k=int(features[0].shape[0]),
             calibration=calibration,
+            views=views,
         )
 
 

@@ -141,6 +141,11 @@ class ResAD(AnomalibModule):
             matching. Setting a class's references then also scores 12 defective copies of each reference by
             matching alone (Lite0, k = 4: about 4x the time of ``"off"``). Checkpoints saved before the option keep
             ``"off"``.
+        reference_views (str): The reference bank also holds each reference image's mirror images (``"flips"``,
+            4 views) or all 8 symmetries of the square (``"dihedral"``: flips and quarter turns; square images), or
+            the images alone (``"none"``, default; :mod:`~anomalib_resad.reference_views`). Only evaluation banks:
+            training and the query images are untouched, and a class's calibration stays leave-one-out by image.
+            Matching costs grow with the bank (4x / 8x).
         distribution_matching (bool): ResAD++ (the reference code): a codebook of normal residuals trained beside
             the flows, and test-time EFDM of the residuals toward it (:mod:`~anomalib_resad.residual_codebook`).
             Defaults to ``False`` (the NeurIPS ResAD).
@@ -193,6 +198,7 @@ class ResAD(AnomalibModule):
         dissimilarity_margin: float = 2.0,
         reverse_dissimilarity_margin: float = 1.5,
         nearest_averaging: str = "auto",
+        reference_views: str = "none",
         distribution_matching: bool = False,
         codebook_size: int = 1536,
         efdm_alpha: float = 0.4,
@@ -221,6 +227,7 @@ class ResAD(AnomalibModule):
         dissimilarity_margin = adopted.get("dissimilarity_margin", dissimilarity_margin)
         reverse_dissimilarity_margin = adopted.get("reverse_dissimilarity_margin", reverse_dissimilarity_margin)
         nearest_averaging = adopted.get("nearest_averaging", nearest_averaging)
+        reference_views = adopted.get("reference_views", reference_views)
         distribution_matching = adopted.get("distribution_matching", distribution_matching)
         codebook_size = adopted.get("codebook_size", codebook_size)
         efdm_alpha = adopted.get("efdm_alpha", efdm_alpha)
@@ -264,6 +271,7 @@ class ResAD(AnomalibModule):
             dissimilarity_margin=dissimilarity_margin,
             reverse_dissimilarity_margin=reverse_dissimilarity_margin,
             nearest_averaging=nearest_averaging,
+            reference_views=reference_views,
             distribution_matching=distribution_matching,
             codebook_size=codebook_size,
             efdm_alpha=efdm_alpha,

@@ -37,6 +37,7 @@ from .errors import ResADInputError, check_choice
 from .feature_constraintor import FeatureConstraintor
 from .feature_converter import FeatureConverter, ReferenceBank, flatten_levels
 from .feature_extractor import ResADFeatureExtractor
+from .reference_views import reference_views, view_count, view_rows
 from .residual_codebook import ResidualCodebook
 from .residual_flow import ResidualFlow
 from .synthetic_defects import synthetic_defects
@@ -73,6 +74,9 @@ class ResADModel(nn.Module):
         nearest_averaging (str): PatchCore's matching (3 x 3 averaging, Euclidean) in the nearest-neighbour score and
             map: ``"off"``, ``"on"``, or ``"auto"`` - chosen per class from synthetic defects in its references
             (:mod:`~anomalib_resad.anomaly_map`). Defaults to ``"auto"``.
+        reference_views (str): The reference bank holds each reference image's ``"flips"`` (4 views) or
+            ``"dihedral"`` symmetries (8) as well, or the images alone (``"none"``;
+            :mod:`~anomalib_resad.reference_views`). Defaults to ``"none"``.
     """
 
     def __init__(
@@ -97,9 +101,11 @@ class ResADModel(nn.Module):
         codebook_size: int = 1536,
         efdm_alpha: float = 0.4,
         nearest_averaging: str = "auto",
+        reference_views: str = "none",
     ) -> None:
         super().__init__()
         check_choice("nearest_averaging", nearest_averaging, NEAREST_AVERAGING)
+        view_count(reference_views)  # checks the name
         self.feature_extractor = ResADFeatureExtractor(backbone, layers, pre_trained)
         channels = self.feature_extractor.out_dims
         self.feature_converter = FeatureConverter(len(channels), residual)
@@ -117,6 +123,7 @@ class ResADModel(nn.Module):
         self.dissimilarity_margin = dissimilarity_margin
         self.reverse_dissimilarity_margin = reverse_dissimilarity_margin
         self.nearest_averaging = nearest_averaging
+        self.reference_views = reference_views
         # ResAD++: residuals moved toward a codebook of normal residuals at test time (None: the NeurIPS ResAD)
         self.codebook = ResidualCodebook(channels, codebook_size, efdm_alpha) if distribution_matching else None
 
@@ -136,10 +143,12 @@ class ResADModel(nn.Module):
         features: Sequence[torch.Tensor],
         image_size: tuple[int, int],
         images: torch.Tensor | None = None,
+        views: int = 1,
     ) -> torch.Tensor:
-        """A class's calibration from the per-level features ``(k, C_l, H_l, W_l)`` of its k reference images.
+        """A class's calibration from the per-level features ``(k * views, C_l, H_l, W_l)`` of its k reference images.
 
-        Every reference image is scored against a bank of the other k - 1
+        Every reference image is scored against a bank of the other k - 1 - with ``views`` > 1, image ``i`` (its
+        first view) against the other images' views, never its own
         (:func:`~anomalib_resad.anomaly_map.leave_one_out_calibration` holds the rule). Needs k >= 2.
 
         Args:
@@ -147,18 +156,24 @@ class ResADModel(nn.Module):
             image_size (tuple[int, int]): Size of the pre-processed images (the maps' resolution).
             images (torch.Tensor | None): The pre-processed reference images ``(k, 3, H, W)``: with
                 ``nearest_averaging="auto"`` their synthetic defects choose the class's matching.
+            views (int): Views per image in ``features``, image by image (:func:`~anomalib_resad.reference_views.
+                reference_views`). Defaults to ``1``.
 
         Returns:
             torch.Tensor: The flat calibration ``(L + 7,)``.
         """
         was_training = self.training
         self.eval()  # BatchNorm on running statistics, as at inference
-        k = int(features[0].shape[0])
+        k = int(features[0].shape[0]) // views
+
+        def others_of(index: int, levels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+            rows = view_rows(index, views)
+            return flatten_levels([torch.cat([level[: rows.start], level[rows.stop :]]) for level in levels])
 
         def score_reference(index: int, constants: torch.Tensor) -> ScoreComponents:
-            others = [torch.cat([level[:index], level[index + 1 :]]) for level in features]
-            query = [level[index : index + 1] for level in features]
-            return self.score_components(query, flatten_levels(others), constants.to(features[0].device), image_size)
+            query = [level[index * views : index * views + 1] for level in features]
+            constants = constants.to(features[0].device)
+            return self.score_components(query, others_of(index, features), constants, image_size)
 
         score_defects = None
         generator = self.anomaly_map_generator
@@ -173,8 +188,7 @@ class ResADModel(nn.Module):
             def score_defects(index: int, constants: torch.Tensor) -> ScoreComponents:
                 # the choice reads the two nearest-neighbour scores only: matching, no constraintor or flows
                 del constants
-                deepest = features[-NEAREST_LEVELS:]
-                bank = flatten_levels([torch.cat([level[:index], level[index + 1 :]]) for level in deepest])
+                bank = others_of(index, features[-NEAREST_LEVELS:])
                 query = self.feature_extractor(defects[index])[-NEAREST_LEVELS:]
                 similarities = self.feature_converter(query, bank).similarities
                 averaged = self.feature_converter.averaged_distances(query, bank, NEAREST_LEVELS)
@@ -196,9 +210,14 @@ class ResADModel(nn.Module):
 
     @torch.no_grad()
     def make_reference_bank(self, images: torch.Tensor) -> ReferenceBank:
-        """Calibrated reference bank of a class from its k pre-processed normal images ``(k, 3, H, W)``."""
-        features = self.reference_features(images)
-        return ReferenceBank.from_features(features, self.calibrate(features, tuple(images.shape[-2:]), images))
+        """Calibrated reference bank of a class from its k pre-processed normal images ``(k, 3, H, W)``.
+
+        With ``reference_views`` the bank holds each image's views (:mod:`~anomalib_resad.reference_views`).
+        """
+        views = view_count(self.reference_views)
+        features = self.reference_features(reference_views(images, self.reference_views))
+        calibration = self.calibrate(features, tuple(images.shape[-2:]), images, views)
+        return ReferenceBank.from_features(features, calibration, views)
 
     @torch.no_grad()
     def set_references(self, bank: ReferenceBank) -> None:

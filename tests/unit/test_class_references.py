@@ -21,9 +21,9 @@ class CountingEncoder:
     def __init__(self) -> None:
         self.encoded: list[str] = []
 
-    def __call__(self, paths):
+    def __call__(self, paths, views=1):
         self.encoded.extend(paths)
-        values = torch.tensor([float(abs(hash(path)) % 1000) for path in paths])
+        values = torch.tensor([float(abs(hash(path)) % 1000) for path in paths]).repeat_interleave(views)
         return [values.reshape(-1, 1, 1, 1).expand(-1, 2, 3, 3).clone()], (12, 12)
 
 
@@ -83,9 +83,9 @@ def test_calibration_reads_only_the_reference_images(tmp_path: Path) -> None:
     encoded: list[str] = []
     encode = model.references.encode
 
-    def spy(paths):
+    def spy(paths, views=1):
         encoded.extend(paths)
-        return encode(paths)
+        return encode(paths, views)
 
     model.references.encode = spy
     paths = [str(write_image(tmp_path / f"ref{index}.png", size=(64, 64))) for index in range(3)]
