@@ -45,6 +45,7 @@ SCORING_OPTIONS = (
     "reverse_dissimilarity_margin",
     "nearest_averaging",
     "reference_views",
+    "reference_view_levels",
 )
 CHECKPOINT_SETTINGS = (
     *ARCHITECTURE_HPARAMS,

@@ -34,7 +34,7 @@ Example:
     >>> with_views.set_pools({"widget": ["a.png", "b.png", "c.png"]})
     >>> bank = with_views.bank(with_views.select("widget", k=2, seed=0))
     >>> bank.k, bank.views, tuple(bank.levels[0].shape)
-    (8, 4, (72, 4))
+    (2, [4], (72, 4))
 """
 
 import logging
@@ -47,7 +47,6 @@ import torch
 
 from .errors import ResADInputError
 from .feature_converter import ReferenceBank
-from .reference_views import reference_views, view_count
 from .references import ReferenceSelection, is_blank_image, load_images, sample_references, select_folder_references
 from .torch_model import ResADModel
 
@@ -114,13 +113,13 @@ class FileEncoder:
         device = next(self.model.parameters()).device
         images = load_images(paths, self.transform).to(device)
         size = (int(images.shape[-2]), int(images.shape[-1]))
-        if views > 1:
-            images = reference_views(images, self.model.reference_views)
+        if views > 1:  # the model's evaluation bank: views on the levels that hold them (``bank_views``)
+            return self.model.bank_features(images), size
         return self.model.reference_features(images), size
 
     def view_count(self) -> int:
-        """Views per reference image in the model's evaluation banks."""
-        return view_count(self.model.reference_views)
+        """Views per reference image in the model's evaluation banks (on the levels that hold views)."""
+        return max(self.model.bank_views)
 
     @torch.no_grad()
     def calibrate(
@@ -134,7 +133,8 @@ class FileEncoder:
         images = None
         if self.model.nearest_averaging == "auto":
             images = load_images(paths, self.transform).to(features[0].device)
-        return self.model.calibrate(features, image_size, images, views=int(features[0].shape[0]) // len(paths))
+        views = [int(level.shape[0]) // len(paths) for level in features]
+        return self.model.calibrate(features, image_size, images, views=views)
 
 
 class ClassReferences:
@@ -213,15 +213,20 @@ class ClassReferences:
 
     # ------------------------------------------------------------------ features and banks
     def features(self, paths: Sequence[str], views: int = 1) -> list[torch.Tensor]:
-        """Per-level features ``(n * views, C_l, H_l, W_l)`` of files (each file's views in turn), each encoded once."""
+        """Per-level features of files, each encoded once: ``(n, C_l, H_l, W_l)``.
+
+        With ``views`` > 1: the encoder's views of each file in turn, ``(n * views_l, ...)`` (levels may hold fewer
+        views than ``views``: the model's ``bank_views``).
+        """
         paths = [str(path) for path in paths]
         # an image's views are cached under their own key: training draws read the images alone
         keys = {path: path if views == 1 else f"{path}\0views={views}" for path in paths}
         missing = [path for path in dict.fromkeys(paths) if self.cache.get(keys[path]) is None]
         if missing:
             encoded, self._image_size = self.encode(missing, views)
+            counts = [int(level.shape[0]) // len(missing) for level in encoded]  # views per file, per level
             computed = {
-                path: [level[index * views : (index + 1) * views] for level in encoded]
+                path: [level[index * count : (index + 1) * count] for level, count in zip(encoded, counts, strict=True)]
                 for index, path in enumerate(missing)
             }
             for path, features in computed.items():
@@ -250,7 +255,8 @@ class ClassReferences:
             if self._image_size is None:  # features cached before a clear(): learn the pre-processed size again
                 _, self._image_size = self.encode(selection.paths[:1], 1)
             calibration = self.calibrate(features, self._image_size, selection.paths)
-            self._banks[key] = ReferenceBank.from_features(features, calibration, views)
+            per_level = [int(level.shape[0]) // selection.k for level in features]
+            self._banks[key] = ReferenceBank.from_features(features, calibration, per_level)
             logger.info(
                 "ResAD references of class '%s' (k=%d, %s): %s",
                 selection.class_name,

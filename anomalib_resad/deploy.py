@@ -50,7 +50,7 @@ from .errors import ResADConfigurationError, ResADInputError
 from .export_output import ONNX_OPSET_VERSION, quiet_export, written_files
 from .feature_converter import ReferenceBank, flatten_levels
 from .lightning_model import ResAD
-from .reference_views import reference_views, view_count, view_rows
+from .reference_views import level_views, reference_views, view_rows
 from .references import ReferenceSelection, load_images, select_folder_references
 from .synthetic_defects import synthetic_defects
 
@@ -114,7 +114,7 @@ def save_references(
         "format_version": FORMAT_VERSION,
         **signature,
         "k": bank.k,
-        "views": bank.views,
+        "views": bank.level_views,
         "reference_grids": [list(grid) for grid in bank.grids],
         "selection": selection.to_dict(),
     }
@@ -159,7 +159,7 @@ def load_references(path: str | Path, expected: dict[str, Any] | None = None) ->
         grids=[tuple(grid) for grid in metadata["reference_grids"]],
         k=int(metadata["k"]),
         calibration=torch.from_numpy(np.asarray(calibration, dtype=np.float32)),
-        views=int(metadata.get("views", 1)),
+        views=[int(count) for count in metadata.get("views", [1] * len(levels))],
     )
     return bank, metadata
 
@@ -168,10 +168,11 @@ def _check_shapes(path: Path, levels: list[np.ndarray], calibration: np.ndarray,
     """Arrays must be ``(k * H_l * W_l, C_l)`` per level and a calibration of ``L + 7`` values."""
     problems = []
     k = int(metadata.get("k", 0))
-    for level, (array, channels, grid) in enumerate(
-        zip(levels, metadata["channels"], metadata["reference_grids"], strict=True)
+    views = metadata.get("views", [1] * len(levels))
+    for level, (array, channels, grid, count) in enumerate(
+        zip(levels, metadata["channels"], metadata["reference_grids"], views, strict=True)
     ):
-        expected = (k * int(grid[0]) * int(grid[1]), int(channels))
+        expected = (k * int(count) * int(grid[0]) * int(grid[1]), int(channels))
         if tuple(array.shape) != expected:
             problems.append(f"reference_{level} is {tuple(array.shape)}, expected {expected}")
     expected = len(levels) + CALIBRATION_THRESHOLDS
@@ -363,6 +364,7 @@ def export_deployment(
         "reverse_dissimilarity_margin": resad.model.reverse_dissimilarity_margin,
         "nearest_averaging": resad.model.nearest_averaging,
         "reference_views": resad.model.reference_views,
+        "reference_view_levels": resad.model.reference_view_levels,
     }
     (export_root / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     written.append(export_root / METADATA_FILE)
@@ -435,15 +437,21 @@ def _openvino_reference_bank(
     pixels = images.numpy()
     # the bank holds each image's views (as eager PyTorch's: the same function), calibrated leave-one-out by image
     mode = metadata.get("reference_views", "none")
-    views = view_count(mode)
-    levels = [np.asarray(level) for level in encoder(reference_views(images, mode).numpy()).values()]
     grids = [tuple(grid) for grid in signature["grids"]]
-    per_image = [level.reshape(len(pixels) * views, -1, level.shape[-1]) for level in levels]
+    views = level_views(mode, len(grids), metadata.get("reference_view_levels", 2))
+    encoded = [np.asarray(level) for level in encoder(reference_views(images, mode).numpy()).values()]
+    per_image = [  # (k * views_l, positions, channels): the levels without views keep each image's first view
+        level.reshape(len(pixels) * max(views), -1, level.shape[-1])[:: max(views) // count]
+        for level, count in zip(encoded, views, strict=True)
+    ]
+    levels = [np.ascontiguousarray(level.reshape(-1, level.shape[-1])) for level in per_image]
 
     def score(images: np.ndarray, index: int, constants: torch.Tensor) -> ScoreComponents:
-        rows = np.arange(len(pixels) * views)[view_rows(index, views)]
         others = [
-            np.ascontiguousarray(np.delete(level, rows, axis=0).reshape(-1, level.shape[-1])) for level in per_image
+            np.ascontiguousarray(
+                np.delete(level, np.arange(len(level))[view_rows(index, count)], axis=0).reshape(-1, level.shape[-1])
+            )
+            for level, count in zip(per_image, views, strict=True)
         ]
         inputs = {"image": images, "level_constants": constants.numpy().astype(np.float32)}
         inputs.update({f"reference_{level}": bank for level, bank in enumerate(others)})
@@ -475,7 +483,7 @@ def _openvino_reference_bank(
     bank = ReferenceBank(
         levels=[torch.from_numpy(level) for level in levels],
         grids=grids,
-        k=selection.k * views,
+        k=selection.k,
         calibration=calibration.to_tensor(),
         views=views,
     )

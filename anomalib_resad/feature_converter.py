@@ -237,30 +237,39 @@ class ReferenceBank:
     Attributes:
         levels (list[torch.Tensor]): ``(k*H_l*W_l, C_l)`` per level.
         grids (list[tuple[int, int]]): ``(H_l, W_l)`` per level (the feature-map size the references were made at).
-        k (int): Number of feature maps in the bank: the reference images times ``views``.
+        k (int): Number of reference images.
         calibration (torch.Tensor | None): The class's scoring calibration (see
             :class:`~anomalib_resad.anomaly_map.ScoreCalibration`), ``None`` for an uncalibrated (training) bank.
-        views (int): Views of each reference image in the bank, image by image
-            (:mod:`~anomalib_resad.reference_views`). Defaults to ``1``.
+        views (list[int] | None): Per level, the views of each reference image it holds, image by image
+            (:mod:`~anomalib_resad.reference_views`; level ``l`` has ``k * views[l]`` feature maps). ``None``: 1.
     """
 
     levels: list[torch.Tensor]
     grids: list[tuple[int, int]]
     k: int
     calibration: torch.Tensor | None = None
-    views: int = 1
+    views: list[int] | None = None
+
+    @property
+    def level_views(self) -> list[int]:
+        """Views per reference image in each level (1 where ``views`` is ``None``)."""
+        return list(self.views) if self.views is not None else [1] * len(self.levels)
 
     @classmethod
     def from_features(
-        cls, features: Sequence[torch.Tensor], calibration: torch.Tensor | None = None, views: int = 1
+        cls,
+        features: Sequence[torch.Tensor],
+        calibration: torch.Tensor | None = None,
+        views: Sequence[int] | None = None,
     ) -> "ReferenceBank":
-        """Build a bank from per-level ``(k, C_l, H_l, W_l)`` features (``k`` images x ``views``, image by image)."""
+        """Build a bank from per-level ``(k * views_l, C_l, H_l, W_l)`` features (image by image)."""
+        first = 1 if views is None else int(views[0])
         return cls(
             levels=[level.contiguous() for level in flatten_levels(features)],
             grids=[(int(feature.shape[2]), int(feature.shape[3])) for feature in features],
-            k=int(features[0].shape[0]),
+            k=int(features[0].shape[0]) // first,
             calibration=calibration,
-            views=views,
+            views=None if views is None else [int(count) for count in views],
         )
 
 
@@ -272,7 +281,8 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
         residual (str): ``"squared"`` (reference code, default) or ``"difference"`` (paper, Eq. 1).
 
     Attributes:
-        reference_grid (torch.Tensor): ``(L, 3)`` ``[k, H_l, W_l]`` of the stored bank (zeros when empty).
+        reference_grid (torch.Tensor): ``(L, 3)`` ``[maps, H_l, W_l]`` of the stored bank: feature maps per level
+            (k x the level's views) and grid (zeros when empty).
     """
 
     def __init__(self, num_levels: int, residual: str = "squared") -> None:
@@ -293,10 +303,12 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
     def bank(self) -> ReferenceBank:
         """The stored reference bank."""
         grid = self.reference_grid.tolist()
+        k = min(int(maps) for maps, _, _ in grid)  # a bank with views on every level reads as k x views images
         return ReferenceBank(
             levels=self.reference_levels,
             grids=[(height, width) for _, height, width in grid],
-            k=int(grid[0][0]),
+            k=k,
+            views=[int(maps) // max(k, 1) for maps, _, _ in grid],
         )
 
     @property
@@ -311,7 +323,8 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
             raise ResADInputError(msg)
         for level, (features, (height, width)) in enumerate(zip(bank.levels, bank.grids, strict=True)):
             setattr(self, f"reference_{level}", features.detach().to(self.reference_grid.device).contiguous())
-            self.reference_grid[level] = torch.tensor([bank.k, height, width], device=self.reference_grid.device)
+            maps = bank.k * bank.level_views[level]  # feature maps in this level's bank
+            self.reference_grid[level] = torch.tensor([maps, height, width], device=self.reference_grid.device)
 
     def check_query_grid(self, features: Sequence[torch.Tensor]) -> None:
         """Raise a clear error when query feature maps do not have the size the references were made at."""

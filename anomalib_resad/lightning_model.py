@@ -145,7 +145,9 @@ class ResAD(AnomalibModule):
             4 views) or all 8 symmetries of the square (``"dihedral"``: flips and quarter turns; square images), or
             the images alone (``"none"``, default; :mod:`~anomalib_resad.reference_views`). Only evaluation banks:
             training and the query images are untouched, and a class's calibration stays leave-one-out by image.
-            Matching costs grow with the bank (4x / 8x).
+        reference_view_levels (int | None): The views go into the banks of this many deepest levels (``None``: all).
+            Defaults to ``2``: the levels the nearest-neighbour score reads; the shallowest level's matching, the
+            costliest (stride 4), stays on the images alone.
         distribution_matching (bool): ResAD++ (the reference code): a codebook of normal residuals trained beside
             the flows, and test-time EFDM of the residuals toward it (:mod:`~anomalib_resad.residual_codebook`).
             Defaults to ``False`` (the NeurIPS ResAD).
@@ -199,6 +201,7 @@ class ResAD(AnomalibModule):
         reverse_dissimilarity_margin: float = 1.5,
         nearest_averaging: str = "auto",
         reference_views: str = "none",
+        reference_view_levels: int | None = 2,
         distribution_matching: bool = False,
         codebook_size: int = 1536,
         efdm_alpha: float = 0.4,
@@ -228,6 +231,7 @@ class ResAD(AnomalibModule):
         reverse_dissimilarity_margin = adopted.get("reverse_dissimilarity_margin", reverse_dissimilarity_margin)
         nearest_averaging = adopted.get("nearest_averaging", nearest_averaging)
         reference_views = adopted.get("reference_views", reference_views)
+        reference_view_levels = adopted.get("reference_view_levels", reference_view_levels)
         distribution_matching = adopted.get("distribution_matching", distribution_matching)
         codebook_size = adopted.get("codebook_size", codebook_size)
         efdm_alpha = adopted.get("efdm_alpha", efdm_alpha)
@@ -272,6 +276,7 @@ class ResAD(AnomalibModule):
             reverse_dissimilarity_margin=reverse_dissimilarity_margin,
             nearest_averaging=nearest_averaging,
             reference_views=reference_views,
+            reference_view_levels=reference_view_levels,
             distribution_matching=distribution_matching,
             codebook_size=codebook_size,
             efdm_alpha=efdm_alpha,

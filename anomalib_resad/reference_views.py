@@ -17,6 +17,11 @@ scored against the other references' views, never against its own (:func:`view_r
 Images are flipped, not features: a convolutional backbone's features of a flipped image are not the flipped
 features (a bank's positions are matched as a set, so flipping feature maps would add nothing).
 
+**Which levels.** Matching costs grow with the bank, and the shallowest level (stride 4) costs the most: with every
+level's bank 8x larger, the light model scores an image about 5x slower. ``reference_view_levels`` (default 2) puts
+the views into the banks of the deepest levels only - the two the nearest-neighbour score reads - and keeps the
+shallow levels' banks to the images themselves (:func:`level_views`).
+
 Example:
     >>> images = torch.arange(8.0).reshape(2, 1, 2, 2)
     >>> views = reference_views(images, "flips")
@@ -24,7 +29,11 @@ Example:
     ((8, 1, 2, 2), 4, True, True)
     >>> view_rows(1, 4)
     slice(4, 8, None)
+    >>> level_views("dihedral", num_levels=3, levels=2)
+    [1, 8, 8]
 """
+
+from collections.abc import Sequence
 
 import torch
 
@@ -73,3 +82,30 @@ def reference_views(images: torch.Tensor, mode: str) -> torch.Tensor:
 def view_rows(index: int, views: int) -> slice:
     """The rows of reference image ``index``'s views in a bank of ``views`` views per image (leave-one-out)."""
     return slice(index * views, (index + 1) * views)
+
+
+def level_views(mode: str, num_levels: int, levels: int | None) -> list[int]:
+    """Views per reference image in each level's bank: the deepest ``levels`` get the mode's, the others 1.
+
+    Args:
+        mode (str): ``"none"``, ``"flips"`` or ``"dihedral"``.
+        num_levels (int): Number of feature levels.
+        levels (int | None): How many of the deepest levels hold the views (``None``: all).
+
+    Returns:
+        list[int]: One count per level, shallowest first.
+    """
+    count = view_count(mode)
+    deep = num_levels if levels is None else max(0, min(int(levels), num_levels))
+    return [1] * (num_levels - deep) + [count] * deep
+
+
+def keep_views(features: Sequence[torch.Tensor], views: Sequence[int]) -> list[torch.Tensor]:
+    """Per-level features of every view ``(k * A, ...)`` -> each level's bank rows: all views, or the images alone.
+
+    ``A`` is the largest of ``views``; a level with 1 keeps each image's first view (the image itself).
+    """
+    count = max(views)
+    return [
+        level if level_count == count else level[::count] for level, level_count in zip(features, views, strict=True)
+    ]

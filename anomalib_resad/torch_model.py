@@ -37,7 +37,7 @@ from .errors import ResADInputError, check_choice
 from .feature_constraintor import FeatureConstraintor
 from .feature_converter import FeatureConverter, ReferenceBank, flatten_levels
 from .feature_extractor import ResADFeatureExtractor
-from .reference_views import reference_views, view_count, view_rows
+from .reference_views import keep_views, level_views, reference_views, view_count, view_rows
 from .residual_codebook import ResidualCodebook
 from .residual_flow import ResidualFlow
 from .synthetic_defects import synthetic_defects
@@ -77,6 +77,8 @@ class ResADModel(nn.Module):
         reference_views (str): The reference bank holds each reference image's ``"flips"`` (4 views) or
             ``"dihedral"`` symmetries (8) as well, or the images alone (``"none"``;
             :mod:`~anomalib_resad.reference_views`). Defaults to ``"none"``.
+        reference_view_levels (int | None): How many of the deepest levels' banks hold the views (``None``: all).
+            Defaults to ``2`` (the levels of the nearest-neighbour score; the costly shallow levels stay plain).
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class ResADModel(nn.Module):
         efdm_alpha: float = 0.4,
         nearest_averaging: str = "auto",
         reference_views: str = "none",
+        reference_view_levels: int | None = 2,
     ) -> None:
         super().__init__()
         check_choice("nearest_averaging", nearest_averaging, NEAREST_AVERAGING)
@@ -124,6 +127,7 @@ class ResADModel(nn.Module):
         self.reverse_dissimilarity_margin = reverse_dissimilarity_margin
         self.nearest_averaging = nearest_averaging
         self.reference_views = reference_views
+        self.reference_view_levels = reference_view_levels
         # ResAD++: residuals moved toward a codebook of normal residuals at test time (None: the NeurIPS ResAD)
         self.codebook = ResidualCodebook(channels, codebook_size, efdm_alpha) if distribution_matching else None
 
@@ -131,6 +135,19 @@ class ResADModel(nn.Module):
     def num_levels(self) -> int:
         """Number of feature levels."""
         return len(self.feature_extractor.layers)
+
+    @property
+    def bank_views(self) -> list[int]:
+        """Views per reference image in each level's evaluation bank (``reference_views``, shallowest level first)."""
+        return level_views(self.reference_views, self.num_levels, self.reference_view_levels)
+
+    @torch.no_grad()
+    def bank_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Per-level features of a class's evaluation bank: each image's views where :attr:`bank_views` asks.
+
+        Level ``l`` holds ``(k * bank_views[l], C_l, H_l, W_l)``, image by image (its first row is the image itself).
+        """
+        return keep_views(self.reference_features(reference_views(images, self.reference_views)), self.bank_views)
 
     @torch.no_grad()
     def reference_features(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -143,12 +160,12 @@ class ResADModel(nn.Module):
         features: Sequence[torch.Tensor],
         image_size: tuple[int, int],
         images: torch.Tensor | None = None,
-        views: int = 1,
+        views: int | Sequence[int] = 1,
     ) -> torch.Tensor:
-        """A class's calibration from the per-level features ``(k * views, C_l, H_l, W_l)`` of its k reference images.
+        """A class's calibration from the per-level features ``(k * views_l, C_l, H_l, W_l)`` of its k references.
 
-        Every reference image is scored against a bank of the other k - 1 - with ``views`` > 1, image ``i`` (its
-        first view) against the other images' views, never its own
+        Every reference image is scored against a bank of the other k - 1 - with views, image ``i`` (its first
+        view) against the other images' views, never its own
         (:func:`~anomalib_resad.anomaly_map.leave_one_out_calibration` holds the rule). Needs k >= 2.
 
         Args:
@@ -156,24 +173,26 @@ class ResADModel(nn.Module):
             image_size (tuple[int, int]): Size of the pre-processed images (the maps' resolution).
             images (torch.Tensor | None): The pre-processed reference images ``(k, 3, H, W)``: with
                 ``nearest_averaging="auto"`` their synthetic defects choose the class's matching.
-            views (int): Views per image in ``features``, image by image (:func:`~anomalib_resad.reference_views.
-                reference_views`). Defaults to ``1``.
+            views (int | Sequence[int]): Views per image in ``features``, image by image, for every level or per
+                level (:meth:`bank_features`). Defaults to ``1``.
 
         Returns:
             torch.Tensor: The flat calibration ``(L + 7,)``.
         """
         was_training = self.training
         self.eval()  # BatchNorm on running statistics, as at inference
-        k = int(features[0].shape[0]) // views
+        views = [views] * len(features) if isinstance(views, int) else list(views)
+        k = int(features[0].shape[0]) // views[0]
 
-        def others_of(index: int, levels: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-            rows = view_rows(index, views)
-            return flatten_levels([torch.cat([level[: rows.start], level[rows.stop :]]) for level in levels])
+        def others_of(index: int, levels: Sequence[torch.Tensor], counts: Sequence[int]) -> list[torch.Tensor]:
+            rows = [view_rows(index, count) for count in counts]
+            kept = [torch.cat([level[: row.start], level[row.stop :]]) for level, row in zip(levels, rows, strict=True)]
+            return flatten_levels(kept)
 
         def score_reference(index: int, constants: torch.Tensor) -> ScoreComponents:
-            query = [level[index * views : index * views + 1] for level in features]
+            query = [level[index * count : index * count + 1] for level, count in zip(features, views, strict=True)]
             constants = constants.to(features[0].device)
-            return self.score_components(query, others_of(index, features), constants, image_size)
+            return self.score_components(query, others_of(index, features, views), constants, image_size)
 
         score_defects = None
         generator = self.anomaly_map_generator
@@ -188,7 +207,7 @@ class ResADModel(nn.Module):
             def score_defects(index: int, constants: torch.Tensor) -> ScoreComponents:
                 # the choice reads the two nearest-neighbour scores only: matching, no constraintor or flows
                 del constants
-                bank = others_of(index, features[-NEAREST_LEVELS:])
+                bank = others_of(index, features[-NEAREST_LEVELS:], views[-NEAREST_LEVELS:])
                 query = self.feature_extractor(defects[index])[-NEAREST_LEVELS:]
                 similarities = self.feature_converter(query, bank).similarities
                 averaged = self.feature_converter.averaged_distances(query, bank, NEAREST_LEVELS)
@@ -214,10 +233,9 @@ class ResADModel(nn.Module):
 
         With ``reference_views`` the bank holds each image's views (:mod:`~anomalib_resad.reference_views`).
         """
-        views = view_count(self.reference_views)
-        features = self.reference_features(reference_views(images, self.reference_views))
-        calibration = self.calibrate(features, tuple(images.shape[-2:]), images, views)
-        return ReferenceBank.from_features(features, calibration, views)
+        features = self.bank_features(images)
+        calibration = self.calibrate(features, tuple(images.shape[-2:]), images, self.bank_views)
+        return ReferenceBank.from_features(features, calibration, self.bank_views)
 
     @torch.no_grad()
     def set_references(self, bank: ReferenceBank) -> None:

@@ -343,3 +343,30 @@ def test_per_class_averaging_is_chosen_and_scored_alike_in_eager_and_openvino(
         assert_parity({name: value.numpy() for name, value in reference._asdict().items() if value is not None},
                       {"pred_score": prediction.pred_score, "anomaly_map": prediction.anomaly_map,
                        "pred_label": prediction.pred_label})  # fmt: skip
+
+
+def test_reference_views_are_made_and_scored_alike_in_eager_and_openvino(
+    checkpoint: Path, texture_root: Path, tmp_path: Path
+) -> None:
+    """``reference_views="dihedral"``: the OpenVINO reference encoder and calibrator make the same 8-view bank and
+    leave-one-out calibration as eager PyTorch, and the exported graph scores against it like eager."""
+    model = ResAD.load_from_checkpoint(checkpoint, reference_views="dihedral").eval()
+    root = export_deployment(model, tmp_path / "deployment")
+    folder = texture_root / "brick" / "train" / "good"
+    bank, metadata = load_references(make_references(root, folder, tmp_path / "brick.npz", k=2))
+    assert (bank.k, bank.views, metadata["views"]) == (16, 8, 8)
+    model.set_references(select_folder_references(folder, 2, "brick"))
+    eager_bank = model.model.feature_converter.reference_levels
+    for exported_level, eager_level in zip(bank.levels, eager_bank, strict=True):
+        torch.testing.assert_close(exported_level, eager_level, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(bank.calibration, model.model.anomaly_map_generator.calibration, rtol=1e-2, atol=1e-3)
+    inferencer = ReferenceConditionedInferencer(root)
+    inferencer.add_class("brick", tmp_path / "brick.npz")
+    model.model.set_references(bank)
+    for image in images_of(texture_root, "brick", 2):
+        prediction = inferencer.predict(image, class_name="brick")
+        with torch.no_grad():
+            reference = model(read_image(image, as_tensor=True).unsqueeze(0))
+        assert_parity({name: value.numpy() for name, value in reference._asdict().items() if value is not None},
+                      {"pred_score": prediction.pred_score, "anomaly_map": prediction.anomaly_map,
+                       "pred_label": prediction.pred_label})  # fmt: skip
