@@ -281,8 +281,8 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
         residual (str): ``"squared"`` (reference code, default) or ``"difference"`` (paper, Eq. 1).
 
     Attributes:
-        reference_grid (torch.Tensor): ``(L, 3)`` ``[maps, H_l, W_l]`` of the stored bank: feature maps per level
-            (k x the level's views) and grid (zeros when empty).
+        reference_grid (torch.Tensor): ``(L, 3)`` ``[k, H_l, W_l]`` of the stored bank (zeros when empty); level
+            ``l`` holds ``k`` x its views feature maps (:mod:`~anomalib_resad.reference_views`).
     """
 
     def __init__(self, num_levels: int, residual: str = "squared") -> None:
@@ -303,12 +303,13 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
     def bank(self) -> ReferenceBank:
         """The stored reference bank."""
         grid = self.reference_grid.tolist()
-        k = min(int(maps) for maps, _, _ in grid)  # a bank with views on every level reads as k x views images
+        levels = self.reference_levels
+        k = int(grid[0][0])
         return ReferenceBank(
-            levels=self.reference_levels,
+            levels=levels,
             grids=[(height, width) for _, height, width in grid],
-            k=k,
-            views=[int(maps) // max(k, 1) for maps, _, _ in grid],
+            k=k,  # each level holds k x its views feature maps
+            views=[len(level) // max(k * h * w, 1) for level, (_, h, w) in zip(levels, grid, strict=True)],
         )
 
     @property
@@ -323,8 +324,7 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
             raise ResADInputError(msg)
         for level, (features, (height, width)) in enumerate(zip(bank.levels, bank.grids, strict=True)):
             setattr(self, f"reference_{level}", features.detach().to(self.reference_grid.device).contiguous())
-            maps = bank.k * bank.level_views[level]  # feature maps in this level's bank
-            self.reference_grid[level] = torch.tensor([maps, height, width], device=self.reference_grid.device)
+            self.reference_grid[level] = torch.tensor([bank.k, height, width], device=self.reference_grid.device)
 
     def check_query_grid(self, features: Sequence[torch.Tensor]) -> None:
         """Raise a clear error when query feature maps do not have the size the references were made at."""

@@ -76,7 +76,7 @@ class ResADModel(nn.Module):
             (:mod:`~anomalib_resad.anomaly_map`). Defaults to ``"auto"``.
         reference_views (str): The reference bank holds each reference image's ``"flips"`` (4 views) or
             ``"dihedral"`` symmetries (8) as well, or the images alone (``"none"``;
-            :mod:`~anomalib_resad.reference_views`). Defaults to ``"none"``.
+            :mod:`~anomalib_resad.reference_views`). Defaults to ``"dihedral"``.
         reference_view_levels (int | None): How many of the deepest levels' banks hold the views (``None``: all).
             Defaults to ``2`` (the levels of the nearest-neighbour score; the costly shallow levels stay plain).
     """
@@ -103,7 +103,7 @@ class ResADModel(nn.Module):
         codebook_size: int = 1536,
         efdm_alpha: float = 0.4,
         nearest_averaging: str = "auto",
-        reference_views: str = "none",
+        reference_views: str = "dihedral",
         reference_view_levels: int | None = 2,
     ) -> None:
         super().__init__()

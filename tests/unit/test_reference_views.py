@@ -72,7 +72,7 @@ def test_calibration_scores_each_reference_against_the_other_images_views_only()
 def test_views_change_the_bank_and_training_draws_stay_plain(tmp_path: Path) -> None:
     paths = [str(write_image(tmp_path / f"ref{index}.png", size=(64, 64))) for index in range(3)]
     selection = ReferenceSelection("widget", paths)
-    plain = tiny_resad(nearest_averaging="off")
+    plain = tiny_resad(nearest_averaging="off", reference_views="none")
     flipped = tiny_resad(nearest_averaging="off", reference_views="dihedral")
     flipped.model.load_state_dict(plain.model.state_dict())
     plain_bank, flipped_bank = plain.references.bank(selection), flipped.references.bank(selection)
@@ -102,7 +102,7 @@ def test_views_on_the_deepest_levels_only_keep_the_shallow_bank_plain() -> None:
     plain = model.reference_features(images)
     torch.testing.assert_close(bank.levels[0], flatten_levels(plain)[0])
     model.set_references(bank)
-    assert model.feature_converter.reference_grid[:, 0].tolist() == [3, 12]
+    assert model.feature_converter.reference_grid[:, 0].tolist() == [3, 3]
     assert model.feature_converter.bank.views == [1, 4]
     features = model.bank_features(images)
     constants = bank.calibration[: model.num_levels]
@@ -121,3 +121,20 @@ def test_views_on_the_deepest_levels_only_keep_the_shallow_bank_plain() -> None:
         model.set_references(model.make_reference_bank(images))
         output = model(torch.rand(2, 3, 64, 64))
     assert output.pred_score.shape == (2,) and bool(torch.isfinite(output.anomaly_map).all())
+
+
+def test_default_is_dihedral_and_checkpoints_of_before_the_option_keep_the_images_alone() -> None:
+    model = tiny_resad()
+    assert model.model.reference_views == "dihedral" and model.model.bank_views == [8, 8]
+    saved = {name: value for name, value in model.hparams.items() if name != "reference_views"}
+    model.on_load_checkpoint({"hyper_parameters": saved})
+    assert model.model.reference_views == "none" and model.hparams["reference_views"] == "none"
+    current = tiny_resad()
+    current.on_load_checkpoint({"hyper_parameters": dict(current.hparams)})
+    assert current.model.reference_views == "dihedral"
+
+
+def test_dihedral_views_need_a_square_image_size() -> None:
+    with pytest.raises(ResADConfigurationError, match=r"square image_size; got 64x96.*reference_views flips"):
+        tiny_resad(image_size=(64, 96))
+    assert tiny_resad(image_size=(64, 96), reference_views="flips").model.reference_views == "flips"
