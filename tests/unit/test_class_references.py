@@ -93,5 +93,6 @@ def test_calibration_reads_only_the_reference_images(tmp_path: Path) -> None:
     assert sorted(encoded) == sorted(paths)
     # and the calibration is the leave-one-out rule applied to exactly these features
     images = load_images(paths, model.pre_processor.transform)  # nearest_averaging="auto" reads the images too
-    expected = model.model.calibrate(model.references.features(paths), (64, 64), images)
+    views = model.model.bank_views  # the default bank holds each image's 8 views on both levels of the tiny model
+    expected = model.model.calibrate(model.references.features(paths, max(views)), (64, 64), images, views)
     torch.testing.assert_close(bank.calibration, expected)
