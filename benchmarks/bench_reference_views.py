@@ -71,7 +71,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(describe(cpu_info(), runtime_versions()))
     print(f"torch threads: {torch.get_num_threads()}; k = {args.shots}; 224 px; eager PyTorch, f32, batch 1\n")
-    print("| backbone | reference_views | bank images | ms / image (median of rounds) | vs none | set references, s |")
+    print("| backbone | reference_views | views per level | ms / image (median) | vs none | set references, s |")
     print("|---|---|---|---|---|---|")
     torch.manual_seed(0)
     references, query = torch.randn(args.shots, 3, 224, 224), torch.randn(1, 3, 224, 224)
@@ -91,7 +91,7 @@ def main() -> None:
         base = statistics.median(results["none"]["ms"])
         for mode in MODES:
             ms = statistics.median(results[mode]["ms"])
-            views = models[mode].model.feature_converter.reference_grid[0, 0].item()
+            views = models[mode].model.feature_converter.bank.views
             print(f"| {name} | {mode} | {views} | {ms:.1f} | {ms / base:.2f}x | "
                   f"{statistics.median(results[mode]['fit']):.1f} |")  # fmt: skip
 
