@@ -30,7 +30,7 @@ Example:
     >>> bank = references.bank(selection)
     >>> bank.k, tuple(bank.levels[0].shape), bank.calibration.tolist()
     (2, (18, 4), [1.0, 1.0, 1.0, 1.0])
-    >>> with_views = ClassReferences(encode, calibrate, view_count=lambda: 4)
+    >>> with_views = ClassReferences(encode, calibrate, bank_views=lambda: (4,))
     >>> with_views.set_pools({"widget": ["a.png", "b.png", "c.png"]})
     >>> bank = with_views.bank(with_views.select("widget", k=2, seed=0))
     >>> bank.k, bank.views, tuple(bank.levels[0].shape)
@@ -117,9 +117,9 @@ class FileEncoder:
             return self.model.bank_features(images), size
         return self.model.reference_features(images), size
 
-    def view_count(self) -> int:
-        """Views per reference image in the model's evaluation banks (on the levels that hold views)."""
-        return max(self.model.bank_views)
+    def bank_views(self) -> tuple[int, ...]:
+        """Views per reference image in each level of the model's evaluation banks (``ResADModel.bank_views``)."""
+        return tuple(self.model.bank_views)
 
     @torch.no_grad()
     def calibrate(
@@ -145,8 +145,8 @@ class ClassReferences:
         calibrate (Calibrator): (per-level features of k images, image size, their files) -> the class's flat
             calibration.
         cache_bytes (int): Memory for cached per-image features. Defaults to 1 GiB.
-        view_count (Callable[[], int] | None): Views per reference image in evaluation banks (the model's
-            ``reference_views``); ``None``: the images alone.
+        bank_views (Callable[[], tuple[int, ...]] | None): Views per reference image in each level of evaluation
+            banks (the model's ``reference_views``); ``None``: the images alone.
     """
 
     def __init__(
@@ -154,11 +154,11 @@ class ClassReferences:
         encode: Encoder,
         calibrate: Calibrator,
         cache_bytes: int = 1 << 30,
-        view_count: Callable[[], int] | None = None,
+        bank_views: Callable[[], tuple[int, ...]] | None = None,
     ) -> None:
         self.encode = encode
         self.calibrate = calibrate
-        self.view_count = view_count or (lambda: 1)
+        self.bank_views = bank_views or (lambda: (1,))
         self.cache = FeatureCache(cache_bytes)
         self.pools: dict[str, list[str]] = {}
         self._banks: dict[tuple[str, ...], ReferenceBank] = {}
@@ -173,7 +173,7 @@ class ClassReferences:
     ) -> "ClassReferences":
         """References encoded and calibrated by ``model``, images pre-processed with ``transform``."""
         encoder = FileEncoder(model, transform)
-        return cls(encoder, encoder.calibrate, cache_bytes, encoder.view_count)
+        return cls(encoder, encoder.calibrate, cache_bytes, encoder.bank_views)
 
     def clear(self) -> None:
         """Forget cached features and banks (the model changed: new training, new weights)."""
@@ -212,15 +212,18 @@ class ClassReferences:
         return ReferenceSelection(class_name=class_name, paths=paths, source=source, seed=seed)
 
     # ------------------------------------------------------------------ features and banks
-    def features(self, paths: Sequence[str], views: int = 1) -> list[torch.Tensor]:
+    def features(self, paths: Sequence[str], views: int | Sequence[int] = 1) -> list[torch.Tensor]:
         """Per-level features of files, each encoded once: ``(n, C_l, H_l, W_l)``.
 
-        With ``views`` > 1: the encoder's views of each file in turn, ``(n * views_l, ...)`` (levels may hold fewer
-        views than ``views``: the model's ``bank_views``).
+        With ``views`` > 1 (a count, or the per-level layout of the model's ``bank_views``): the encoder's views of
+        each file in turn, ``(n * views_l, ...)``.
         """
         paths = [str(path) for path in paths]
-        # an image's views are cached under their own key: training draws read the images alone
-        keys = {path: path if views == 1 else f"{path}\0views={views}" for path in paths}
+        # an image's views are cached under their own key (with the per-level layout): training draws read the
+        # images alone
+        layout = (views,) if isinstance(views, int) else tuple(views)
+        views = max(layout)
+        keys = {path: path if views == 1 else f"{path}\0views={layout}" for path in paths}
         missing = [path for path in dict.fromkeys(paths) if self.cache.get(keys[path]) is None]
         if missing:
             encoded, self._image_size = self.encode(missing, views)
@@ -241,7 +244,7 @@ class ClassReferences:
 
     def bank(self, selection: ReferenceSelection) -> ReferenceBank:
         """The calibrated bank of a class's selected references (built once per set of files)."""
-        key = (*selection.paths, f"views={self.view_count()}")
+        key = (*selection.paths, f"views={self.bank_views()}")
         if key not in self._banks:
             blank = [path for path in selection.paths if is_blank_image(path)]
             if blank:
@@ -250,8 +253,7 @@ class ClassReferences:
                     "show nothing to compare against. Use k normal images of the class as references."
                 )
                 raise ResADInputError(msg)
-            views = self.view_count()
-            features = self.features(selection.paths, views)
+            features = self.features(selection.paths, self.bank_views())
             if self._image_size is None:  # features cached before a clear(): learn the pre-processed size again
                 _, self._image_size = self.encode(selection.paths[:1], 1)
             calibration = self.calibrate(features, self._image_size, selection.paths)

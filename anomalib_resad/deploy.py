@@ -165,10 +165,13 @@ def load_references(path: str | Path, expected: dict[str, Any] | None = None) ->
 
 
 def _check_shapes(path: Path, levels: list[np.ndarray], calibration: np.ndarray, metadata: dict[str, Any]) -> None:
-    """Arrays must be ``(k * H_l * W_l, C_l)`` per level and a calibration of ``L + 7`` values."""
+    """Arrays must be ``(k * views_l * H_l * W_l, C_l)`` per level and a calibration of ``L + 7`` values."""
     problems = []
     k = int(metadata.get("k", 0))
     views = metadata.get("views", [1] * len(levels))
+    if len(views) != len(levels):
+        problems.append(f"views lists {len(views)} levels, the file holds {len(levels)}")
+        views = [1] * len(levels)
     for level, (array, channels, grid, count) in enumerate(
         zip(levels, metadata["channels"], metadata["reference_grids"], views, strict=True)
     ):
@@ -439,7 +442,10 @@ def _openvino_reference_bank(
     mode = metadata.get("reference_views", "none")
     grids = [tuple(grid) for grid in signature["grids"]]
     views = level_views(mode, len(grids), metadata.get("reference_view_levels", 2))
-    encoded = [np.asarray(level) for level in encoder(reference_views(images, mode).numpy()).values()]
+    encoded = [  # no level holding views ("none", or reference_view_levels 0): the images alone
+        np.asarray(level)
+        for level in encoder(reference_views(images, mode if max(views) > 1 else "none").numpy()).values()
+    ]
     per_image = [  # (k * views_l, positions, channels): the levels without views keep each image's first view
         level.reshape(len(pixels) * max(views), -1, level.shape[-1])[:: max(views) // count]
         for level, count in zip(encoded, views, strict=True)

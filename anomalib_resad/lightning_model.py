@@ -141,9 +141,11 @@ class ResAD(AnomalibModule):
             matching. Setting a class's references then also scores 12 defective copies of each reference by
             matching alone (Lite0, k = 4: about 4x the time of ``"off"``). Checkpoints saved before the option keep
             ``"off"``.
-        reference_views (str): The reference bank also holds each reference image's 8 symmetries of the square
-            (``"dihedral"``, default: flips and quarter turns; needs a square ``image_size``), its 4 flips
+        reference_views (str | None): The reference bank also holds each reference image's 8 symmetries of the
+            square (``"dihedral"``: flips and quarter turns; needs a square ``image_size``), its 4 flips
             (``"flips"``), or the images alone (``"none"``, the reference; :mod:`~anomalib_resad.reference_views`).
+            Defaults to ``None``: ``"dihedral"`` for a square ``image_size``, ``"flips"`` otherwise (a quarter turn
+            would change the image's size).
             Only evaluation banks: training and the query images are untouched, and a class's calibration stays
             leave-one-out by image. Measured end to end on the three ``../shared/data`` settings (docs/benchmark.md,
             "Flipped and rotated views of the references"): image AUROC at k = 2 / 4 on the 11 unseen DeepPCB groups
@@ -205,7 +207,7 @@ class ResAD(AnomalibModule):
         dissimilarity_margin: float = 2.0,
         reverse_dissimilarity_margin: float = 1.5,
         nearest_averaging: str = "auto",
-        reference_views: str = "dihedral",
+        reference_views: str | None = None,
         reference_view_levels: int | None = 2,
         distribution_matching: bool = False,
         codebook_size: int = 1536,
@@ -253,12 +255,16 @@ class ResAD(AnomalibModule):
             msg = f"pos_embed_dim must be a multiple of 4 (sin/cos in two axes), got {pos_embed_dim}."
             raise ResADConfigurationError(msg)
         check_choice("flow_steps", flow_steps, FLOW_STEPS)
-        height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        if reference_views == "dihedral" and height != width:
+        size = (224, 224) if image_size is None else (image_size,) * 2 if isinstance(image_size, int) else image_size
+        square = int(size[0]) == int(size[-1])
+        # the default (None, kept as such in hparams: checkpoints of before the option are told apart by it):
+        # quarter turns only where they keep the image's size
+        views_mode = reference_views or ("dihedral" if square else "flips")
+        if views_mode == "dihedral" and not square:
             msg = (
-                f"reference_views='dihedral' (the default) turns the reference images by quarter turns, which needs a "
-                f"square image_size; got {height}x{width}. Use a square size or --model.reference_views flips "
-                "(mirror images only) or none."
+                f"reference_views='dihedral' turns the reference images by quarter turns, which needs a square "
+                f"image_size; got {size[0]}x{size[-1]}. Use a square size or --model.reference_views flips (mirror "
+                "images only), or leave the option out (flips for non-square sizes)."
             )
             raise ResADConfigurationError(msg)
         if flow_steps == "chunk" and flow_positions is None:
@@ -288,7 +294,7 @@ class ResAD(AnomalibModule):
             dissimilarity_margin=dissimilarity_margin,
             reverse_dissimilarity_margin=reverse_dissimilarity_margin,
             nearest_averaging=nearest_averaging,
-            reference_views=reference_views,
+            reference_views=views_mode,
             reference_view_levels=reference_view_levels,
             distribution_matching=distribution_matching,
             codebook_size=codebook_size,
@@ -543,8 +549,15 @@ class ResAD(AnomalibModule):
             msg = f"reference_dir holds references of one class, but the evaluated data has classes {classes}."
             raise ResADInputError(msg)
         stored = self.reference_selection
+        converter = self.model.feature_converter
+        # a stored bank made with other reference views (an option set after loading) is made again
+        stored_current = converter.has_references and converter.bank.views == self.model.bank_views
         keep_stored = (
-            not self.reference_dir and self._pinned_references and stored is not None and stored.class_name in classes
+            not self.reference_dir
+            and self._pinned_references
+            and stored is not None
+            and stored.class_name in classes
+            and stored_current
         )
         selections = {
             name: self.select_references(name)
@@ -554,7 +567,7 @@ class ResAD(AnomalibModule):
         if not keep_stored:
             primary = stored.class_name if stored is not None and stored.class_name in classes else classes[0]
             selection = selections[primary]
-            if stored is None or stored.paths != selection.paths or not self.model.feature_converter.has_references:
+            if stored is None or stored.paths != selection.paths or not stored_current:
                 self.set_references(selection, pinned=False)
         stored_class = self.reference_selection.class_name
         self._eval_banks = {
@@ -805,9 +818,9 @@ class ResAD(AnomalibModule):
             # scoring options after loading)
             self.model.nearest_averaging = "off"
             self.hparams["nearest_averaging"] = "off"
-        if "reference_views" not in saved and self.model.reference_views == "dihedral":
-            # saved before the option: references set on it are made as that release did (the images alone); an
-            # explicit "dihedral" cannot be told from the default (resad evaluate sets scoring options after loading)
+        if "reference_views" not in saved and self.hparams.get("reference_views") is None:
+            # saved before the option and left at the default: references set on it are made as that release did
+            # (the images alone); an explicit value is kept (resad evaluate sets scoring options after loading)
             self.model.reference_views = "none"
             self.hparams["reference_views"] = "none"
         if "nearest_score" not in saved and generator.nearest_score:

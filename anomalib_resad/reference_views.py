@@ -37,7 +37,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import ResADInputError, check_choice
+from .errors import ResADConfigurationError, ResADInputError, check_choice
 
 REFERENCE_VIEWS = ("none", "flips", "dihedral")
 _COUNTS = {"none": 1, "flips": 4, "dihedral": 8}
@@ -96,14 +96,18 @@ def level_views(mode: str, num_levels: int, levels: int | None) -> list[int]:
         list[int]: One count per level, shallowest first.
     """
     count = view_count(mode)
-    deep = num_levels if levels is None else max(0, min(int(levels), num_levels))
+    if levels is not None and int(levels) < 0:
+        msg = f"reference_view_levels must be >= 0 (or None: every level), got {levels}."
+        raise ResADConfigurationError(msg)
+    deep = num_levels if levels is None else min(int(levels), num_levels)
     return [1] * (num_levels - deep) + [count] * deep
 
 
 def keep_views(features: Sequence[torch.Tensor], views: Sequence[int]) -> list[torch.Tensor]:
     """Per-level features of every view ``(k * A, ...)`` -> each level's bank rows: all views, or the images alone.
 
-    ``A`` is the largest of ``views``; a level with 1 keeps each image's first view (the image itself).
+    ``A`` is the largest of ``views`` (the features must hold ``A`` views per image); a level with 1 keeps each
+    image's first view (the image itself).
     """
     count = max(views)
     return [

@@ -147,7 +147,10 @@ class ResADModel(nn.Module):
 
         Level ``l`` holds ``(k * bank_views[l], C_l, H_l, W_l)``, image by image (its first row is the image itself).
         """
-        return keep_views(self.reference_features(reference_views(images, self.reference_views)), self.bank_views)
+        views = self.bank_views
+        if max(views) == 1:  # "none", or no level holds views
+            return self.reference_features(images)
+        return keep_views(self.reference_features(reference_views(images, self.reference_views)), views)
 
     @torch.no_grad()
     def reference_features(self, images: torch.Tensor) -> list[torch.Tensor]:

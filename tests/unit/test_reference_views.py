@@ -134,7 +134,31 @@ def test_default_is_dihedral_and_checkpoints_of_before_the_option_keep_the_image
     assert current.model.reference_views == "dihedral"
 
 
-def test_dihedral_views_need_a_square_image_size() -> None:
+def test_dihedral_views_need_a_square_image_size_and_the_default_falls_back_to_flips() -> None:
     with pytest.raises(ResADConfigurationError, match=r"square image_size; got 64x96.*reference_views flips"):
-        tiny_resad(image_size=(64, 96))
-    assert tiny_resad(image_size=(64, 96), reference_views="flips").model.reference_views == "flips"
+        tiny_resad(image_size=(64, 96), reference_views="dihedral")
+    assert tiny_resad(image_size=(64, 96)).model.reference_views == "flips"  # documented default for non-square
+    with pytest.raises(ResADConfigurationError, match="reference_view_levels must be >= 0"):
+        tiny_resad(reference_view_levels=-1).model.bank_views  # noqa: B018
+
+
+def test_no_level_with_views_is_the_plain_bank_and_a_changed_layout_makes_the_bank_again(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 64, 64)
+    model = tiny_resad(nearest_averaging="off", reference_view_levels=0).model.eval()
+    plain = tiny_resad(nearest_averaging="off", reference_views="none").model.eval()
+    plain.load_state_dict(model.state_dict())
+    zero, reference = model.make_reference_bank(images), plain.make_reference_bank(images)
+    assert (zero.k, zero.views) == (2, [1, 1])
+    for level, expected in zip(zero.levels, reference.levels, strict=True):
+        torch.testing.assert_close(level, expected)
+    torch.testing.assert_close(zero.calibration, reference.calibration)
+    # the same files with another per-level layout of views: a new bank, not the cached one
+    resad = tiny_resad(nearest_averaging="off")
+    paths = [str(write_image(tmp_path / f"ref{index}.png", size=(64, 64))) for index in range(2)]
+    selection = ReferenceSelection("widget", paths)
+    both = resad.references.bank(selection)
+    resad.model.reference_view_levels = 1
+    deepest = resad.references.bank(selection)
+    assert (both.views, deepest.views) == ([8, 8], [1, 8])
+    assert deepest.levels[0].shape[0] == 2 * 16 * 16
