@@ -2,9 +2,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """What ``reference_views`` costs: eager scoring time per image and the time to set a class's references.
 
-A bank with each reference's 4 (``flips``) or 8 (``dihedral``) views is 4x / 8x larger, and ResAD matches every
-query position against all of it on every level. One table, every configuration measured in the same run, rounds
-alternating between the view modes (a shared machine drifts; compare the ratios in one column):
+A bank with each reference's 4 (``flips``) or 8 (``dihedral``) views is 4x / 8x larger on the levels that hold them
+(the two deepest by default), and ResAD matches every query position against all of it. ``nearest_averaging`` is
+fixed to ``off`` so that every row times the same matching (``auto`` may choose differently per bank). One table,
+every configuration measured in the same run, rounds alternating between the view modes (a shared machine drifts;
+compare the ratios in one column):
 
     python benchmarks/bench_reference_views.py                       # Lite0 (3 levels) and wide_resnet50_2, k = 4
     python benchmarks/bench_reference_views.py --only lite0 --rounds 3
@@ -78,7 +80,11 @@ def main() -> None:
     for name, settings in configs().items():
         if args.only and args.only not in name:
             continue
-        models = {mode: ResAD(**settings, image_size=224, reference_views=mode, visualizer=False) for mode in MODES}
+        # averaging fixed: "auto" may choose differently per bank, and the rows would time different matchings
+        models = {
+            mode: ResAD(**settings, image_size=224, reference_views=mode, nearest_averaging="off", visualizer=False)
+            for mode in MODES
+        }
         for model in models.values():
             model.model.load_state_dict(models["none"].model.state_dict(), strict=False)
             model.model.eval()
