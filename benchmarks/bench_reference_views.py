@@ -19,31 +19,17 @@ import statistics
 import time
 
 import torch
+from bench_inference import CONFIGS
 
 from anomalib_resad import ResAD
 from anomalib_resad.cpu_info import cpu_info, describe, runtime_versions
-from anomalib_resad.offline_weights import LITE0_BACKBONE, LITE0_LAYERS, LITE0_PACKAGE
 
 MODES = ("none", "flips", "dihedral")
 
 
 def configs() -> dict[str, dict]:
-    return {
-        "tf_efficientnet_lite0 (light, 3 levels)": {
-            "backbone": LITE0_BACKBONE,
-            "layers": list(LITE0_LAYERS),
-            "pre_trained": LITE0_PACKAGE,
-            "coupling_layers": 8,
-            "pos_embed_dim": 64,
-        },
-        "wide_resnet50_2 (reference)": {
-            "backbone": "wide_resnet50_2",
-            "layers": ["layer1", "layer2", "layer3"],
-            "pre_trained": False,
-            "coupling_layers": 10,
-            "pos_embed_dim": 256,
-        },
-    }
+    """The light (3-level Lite0) and the reference (wide_resnet50_2) configurations of ``bench_inference``."""
+    return {name: settings for name, settings in CONFIGS.items() if "2 levels" not in name}
 
 
 @torch.no_grad()

@@ -79,6 +79,19 @@ def assert_parity(reference: dict[str, np.ndarray], exported: dict[str, np.ndarr
     assert np.array_equal(reference["pred_label"].reshape(-1), np.asarray(exported["pred_label"]).reshape(-1))
 
 
+def assert_inferencer_matches_eager(
+    inferencer: ReferenceConditionedInferencer, model: ResAD, images: list[Path], class_name: str
+) -> None:
+    """The reference-conditioned OpenVINO model scores ``images`` like eager PyTorch holding the same bank."""
+    for image in images:
+        prediction = inferencer.predict(image, class_name=class_name)
+        with torch.no_grad():
+            reference = model(read_image(image, as_tensor=True).unsqueeze(0))
+        assert_parity({name: value.numpy() for name, value in reference._asdict().items() if value is not None},
+                      {"pred_score": prediction.pred_score, "anomaly_map": prediction.anomaly_map,
+                       "pred_label": prediction.pred_label})  # fmt: skip
+
+
 EXPORTED_FILES = {
     "torch": ["weights/torch/model.pt"],
     "onnx": ["weights/onnx/model.onnx", "weights/onnx/model.onnx.data"],  # torch writes the weights beside the graph
@@ -336,13 +349,7 @@ def test_per_class_averaging_is_chosen_and_scored_alike_in_eager_and_openvino(
     inferencer = ReferenceConditionedInferencer(root)
     inferencer.add_class("brick", bank_file)
     model.model.set_references(bank)
-    for image in images_of(texture_root, "brick", 2):
-        prediction = inferencer.predict(image, class_name="brick")
-        with torch.no_grad():
-            reference = model(read_image(image, as_tensor=True).unsqueeze(0))
-        assert_parity({name: value.numpy() for name, value in reference._asdict().items() if value is not None},
-                      {"pred_score": prediction.pred_score, "anomaly_map": prediction.anomaly_map,
-                       "pred_label": prediction.pred_label})  # fmt: skip
+    assert_inferencer_matches_eager(inferencer, model, images_of(texture_root, "brick", 2), "brick")
 
 
 def test_reference_views_are_made_and_scored_alike_in_eager_and_openvino(
@@ -363,10 +370,4 @@ def test_reference_views_are_made_and_scored_alike_in_eager_and_openvino(
     inferencer = ReferenceConditionedInferencer(root)
     inferencer.add_class("brick", tmp_path / "brick.npz")
     model.model.set_references(bank)
-    for image in images_of(texture_root, "brick", 2):
-        prediction = inferencer.predict(image, class_name="brick")
-        with torch.no_grad():
-            reference = model(read_image(image, as_tensor=True).unsqueeze(0))
-        assert_parity({name: value.numpy() for name, value in reference._asdict().items() if value is not None},
-                      {"pred_score": prediction.pred_score, "anomaly_map": prediction.anomaly_map,
-                       "pred_label": prediction.pred_label})  # fmt: skip
+    assert_inferencer_matches_eager(inferencer, model, images_of(texture_root, "brick", 2), "brick")
