@@ -18,9 +18,10 @@ Images are flipped, not features: a convolutional backbone's features of a flipp
 features (a bank's positions are matched as a set, so flipping feature maps would add nothing).
 
 **Which levels.** Matching costs grow with the bank, and the shallowest level (stride 4) costs the most: with every
-level's bank 8x larger, the light model scores an image about 5x slower. ``reference_view_levels`` (default 2) puts
-the views into the banks of the deepest levels only - the two the nearest-neighbour score reads - and keeps the
-shallow levels' banks to the images themselves (:func:`level_views`).
+level's bank 8x larger, the light model scored an image 5.1x slower (k = 2, busy machine); with the deepest two
+levels only, 1.18x (docs/benchmark.md). ``reference_view_levels`` (default 2) puts the views into the banks of the
+deepest levels only - the two the nearest-neighbour score reads - and keeps the shallow levels' banks to the images
+themselves (:func:`level_views`).
 
 Example:
     >>> images = torch.arange(8.0).reshape(2, 1, 2, 2)
