@@ -205,13 +205,7 @@ def test_new_classes_side_by_side_with_one_exported_model(
         torch.testing.assert_close(bank.calibration, eager_calibration, rtol=1e-2, atol=1e-3)
         # ... and given the same bank and calibration, the exported graph scores like eager PyTorch
         model.model.set_references(bank)
-        for image in images_of(texture_root, category, 2):
-            prediction = inferencer.predict(image, class_name=category)
-            with torch.no_grad():
-                reference = model(read_image(image, as_tensor=True).unsqueeze(0))
-            assert_parity({name: value.numpy() for name, value in reference._asdict().items() if value is not None},
-                          {"pred_score": prediction.pred_score, "anomaly_map": prediction.anomaly_map,
-                           "pred_label": prediction.pred_label})  # fmt: skip
+        assert_inferencer_matches_eager(inferencer, model, images_of(texture_root, category, 2), category)
         normal = texture_root / category / "test" / "good" / "000.png"
         scores[category] = {other: float(inferencer.predict(normal, class_name=other).pred_score[0])
                             for other in ("brick", "grass")}  # fmt: skip
