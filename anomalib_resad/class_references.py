@@ -244,7 +244,8 @@ class ClassReferences:
 
     def bank(self, selection: ReferenceSelection) -> ReferenceBank:
         """The calibrated bank of a class's selected references (built once per set of files)."""
-        key = (*selection.paths, f"views={self.bank_views()}")
+        views = self.bank_views()
+        key = (*selection.paths, f"views={views}")
         if key not in self._banks:
             blank = [path for path in selection.paths if is_blank_image(path)]
             if blank:
@@ -253,11 +254,11 @@ class ClassReferences:
                     "show nothing to compare against. Use k normal images of the class as references."
                 )
                 raise ResADInputError(msg)
-            features = self.features(selection.paths, self.bank_views())
+            features = self.features(selection.paths, views)
             if self._image_size is None:  # features cached before a clear(): learn the pre-processed size again
                 _, self._image_size = self.encode(selection.paths[:1], 1)
             calibration = self.calibrate(features, self._image_size, selection.paths)
-            per_level = [int(level.shape[0]) // selection.k for level in features]
+            per_level = [int(level.shape[0]) // selection.k for level in features]  # one count per feature level
             self._banks[key] = ReferenceBank.from_features(features, calibration, per_level)
             logger.info(
                 "ResAD references of class '%s' (k=%d, %s): %s",

@@ -50,7 +50,7 @@ from .errors import ResADConfigurationError, ResADInputError
 from .export_output import ONNX_OPSET_VERSION, quiet_export, written_files
 from .feature_converter import ReferenceBank, flatten_levels
 from .lightning_model import ResAD
-from .reference_views import level_views, reference_views, view_rows
+from .reference_views import keep_views, level_views, reference_views, view_rows
 from .references import ReferenceSelection, load_images, select_folder_references
 from .synthetic_defects import synthetic_defects
 
@@ -446,10 +446,8 @@ def _openvino_reference_bank(
         np.asarray(level)
         for level in encoder(reference_views(images, mode if max(views) > 1 else "none").numpy()).values()
     ]
-    per_image = [  # (k * views_l, positions, channels): the levels without views keep each image's first view
-        level.reshape(len(pixels) * max(views), -1, level.shape[-1])[:: max(views) // count]
-        for level, count in zip(encoded, views, strict=True)
-    ]
+    # (k * views_l, positions, channels): the levels without views keep each image's first view (as eager's)
+    per_image = keep_views([level.reshape(len(pixels) * max(views), -1, level.shape[-1]) for level in encoded], views)
     levels = [np.ascontiguousarray(level.reshape(-1, level.shape[-1])) for level in per_image]
 
     def score(images: np.ndarray, index: int, constants: torch.Tensor) -> ScoreComponents:

@@ -104,7 +104,7 @@ def level_views(mode: str, num_levels: int, levels: int | None) -> list[int]:
     return [1] * (num_levels - deep) + [count] * deep
 
 
-def keep_views(features: Sequence[torch.Tensor], views: Sequence[int]) -> list[torch.Tensor]:
+def keep_views(features: Sequence[torch.Tensor], views: Sequence[int]) -> list[torch.Tensor]:  # or numpy arrays
     """Per-level features of every view ``(k * A, ...)`` -> each level's bank rows: all views, or the images alone.
 
     ``A`` is the largest of ``views`` (the features must hold ``A`` views per image); a level with 1 keeps each
