@@ -86,6 +86,25 @@ def model_signature(model: ResAD) -> dict[str, Any]:
     }
 
 
+def check_not_newer(metadata: dict[str, Any], what: str) -> None:
+    """Refuse a file written in a newer format than this release reads, naming the upgrade.
+
+    Readers refuse older formats with the command that remakes the file; a newer one would otherwise fail later with
+    a misleading "damaged" message (e.g. arrays shaped by an option this release does not know).
+
+    Example:
+        >>> check_not_newer({"format_version": FORMAT_VERSION}, "references")  # this release's own: accepted
+    """
+    version = metadata.get("format_version", 1)
+    if version > FORMAT_VERSION:
+        msg = (
+            f"{what} was made by a newer anomalib-resad (format {version}; this release reads up to "
+            f"{FORMAT_VERSION}). Upgrade anomalib-resad (pip install --upgrade anomalib-resad), or make it again "
+            "with this release."
+        )
+        raise ResADInputError(msg)
+
+
 def check_signature(expected: dict[str, Any], found: dict[str, Any], what: str) -> None:
     """Raise a clear error when references were made for a different model (backbone, levels or image size)."""
     problems = [
@@ -144,6 +163,7 @@ def load_references(path: str | Path, expected: dict[str, Any] | None = None) ->
     except (OSError, KeyError, ValueError) as error:
         msg = f"'{path}' is not a ResAD references file ({error}). Make one with: resad references ..."
         raise ResADInputError(msg) from error
+    check_not_newer(metadata, f"References file '{path}'")
     if calibration is None or metadata.get("format_version", 1) < FORMAT_VERSION:
         msg = (
             f"References file '{path}' was made by an older anomalib-resad: its class calibration (per-class "
@@ -506,6 +526,7 @@ def _read_metadata(model_dir: Path) -> dict[str, Any]:
         msg = f"'{model_dir}' is not a ResAD deployment folder (no {METADATA_FILE}). Make one with: resad export ..."
         raise ResADInputError(msg)
     metadata = json.loads(path.read_text())
+    check_not_newer(metadata, f"Deployment '{model_dir}'")
     if metadata.get("format_version", 1) < FORMAT_VERSION:
         msg = (
             f"'{model_dir}' was exported by an older anomalib-resad (format {metadata.get('format_version', 1)}, "

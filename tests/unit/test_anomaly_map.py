@@ -245,6 +245,25 @@ def test_a_deployment_of_the_previous_format_is_refused_with_the_command_that_re
         ReferenceConditionedInferencer(tmp_path)
 
 
+def test_files_of_a_newer_format_are_refused_naming_the_upgrade(tmp_path) -> None:
+    import json
+
+    import numpy as np
+
+    from anomalib_resad.deploy import FORMAT_VERSION, METADATA_FILE, ReferenceConditionedInferencer, load_references
+
+    (tmp_path / METADATA_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(ResADInputError, match=r"newer anomalib-resad .*Upgrade"):
+        ReferenceConditionedInferencer(tmp_path)
+    metadata = {"format_version": FORMAT_VERSION + 1, "layers": ["a"], "k": 2, "channels": [4],
+                "reference_grids": [[2, 2]], "views": [8]}  # fmt: skip
+    path = tmp_path / "refs.npz"
+    np.savez(path, metadata=np.array(json.dumps(metadata)), reference_0=np.zeros((64, 4), np.float32),
+             calibration=np.zeros(8, np.float32))  # fmt: skip
+    with pytest.raises(ResADInputError, match=r"newer anomalib-resad .*Upgrade"):
+        load_references(path)
+
+
 def test_checkpoints_without_the_reverse_threshold_load_with_that_check_off(caplog: pytest.LogCaptureFixture) -> None:
     generator = AnomalyMapGenerator(num_levels=1, sigma=1.0)
     old = {**generator.state_dict(), "calibration": torch.tensor([0.0, 1.0, 1.0, 0.2, 1.0])}  # L + 4 values
