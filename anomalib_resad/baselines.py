@@ -9,6 +9,10 @@ Each baseline is anomalib's own model, given the k reference images of a class (
 * ``patchcore`` - :class:`FewShotPatchcore`: anomalib has no k-shot PatchCore; its ``Patchcore`` memory bank is filled
   with every patch of the k images (with k images a coreset would only discard evidence), with ResAD's backbone,
   weights and input size.
+* ``patchcore_views`` - the same PatchCore, its memory bank also holding each reference image's flipped and rotated
+  views (ResAD's ``reference_views`` mode, :mod:`~anomalib_resad.reference_views`): PatchCore given what ResAD's
+  evaluation banks get, so a comparison can tell the views' share of ResAD's lead from the rest. Row
+  ``PatchCore+views``.
 * ``winclip`` - :class:`FewShotWinClip`: anomalib's ``WinClip(class_name=<category>, k_shot=k,
   few_shot_source=<folder>)``, the folder holding exactly the selected images (symbolic links). Needs the package
   ``open_clip`` (``pip install 'anomalib-resad[baselines]'``) and the ``ViT-B-16-plus-240`` / ``laion400m_e31``
@@ -50,13 +54,19 @@ from torch.utils.data import DataLoader
 
 from .feature_extractor import ResADFeatureExtractor
 from .lightning_model import ResAD
+from .reference_views import reference_views as views_of
 from .references import ReferenceSelection, load_images
 
 logger = logging.getLogger(__name__)
 
-BASELINES = ("patchcore", "winclip", "anomaly_dino")
+BASELINES = ("patchcore", "patchcore_views", "winclip", "anomaly_dino")
 # Row names in the result tables.
-BASELINE_NAMES = {"patchcore": "PatchCore", "winclip": "WinCLIP", "anomaly_dino": "AnomalyDINO"}
+BASELINE_NAMES = {
+    "patchcore": "PatchCore",
+    "patchcore_views": "PatchCore+views",
+    "winclip": "WinCLIP",
+    "anomaly_dino": "AnomalyDINO",
+}
 SKIPPED_STATUS = "skipped: no weights"
 WINCLIP_ARCHITECTURE = winclip_torch_model.BACKBONE  # "ViT-B-16-plus-240"
 WINCLIP_TAG = winclip_torch_model.PRETRAINED  # "laion400m_e31"
@@ -65,14 +75,18 @@ _OPEN_CLIP_HF_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.b
 _TIMM_HF_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-def _store_reference_embeddings(module: AnomalibModule, selection: ReferenceSelection) -> torch.nn.Module:
+def _store_reference_embeddings(
+    module: AnomalibModule, selection: ReferenceSelection, reference_views: str = "none"
+) -> torch.nn.Module:
     """Run a memory-bank model's torch model in training mode on the reference images (fills ``embedding_store``).
 
     PatchCore and AnomalyDINO collect their memory bank this way in anomalib's ``training_step``; the caller turns
-    the store into the bank (each model its own way) and puts the model back in eval mode.
+    the store into the bank (each model its own way) and puts the model back in eval mode. ``reference_views``:
+    each image's views too (:func:`~anomalib_resad.reference_views.reference_views`).
     """
     torch_model = module.model
-    images = load_images(selection.paths, module.pre_processor.transform).to(module.device)
+    images = views_of(load_images(selection.paths, module.pre_processor.transform), reference_views)
+    images = images.to(module.device)
     torch_model.train()
     torch_model.embedding_store.clear()
     torch_model(images)
@@ -88,6 +102,8 @@ class FewShotPatchcore:
         pre_trained (bool | str | Path): timm weights, ``False``, or a local weights file (as for ResAD).
         image_size (int): Input size. Defaults to ``224``.
         num_neighbors (int): PatchCore's re-weighting neighbours. Defaults to ``9``.
+        reference_views (str): ``"none"``, or the memory bank also holds each image's ``"flips"`` / ``"dihedral"``
+            views (as ResAD's ``reference_views``). Defaults to ``"none"``.
     """
 
     def __init__(
@@ -97,7 +113,9 @@ class FewShotPatchcore:
         pre_trained: bool | str | Path = True,
         image_size: int = 224,
         num_neighbors: int = 9,
+        reference_views: str = "none",
     ) -> None:
+        self.reference_views = reference_views
         pre_processor = ResAD.configure_pre_processor(image_size=image_size, backbone=backbone)  # same inputs as ResAD
         self.model = Patchcore(
             backbone=backbone,
@@ -118,8 +136,8 @@ class FewShotPatchcore:
 
     @torch.no_grad()
     def set_references(self, selection: ReferenceSelection) -> None:
-        """Fill the memory bank with all patches of the reference images."""
-        torch_model = _store_reference_embeddings(self.model, selection)
+        """Fill the memory bank with all patches of the reference images (and of their views)."""
+        torch_model = _store_reference_embeddings(self.model, selection, self.reference_views)
         torch_model.memory_bank = torch.vstack(torch_model.embedding_store)
         torch_model.embedding_store.clear()
         torch_model.eval()
@@ -348,7 +366,7 @@ BaselineFactory = Callable[[Path | None], Baseline]
 
 def build_baselines(
     names: Sequence[str],
-    patchcore: Callable[[], FewShotPatchcore],
+    patchcore: Callable[..., FewShotPatchcore],
     weights: dict[str, str] | None = None,
     cache_dir: str | Path | None = None,
 ) -> tuple[dict[str, Baseline], dict[str, MissingWeights]]:
@@ -356,7 +374,8 @@ def build_baselines(
 
     Args:
         names (Sequence[str]): Keys of :data:`BASELINES`.
-        patchcore (Callable[[], FewShotPatchcore]): Builds PatchCore (it shares ResAD's backbone settings).
+        patchcore (Callable[..., FewShotPatchcore]): Builds PatchCore (it shares ResAD's backbone settings);
+            ``patchcore(with_views=True)`` the one whose memory bank holds ResAD's reference views.
         weights (dict[str, str] | None): Baseline key -> local weights file. Defaults to ``None``.
         cache_dir (str | Path | None): Hugging Face cache to look in. Defaults to the standard one.
 
@@ -368,8 +387,8 @@ def build_baselines(
     skipped: dict[str, MissingWeights] = {}
     for name in names:
         row_name = BASELINE_NAMES[name]
-        if name == "patchcore":
-            built[row_name] = patchcore()
+        if name in {"patchcore", "patchcore_views"}:
+            built[row_name] = patchcore(with_views=True) if name == "patchcore_views" else patchcore()
             continue
         found = find_weights(name, weights.get(name), cache_dir)
         if isinstance(found, MissingWeights):

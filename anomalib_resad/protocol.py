@@ -238,8 +238,9 @@ def run_protocol(
         batch_size (int): Training and evaluation batch size. Defaults to ``8``.
         num_workers (int): Data loader workers. Defaults to ``2``.
         maps_per_category (int): Anomaly-map images written per category and k (first draw). Defaults to ``8``.
-        baselines (Sequence[str]): Also evaluate these on the same references: ``"patchcore"``, ``"winclip"``,
-            ``"anomaly_dino"``. Defaults to none.
+        baselines (Sequence[str]): Also evaluate these on the same references: ``"patchcore"``,
+            ``"patchcore_views"`` (its memory bank also holding the views ResAD's banks hold: ResAD's
+            ``reference_views``), ``"winclip"``, ``"anomaly_dino"``. Defaults to none.
         baseline_layers (Sequence[str] | None): Levels of PatchCore's backbone. Defaults to ResAD's two deepest.
         baseline_weights (dict[str, str] | None): Baseline -> local weights file (``winclip``: the open_clip
             ``ViT-B-16-plus-240`` / ``laion400m_e31`` file; ``anomaly_dino``: the timm
@@ -299,13 +300,14 @@ def run_protocol(
 
     evaluated = {"ResAD": _Evaluated(resad, resad.set_references)}
 
-    def patchcore() -> FewShotPatchcore:
+    def patchcore(with_views: bool = False) -> FewShotPatchcore:
         backbone = resad.model.feature_extractor
         return FewShotPatchcore(
             backbone=backbone.backbone,
             layers=list(baseline_layers or backbone.layers[-2:]),
             pre_trained=(model or {}).get("pre_trained", True),
             image_size=int(resad.input_size[0]) if resad.input_size is not None else 224,
+            reference_views=resad.model.reference_views if with_views else "none",
         )
 
     built, skipped = build_baselines(baselines, patchcore, baseline_weights)

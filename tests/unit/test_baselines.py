@@ -98,3 +98,35 @@ def test_winclip_gets_exactly_the_selected_images_and_the_category(
         assert sorted(path.name for path in baseline.model.few_shot_source.iterdir()) == [
             f"{index:03d}_{path.name}" for index, path in enumerate(paths)
         ]
+
+
+def test_patchcore_with_views_holds_the_views_and_scores_a_flipped_reference_as_normal(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(2):
+        path = tmp_path / f"ref{index}.png"
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    selection = ReferenceSelection("widget", paths)
+
+    def patchcore(with_views: bool = False) -> baselines.FewShotPatchcore:
+        torch.manual_seed(0)  # the same random backbone for both
+        views = "dihedral" if with_views else "none"
+        return baselines.FewShotPatchcore("resnet18", ["layer1", "layer2"], False, 64, reference_views=views)
+
+    built, _ = build_baselines(["patchcore", "patchcore_views"], patchcore)
+    plain, with_views = built["PatchCore"], built["PatchCore+views"]
+    for baseline in (plain, with_views):
+        baseline.set_references(selection)
+    plain_bank, views_bank = plain.model.model.memory_bank, with_views.model.model.memory_bank
+    assert views_bank.shape == (8 * plain_bank.shape[0], plain_bank.shape[1])
+    per_image = plain_bank.shape[0] // 2  # image i's own view leads its 8 views
+    torch.testing.assert_close(views_bank[8 * per_image : 9 * per_image], plain_bank[per_image:])
+
+    flipped = load_images(paths[:1], plain.model.pre_processor.transform).flip(-1)  # a mirror image of a reference
+    scores = {name: float(baseline.model.model(flipped).pred_score) for name, baseline in built.items()}
+    # the mirror image's patches are in the bank with views (float noise of batch 1 vs 16 only), not without
+    assert scores["PatchCore+views"] < 0.02 * scores["PatchCore"]
