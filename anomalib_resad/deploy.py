@@ -158,9 +158,11 @@ def load_references(path: str | Path, expected: dict[str, Any] | None = None) ->
     try:
         with np.load(path, allow_pickle=False) as content:
             metadata = json.loads(str(content["metadata"]))
-            levels = [content[f"reference_{level}"] for level in range(len(metadata["layers"]))]
-            calibration = content.get("calibration")
-    except (OSError, KeyError, ValueError) as error:
+            newer = metadata.get("format_version", 1) > FORMAT_VERSION  # its arrays may be laid out otherwise
+            if not newer:
+                levels = [content[f"reference_{level}"] for level in range(len(metadata["layers"]))]
+                calibration = content.get("calibration")
+    except (OSError, KeyError, ValueError, AttributeError) as error:
         msg = f"'{path}' is not a ResAD references file ({error}). Make one with: resad references ..."
         raise ResADInputError(msg) from error
     check_not_newer(metadata, f"References file '{path}'")

@@ -301,14 +301,8 @@ def run_protocol(
     evaluated = {"ResAD": _Evaluated(resad, resad.set_references)}
 
     def patchcore(with_views: bool = False) -> FewShotPatchcore:
-        backbone = resad.model.feature_extractor
-        return FewShotPatchcore(
-            backbone=backbone.backbone,
-            layers=list(baseline_layers or backbone.layers[-2:]),
-            pre_trained=(model or {}).get("pre_trained", True),
-            image_size=int(resad.input_size[0]) if resad.input_size is not None else 224,
-            reference_views=resad.model.reference_views if with_views else "none",
-        )
+        pre_trained = (model or {}).get("pre_trained", True)
+        return patchcore_baseline(resad, pre_trained, baseline_layers, with_views=with_views)
 
     built, skipped = build_baselines(baselines, patchcore, baseline_weights)
     for name, baseline in built.items():
@@ -377,6 +371,42 @@ def run_protocol(
     if plot is not None:
         print(f"plot: {plot}")
     return summary
+
+
+def patchcore_baseline(
+    resad: ResAD,
+    pre_trained: bool | str | Path = True,
+    layers: Sequence[str] | None = None,
+    with_views: bool = False,
+) -> FewShotPatchcore:
+    """PatchCore with ResAD's backbone, weights and input size (levels: ``layers``, else ResAD's two deepest).
+
+    ``with_views``: its memory bank also holds the views ResAD's evaluation banks hold (``reference_views``, on
+    every PatchCore level). Where ResAD's banks hold none (``reference_views: none`` - checkpoints saved before the
+    option - or ``reference_view_levels: 0``) it holds none either, and a warning says how to give ResAD views.
+
+    Example:
+        >>> baseline = patchcore_baseline(resad, with_views=True)  # doctest: +SKIP
+        >>> baseline.reference_views  # doctest: +SKIP
+        'dihedral'
+    """
+    extractor = resad.model.feature_extractor
+    views = resad.model.reference_views if with_views and max(resad.model.bank_views) > 1 else "none"
+    if with_views and views == "none":
+        logger.warning(
+            "PatchCore+views: ResAD's reference banks hold no views here (reference_views %r, reference_view_levels "
+            "%r), so neither does PatchCore's: the row equals PatchCore. Give ResAD views with "
+            "--model.reference_views dihedral (or flips).",
+            resad.model.reference_views,
+            resad.model.reference_view_levels,
+        )
+    return FewShotPatchcore(
+        backbone=extractor.backbone,
+        layers=list(layers or extractor.layers[-2:]),
+        pre_trained=pre_trained,
+        image_size=int(resad.input_size[0]) if resad.input_size is not None else 224,
+        reference_views=views,
+    )
 
 
 def scoring_overrides(model: dict[str, Any] | None) -> dict[str, Any]:

@@ -262,6 +262,9 @@ def test_files_of_a_newer_format_are_refused_naming_the_upgrade(tmp_path) -> Non
              calibration=np.zeros(8, np.float32))  # fmt: skip
     with pytest.raises(ResADInputError, match=r"newer anomalib-resad .*Upgrade"):
         load_references(path)
+    np.savez(path, metadata=np.array(json.dumps({"format_version": FORMAT_VERSION + 1})))  # arrays named otherwise
+    with pytest.raises(ResADInputError, match=r"newer anomalib-resad .*Upgrade"):
+        load_references(path)
 
 
 def test_checkpoints_without_the_reverse_threshold_load_with_that_check_off(caplog: pytest.LogCaptureFixture) -> None:

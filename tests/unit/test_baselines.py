@@ -130,3 +130,18 @@ def test_patchcore_with_views_holds_the_views_and_scores_a_flipped_reference_as_
     scores = {name: float(baseline.model.model(flipped).pred_score) for name, baseline in built.items()}
     # the mirror image's patches are in the bank with views (float noise of batch 1 vs 16 only), not without
     assert scores["PatchCore+views"] < 0.02 * scores["PatchCore"]
+
+
+def test_the_protocol_gives_patchcore_views_only_where_resads_banks_hold_them(caplog: pytest.LogCaptureFixture) -> None:
+    from anomalib_resad.protocol import patchcore_baseline
+    from tests.helpers.models import tiny_resad
+
+    square = tiny_resad()  # reference_views unset at a square size: dihedral on the deepest levels
+    assert patchcore_baseline(square, False, with_views=True).reference_views == "dihedral"
+    assert patchcore_baseline(square, False).reference_views == "none"
+    assert patchcore_baseline(square, False).model.model.layers == ["layer1", "layer2"]  # ResAD's two deepest
+    for no_views in (tiny_resad(reference_views="none"), tiny_resad(reference_view_levels=0)):
+        with caplog.at_level("WARNING"):
+            assert patchcore_baseline(no_views, False, with_views=True).reference_views == "none"
+        assert "--model.reference_views dihedral" in caplog.text
+        caplog.clear()
