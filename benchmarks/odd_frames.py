@@ -10,13 +10,19 @@ the backbone features only, so this script computes them without the flows: each
 and matched against every (k, draw) reference bank of its class - the same draws (``seed + draw``) and the same test
 and source-validation images, in the same order, as ``benchmarks/ablation.py``.
 
-It writes one CSV row per (setting, role, category, k, draw, image) with both ratios to the leave-one-out maxima
-(``dis``, ``rev``; a frame is flagged when one exceeds the margin), and prints, per setting / role / k, the share of
-normal and of anomalous images each check flags at several margins, then the smallest ratio of each odd frame kind
+With ``--reference_views`` (one or more modes) each class's bank is the product's evaluation bank of that mode
+(:mod:`anomalib_resad.reference_views`: the references' flipped / rotated views on the checkpoint's deepest levels;
+leave-one-out by image, as :meth:`ResADModel.calibrate`).
+
+It writes one CSV row per (setting, views, role, category, k, draw, image) with the ratios to the leave-one-out
+maxima (``dis``, ``rev``; a frame is flagged when one exceeds its margin; ``rev_id``: the reverse statistic over each
+reference image's own view only - a variant, not the product's), and prints, per views mode / setting / role / k, the
+share of normal and of anomalous images each check flags at several margins, the smallest ratio of each odd frame kind
 (black, white, grey, saturated red, Gaussian noise, and "another product": normal images of the setting's other
-classes). With ``--image_scores`` (ablation's per-image CSVs of the same settings and checkpoints) it also prints the
-product's verdict (fused score over ``--margin`` or a statistic over its margin) with the forward
-check alone and with both checks.
+classes), and the share of odd frames flagged at the product's margins. With ``--image_scores`` (ablation's
+per-image CSVs of the same settings and checkpoints, made without views: needs ``none`` among the modes) it also
+prints the product's verdict (fused score over ``--margin`` or a statistic over its margin) with the forward check
+alone and with both checks.
 
     python benchmarks/odd_frames.py \\
         --run shared_pcb_crack_to_tile=results/ablation_e3/shared_pcb_crack_to_tile/model.ckpt \\
@@ -24,6 +30,7 @@ check alone and with both checks.
 """
 
 import argparse
+import itertools
 import math
 import subprocess
 from pathlib import Path
@@ -40,6 +47,8 @@ from anomalib_resad.anomaly_map import odd_frame_statistics
 from anomalib_resad.data.multi_class import CATEGORY_COLUMN, MultiClassDataModule, MultiClassDataset
 from anomalib_resad.evaluation import _resize_of
 from anomalib_resad.feature_converter import flatten_levels
+from anomalib_resad.protocol import apply_scoring_options
+from anomalib_resad.reference_views import REFERENCE_VIEWS, view_rows
 
 REPO = Path(__file__).resolve().parents[1]
 MARGINS = (1.0, 1.25, 1.5, 2.0)
@@ -68,20 +77,40 @@ def read(path: str, size: tuple[int, int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def statistics(resad: ResAD, query: list[torch.Tensor], references: list[torch.Tensor]) -> torch.Tensor:
-    """``(B, 2)`` dissimilarity and reverse dissimilarity of query features against reference features (per level
-    ``(B, C, H, W)`` and ``(k, C, H, W)``), through the product's matching and formula."""
+def statistics(
+    resad: ResAD, query: list[torch.Tensor], references: list[torch.Tensor], views: list[int] | None = None
+) -> torch.Tensor:
+    """``(B, 3)`` dissimilarity, reverse dissimilarity and the reverse one over the references' own views only, of
+    query features against reference features (per level ``(B, C, H, W)`` and ``(k * views_l, C, H, W)``), through
+    the product's matching and formula.
+
+    The third (``rev_id``, not the product's): each reference image's first view - the image as shot - must be
+    covered by the query; its turned copies need not be (without views it equals the second).
+    """
     matches = resad.model.feature_converter(query, flatten_levels(references))
-    return torch.stack(odd_frame_statistics(matches.similarities, matches.coverage), dim=1)
+    dissimilarity, reverse = odd_frame_statistics(matches.similarities, matches.coverage)
+    views = views or [1] * len(references)
+    own = [
+        coverage.reshape(coverage.shape[0], -1, count, level.shape[-2] * level.shape[-1])[:, :, 0].flatten(1)
+        for coverage, level, count in zip(matches.coverage, references, views, strict=True)
+    ]
+    _, reverse_own = odd_frame_statistics(matches.similarities, own)
+    return torch.stack([dissimilarity, reverse, reverse_own], dim=1)
 
 
 @torch.no_grad()
-def leave_one_out_maxima(resad: ResAD, features: list[torch.Tensor]) -> torch.Tensor:
-    """``(2,)`` the largest of each statistic over the references, each scored against the other k - 1."""
-    k = int(features[0].shape[0])
+def leave_one_out_maxima(resad: ResAD, features: list[torch.Tensor], views: list[int] | None = None) -> torch.Tensor:
+    """``(3,)`` the largest of each statistic over the references, each scored against the other k - 1.
+
+    With ``views`` (per level, :attr:`ResADModel.bank_views`): image ``i``'s first view against the other images'
+    views - the product's leave-one-out rule (:meth:`ResADModel.calibrate`).
+    """
+    views = views or [1] * len(features)
+    k = int(features[0].shape[0]) // views[0]
     return torch.cat([
-        statistics(resad, [level[i : i + 1] for level in features],
-                   [torch.cat([level[:i], level[i + 1 :]]) for level in features])
+        statistics(resad, [level[i * count : i * count + 1] for level, count in zip(features, views, strict=True)],
+                   [torch.cat([level[: view_rows(i, count).start], level[view_rows(i, count).stop :]])
+                    for level, count in zip(features, views, strict=True)], views)
         for i in range(k)
     ]).amax(dim=0)  # fmt: skip
 
@@ -93,7 +122,9 @@ def encode(resad: ResAD, images: torch.Tensor, batch_size: int = 16) -> list[tor
     return [torch.cat(level) for level in zip(*parts, strict=True)]
 
 
-def run_setting(setting: str, checkpoint: str, shots: list[int], draws: int, others: int) -> pd.DataFrame:
+def run_setting(
+    setting: str, checkpoint: str, shots: list[int], draws: int, others: int, modes: list[str] = ("none",)
+) -> pd.DataFrame:
     config = yaml.safe_load((REPO / "configs" / "settings" / f"{setting}.yaml").read_text())
     seed = config.get("seed", 42)
     datamodule = MultiClassDataModule(sources=config["sources"], targets=config["targets"], num_workers=0, seed=seed)
@@ -119,20 +150,22 @@ def run_setting(setting: str, checkpoint: str, shots: list[int], draws: int, oth
         odd = {**frames, **{f"another product: {Path(path).parent.parent.parent.name}": read(path, size)
                             for path in other}}  # fmt: skip
         odd_query = encode(resad, torch.stack(list(odd.values())))
-        for k in shots:
-            for draw in range(draws):
-                selection = resad.references.select(category, k, seed + draw)
-                features = resad.references.features(selection.paths)
-                maxima = leave_one_out_maxima(resad, features)
-                base = {"setting": setting, "category": category, "k": k, "draw": draw}
-                ratios = statistics(resad, query, features) / maxima
-                rows += [{**base, "role": role, "frame": "test", "label": int(label), "index": index,
-                          "dis": float(r[0]), "rev": float(r[1])}
-                         for index, (label, r) in enumerate(zip(labels, ratios, strict=True))]  # fmt: skip
-                ratios = statistics(resad, odd_query, features) / maxima
-                rows += [{**base, "role": "odd", "frame": kind, "label": -1, "index": index,
-                          "dis": float(r[0]), "rev": float(r[1])}
-                         for index, (kind, r) in enumerate(zip(odd, ratios, strict=True))]  # fmt: skip
+        for mode, k, draw in itertools.product(modes, shots, range(draws)):
+            # the product's evaluation bank of this reference_views mode (on the checkpoint's deepest levels)
+            apply_scoring_options(resad, {"reference_views": mode})
+            views = resad.model.bank_views
+            selection = resad.references.select(category, k, seed + draw)
+            features = resad.references.features(selection.paths, views)
+            maxima = leave_one_out_maxima(resad, features, views)
+            base = {"setting": setting, "views": mode, "category": category, "k": k, "draw": draw}
+            ratios = statistics(resad, query, features, views) / maxima
+            rows += [{**base, "role": role, "frame": "test", "label": int(label), "index": index,
+                      "dis": float(r[0]), "rev": float(r[1]), "rev_id": float(r[2])}
+                     for index, (label, r) in enumerate(zip(labels, ratios, strict=True))]  # fmt: skip
+            ratios = statistics(resad, odd_query, features, views) / maxima
+            rows += [{**base, "role": "odd", "frame": kind, "label": -1, "index": index,
+                      "dis": float(r[0]), "rev": float(r[1]), "rev_id": float(r[2])}
+                     for index, (kind, r) in enumerate(zip(odd, ratios, strict=True))]  # fmt: skip
         print(f"[{setting}] {role} {category} done", flush=True)
     return pd.DataFrame(rows)
 
@@ -141,8 +174,8 @@ def check_rates(frame: pd.DataFrame) -> pd.DataFrame:
     """Share of images flagged by each check, per setting / role / k / label, at each margin."""
     tests = frame[frame.role != "odd"]
     out = []
-    for key, cell in tests.groupby(["setting", "role", "k", "label"]):
-        row = dict(zip(["setting", "role", "k", "label"], key, strict=True))
+    for key, cell in tests.groupby(["views", "setting", "role", "k", "label"]):
+        row = dict(zip(["views", "setting", "role", "k", "label"], key, strict=True))
         for margin in MARGINS:
             row[f"fwd@{margin}"] = float((cell.dis > margin).mean())
             row[f"rev@{margin}"] = float((cell.rev > margin).mean())
@@ -156,7 +189,28 @@ def odd_minima(frame: pd.DataFrame) -> pd.DataFrame:
     odd = frame[frame.role == "odd"].copy()
     odd["kind"] = odd.frame.str.replace(r"another product: .*", "another product", regex=True)
     odd["either"] = odd[["dis", "rev"]].max(axis=1)
-    return odd.groupby(["setting", "k", "kind"])[["dis", "rev", "either"]].min().unstack("kind").round(2)
+    return odd.groupby(["views", "setting", "k", "kind"])[["dis", "rev", "either"]].min().unstack("kind").round(2)
+
+
+def odd_flagged(frame: pd.DataFrame, forward: float, reverse: float, column: str = "rev") -> pd.DataFrame:
+    """Share of (class, draw) pairs whose odd frame of each kind is flagged at these margins, per views mode and k,
+    and of the normal and anomalous test images the check alone flags (per role).
+
+    The statistics depend on the frozen backbone and the draws only, so a class met in several settings counts once.
+    ``column``: the reverse statistic to read (``rev``, the product's, or ``rev_id``, the references' own views).
+    """
+    odd = frame[frame.role == "odd"].drop_duplicates(["views", "category", "k", "draw", "frame"]).copy()
+    odd["kind"] = odd.frame.str.replace(r"another product: pcb_.*", "another board group", regex=True)
+    odd["kind"] = odd.kind.str.replace(r"another product: .*", "another product", regex=True)
+    odd["flagged"] = (odd.dis > forward) | (odd[column] > reverse)
+    table = (100 * odd.groupby(["views", "k", "kind"]).flagged.mean()).unstack("kind")
+    tests = frame[frame.role != "odd"].copy()
+    tests["flagged"] = (tests.dis > forward) | (tests[column] > reverse)
+    for (role, label), cell in tests.groupby(["role", "label"]):
+        name = f"{role} {'normal' if label == 0 else 'anomalous'}"
+        table[name] = 100 * cell.groupby(["views", "k"]).flagged.mean()
+    table["classes"] = odd.groupby(["views", "k"]).category.nunique()
+    return table.round(1)
 
 
 def verdicts(
@@ -259,26 +313,49 @@ def main() -> None:
     parser.add_argument("--margin", type=float, default=1.25)
     parser.add_argument("--dissimilarity_margin", type=float, default=2.0)
     parser.add_argument("--reverse_dissimilarity_margin", type=float, default=1.5)
+    parser.add_argument(
+        "--reference_views",
+        nargs="+",
+        default=["none"],
+        choices=REFERENCE_VIEWS,
+        help="the evaluation banks' reference_views modes to measure (the checkpoint's view levels)",
+    )
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO,
                             check=False).stdout.strip()  # fmt: skip
     print(f"commit {commit}; args {vars(args)}", flush=True)
-    # resume: settings already measured are read back
-    frame = pd.read_csv(args.output) if args.output.exists() else pd.DataFrame(columns=["setting"])
+    if args.image_scores and "none" not in args.reference_views:
+        parser.error("--image_scores are ablation's scores without views: add none to --reference_views")
+    # resume: (setting, views mode) pairs already measured are read back
+    frame = pd.read_csv(args.output) if args.output.exists() else pd.DataFrame(columns=["setting", "views"])
+    if "views" not in frame:
+        frame["views"] = "none"  # files of earlier runs
     for pair in args.run:
         setting, checkpoint = pair.split("=", 1)
-        if setting in set(frame.setting):
+        done = set(frame.views[frame.setting == setting])
+        modes = [mode for mode in args.reference_views if mode not in done]
+        if not modes:
             continue
-        frame = pd.concat([frame, run_setting(setting, checkpoint, args.shots, args.draws, args.others)])
+        measured = run_setting(setting, checkpoint, args.shots, args.draws, args.others, modes)
+        frame = pd.concat([frame, measured])
         args.output.parent.mkdir(parents=True, exist_ok=True)
         frame.to_csv(args.output, index=False)
     frame = frame.astype({"k": int, "draw": int, "label": int, "index": int})
+    frame["views"] = frame["views"].fillna("none")
     pd.set_option("display.width", 250)
     print("\nShare of test images flagged by the check (ratio > margin): fwd = dissimilarity, rev = reverse")
     print(check_rates(frame).round(3).to_string(index=False))
     print("\nOdd frames: smallest ratio over classes and draws (flagged while above the margin)")
     print(odd_minima(frame).to_string())
-    if args.image_scores:
+    print(f"\nOdd frames flagged at margins {args.dissimilarity_margin} / {args.reverse_dissimilarity_margin}, "
+          "% of (class, draw) pairs; of test images (the check alone):")  # fmt: skip
+    print(odd_flagged(frame, args.dissimilarity_margin, args.reverse_dissimilarity_margin).to_string())
+    if "rev_id" in frame and frame.rev_id.notna().all():
+        print("\nThe same with the reverse statistic over the references' own views only (rev_id, not the product's):")
+        table = odd_flagged(frame, args.dissimilarity_margin, args.reverse_dissimilarity_margin, "rev_id")
+        print(table.to_string())
+    if args.image_scores:  # ablation's scores were made without views
+        frame = frame[frame.views == "none"]
         scores = pd.concat([pd.read_csv(path) for path in args.image_scores], ignore_index=True)
         table = verdicts(frame, scores, args.margin, args.dissimilarity_margin, args.reverse_dissimilarity_margin)
         print(f"\nVerdicts at margin {args.margin}, dissimilarity margins {args.dissimilarity_margin} (forward) / "
