@@ -396,7 +396,7 @@ def patchcore_baseline(
         logger.warning(
             "PatchCore+views: ResAD's reference banks hold no views here (reference_views %r, reference_view_levels "
             "%r), so neither does PatchCore's: the row equals PatchCore. Give ResAD views with "
-            "--model.reference_views dihedral (or flips).",
+            "--model.reference_views dihedral (or flips) and reference_view_levels >= 1.",
             resad.model.reference_views,
             resad.model.reference_view_levels,
         )
