@@ -388,7 +388,7 @@ def build_baselines(
     for name in names:
         row_name = BASELINE_NAMES[name]
         if name in {"patchcore", "patchcore_views"}:
-            built[row_name] = patchcore(with_views=True) if name == "patchcore_views" else patchcore()
+            built[row_name] = patchcore(with_views=name == "patchcore_views")
             continue
         found = find_weights(name, weights.get(name), cache_dir)
         if isinstance(found, MissingWeights):

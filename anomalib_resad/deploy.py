@@ -158,14 +158,14 @@ def load_references(path: str | Path, expected: dict[str, Any] | None = None) ->
     try:
         with np.load(path, allow_pickle=False) as content:
             metadata = json.loads(str(content["metadata"]))
-            newer = metadata.get("format_version", 1) > FORMAT_VERSION  # its arrays may be laid out otherwise
-            if not newer:
-                levels = [content[f"reference_{level}"] for level in range(len(metadata["layers"]))]
-                calibration = content.get("calibration")
+            check_not_newer(metadata, f"References file '{path}'")  # before the arrays: laid out otherwise there
+            levels = [content[f"reference_{level}"] for level in range(len(metadata["layers"]))]
+            calibration = content.get("calibration")
+    except ResADInputError:
+        raise
     except (OSError, KeyError, ValueError, AttributeError) as error:
         msg = f"'{path}' is not a ResAD references file ({error}). Make one with: resad references ..."
         raise ResADInputError(msg) from error
-    check_not_newer(metadata, f"References file '{path}'")
     if calibration is None or metadata.get("format_version", 1) < FORMAT_VERSION:
         msg = (
             f"References file '{path}' was made by an older anomalib-resad: its class calibration (per-class "
