@@ -50,7 +50,7 @@ from torch.nn import functional as F  # noqa: N812
 from torch.optim.lr_scheduler import MultiStepLR
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-from .checkpoint_settings import ARCHITECTURE_HPARAMS, adopt_checkpoint_settings, normalize_value
+from .checkpoint_settings import TRAINED_SETTINGS, normalize_value
 from .class_references import ClassReferences
 from .data.checks import check_folder_paths
 from .errors import ResADConfigurationError, ResADInputError, check_choice
@@ -219,29 +219,6 @@ class ResAD(AnomalibModule):
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
-        adopted = adopt_checkpoint_settings(locals(), ResAD.__init__)
-        backbone = adopted.get("backbone", backbone)
-        layers = adopted.get("layers", layers)
-        coupling_layers = adopted.get("coupling_layers", coupling_layers)
-        pos_embed_dim = adopted.get("pos_embed_dim", pos_embed_dim)
-        residual = adopted.get("residual", residual)
-        image_size = adopted.get("image_size", image_size)
-        clamp_alpha = adopted.get("clamp_alpha", clamp_alpha)
-        k = adopted.get("k", k)
-        reference_seed = adopted.get("reference_seed", reference_seed)
-        image_score = adopted.get("image_score", image_score)
-        level_constants = adopted.get("level_constants", level_constants)
-        dissimilarity_check = adopted.get("dissimilarity_check", dissimilarity_check)
-        nearest_score = adopted.get("nearest_score", nearest_score)
-        threshold_margin = adopted.get("threshold_margin", threshold_margin)
-        dissimilarity_margin = adopted.get("dissimilarity_margin", dissimilarity_margin)
-        reverse_dissimilarity_margin = adopted.get("reverse_dissimilarity_margin", reverse_dissimilarity_margin)
-        nearest_averaging = adopted.get("nearest_averaging", nearest_averaging)
-        reference_views = adopted.get("reference_views", reference_views)
-        reference_view_levels = adopted.get("reference_view_levels", reference_view_levels)
-        distribution_matching = adopted.get("distribution_matching", distribution_matching)
-        codebook_size = adopted.get("codebook_size", codebook_size)
-        efdm_alpha = adopted.get("efdm_alpha", efdm_alpha)
         if k < 2:
             msg = (
                 f"k={k}: ResAD needs at least 2 reference images per class at inference - it sets the class's "
@@ -255,18 +232,7 @@ class ResAD(AnomalibModule):
             msg = f"pos_embed_dim must be a multiple of 4 (sin/cos in two axes), got {pos_embed_dim}."
             raise ResADConfigurationError(msg)
         check_choice("flow_steps", flow_steps, FLOW_STEPS)
-        size = (224, 224) if image_size is None else (image_size,) * 2 if isinstance(image_size, int) else image_size
-        square = int(size[0]) == int(size[-1])
-        # the default (None, kept as such in hparams: checkpoints of before the option are told apart by it):
-        # quarter turns only where they keep the image's size
-        views_mode = reference_views or ("dihedral" if square else "flips")
-        if views_mode == "dihedral" and not square:
-            msg = (
-                f"reference_views='dihedral' turns the reference images by quarter turns, which needs a square "
-                f"image_size; got {size[0]}x{size[-1]}. Use a square size or --model.reference_views flips (mirror "
-                "images only), or leave the option out (flips for non-square sizes)."
-            )
-            raise ResADConfigurationError(msg)
+        _views_mode(reference_views, image_size)  # checks the pair now
         if flow_steps == "chunk" and flow_positions is None:
             msg = "flow_steps='chunk' needs a chunk size: set flow_positions (the reference uses 8192)."
             raise ResADConfigurationError(msg)
@@ -278,35 +244,8 @@ class ResAD(AnomalibModule):
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        self.model = ResADModel(
-            backbone=backbone,
-            layers=layers,
-            pre_trained=pre_trained,
-            residual=residual,
-            coupling_layers=coupling_layers,
-            clamp_alpha=clamp_alpha,
-            pos_embed_dim=pos_embed_dim,
-            image_score=image_score,
-            level_constants=level_constants,
-            dissimilarity_check=dissimilarity_check,
-            nearest_score=nearest_score,
-            threshold_margin=threshold_margin,
-            dissimilarity_margin=dissimilarity_margin,
-            reverse_dissimilarity_margin=reverse_dissimilarity_margin,
-            nearest_averaging=nearest_averaging,
-            reference_views=views_mode,
-            reference_view_levels=reference_view_levels,
-            distribution_matching=distribution_matching,
-            codebook_size=codebook_size,
-            efdm_alpha=efdm_alpha,
-        )
-        self.loss = ResADLoss(
-            num_levels=self.model.num_levels,
-            occ_loss=occ_loss,
-            pos_beta=pos_beta,
-            margin_tau=margin_tau,
-            bgspp_lambda=bgspp_lambda,
-        )
+        self.model = self._build_model(pre_trained)
+        self.loss = self._build_loss()
         self.k = k
         self.reference_seed = reference_seed
         self.reference_dir = reference_dir
@@ -322,8 +261,7 @@ class ResAD(AnomalibModule):
         # Manual optimisation for the reference's per-chunk flow steps (several optimizer steps per batch).
         self.automatic_optimization = flow_steps == "batch"
 
-        transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
-        self.references = ClassReferences.for_model(self.model, transform, int(reference_cache_mb * 2**20))
+        self.references = self._build_references()
         self.reference_selection: ReferenceSelection | None = None  # the stored bank's images
         self._pinned_references = False
         self._eval_banks: dict[str, ReferenceBank] = {}  # banks of further classes of a multi-class eval set
@@ -354,6 +292,49 @@ class ResAD(AnomalibModule):
         # antialias=False: the exported graph resizes without antialiasing (anomalib turns it off for export), and
         # references are data: they must be made from exactly the pixels queries are made from, in every runtime.
         return PreProcessor(transform=Compose([Resize(size, antialias=False), Normalize(mean=mean, std=std)]))
+
+    def _build_model(self, pre_trained: bool | str) -> ResADModel:
+        """The network these hyper-parameters describe (``pre_trained=False`` where a checkpoint fills it)."""
+        hparams = self.hparams
+        return ResADModel(
+            backbone=hparams["backbone"],
+            layers=hparams["layers"],
+            pre_trained=pre_trained,
+            residual=hparams["residual"],
+            coupling_layers=hparams["coupling_layers"],
+            clamp_alpha=hparams["clamp_alpha"],
+            pos_embed_dim=hparams["pos_embed_dim"],
+            image_score=hparams["image_score"],
+            level_constants=hparams["level_constants"],
+            dissimilarity_check=hparams["dissimilarity_check"],
+            nearest_score=hparams["nearest_score"],
+            threshold_margin=hparams["threshold_margin"],
+            dissimilarity_margin=hparams["dissimilarity_margin"],
+            reverse_dissimilarity_margin=hparams["reverse_dissimilarity_margin"],
+            nearest_averaging=hparams["nearest_averaging"],
+            reference_views=_views_mode(hparams["reference_views"], hparams["image_size"]),
+            reference_view_levels=hparams["reference_view_levels"],
+            distribution_matching=hparams["distribution_matching"],
+            codebook_size=hparams["codebook_size"],
+            efdm_alpha=hparams["efdm_alpha"],
+        )
+
+    def _build_loss(self) -> ResADLoss:
+        hparams = self.hparams
+        return ResADLoss(
+            num_levels=self.model.num_levels,
+            occ_loss=hparams["occ_loss"],
+            pos_beta=hparams["pos_beta"],
+            margin_tau=hparams["margin_tau"],
+            bgspp_lambda=hparams["bgspp_lambda"],
+        )
+
+    def _build_references(self, pools: dict[str, list[str]] | None = None) -> ClassReferences:
+        """The references room of :attr:`model`, its images pre-processed as the model's pre-processor does."""
+        transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
+        references = ClassReferences.for_model(self.model, transform, int(self.hparams["reference_cache_mb"] * 2**20))
+        references.set_pools(pools or {})
+        return references
 
     @staticmethod
     def configure_post_processor() -> PostProcessor:
@@ -388,8 +369,12 @@ class ResAD(AnomalibModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, *args: Any, **kwargs: Any) -> "ResAD":
-        """Load a trained ResAD; backbone weights come from the checkpoint, so nothing is downloaded."""
+        """Load a trained ResAD: tensors and plain data only (``weights_only=True``: no code in the file runs).
+
+        Backbone weights come from the checkpoint, so nothing is downloaded.
+        """
         kwargs.setdefault("pre_trained", False)
+        kwargs["weights_only"] = True
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # ------------------------------------------------------------------ export
@@ -786,21 +771,28 @@ class ResAD(AnomalibModule):
             checkpoint["resad_references"] = self.reference_selection.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, with a clear message, a checkpoint of a differently built ResAD; restore the reference list."""
+        """Rebuild the network the checkpoint holds where this model was built otherwise; restore the references.
+
+        ``anomalib predict/test/export --model ResAD --ckpt_path X`` builds the model from the command line before
+        Lightning restores X (loaded with ``weights_only=True``), so a checkpoint of another backbone, set of levels or
+        input size would not fit. Its :data:`~anomalib_resad.checkpoint_settings.TRAINED_SETTINGS` replace this
+        model's, with a warning naming them, before the state dict is loaded; the scoring options stay as built.
+        """
         saved = checkpoint.get("hyper_parameters", {})
-        mismatched = {
-            name: (saved[name], self.hparams.get(name))
-            for name in ARCHITECTURE_HPARAMS
+        differing = {
+            name: saved[name]
+            for name in TRAINED_SETTINGS
             if name in saved and normalize_value(saved[name]) != normalize_value(self.hparams.get(name))
         }
-        if mismatched:
-            details = ", ".join(f"{key}: checkpoint {old!r} vs model {new!r}" for key, (old, new) in mismatched.items())
-            arguments = " ".join(f"--model.{key} {_cli_value(saved[key])}" for key in mismatched)
-            msg = (
-                f"This checkpoint was trained with a different ResAD ({details}). Build the model with the "
-                f"checkpoint's settings: {arguments}"
+        if differing:
+            logger.warning(
+                "ResAD: the checkpoint holds a model trained with %s; building that one (this one was built with %s).",
+                ", ".join(f"{name}={value!r}" for name, value in differing.items()),
+                ", ".join(f"{name}={self.hparams.get(name)!r}" for name in differing),
             )
-            raise ResADConfigurationError(msg)
+            self.hparams.update(differing)
+            self.model = self._build_model(pre_trained=False)  # the state dict fills every weight
+            self.loss = self._build_loss()
         # saved before the reverse statistic, with that release's default margin: 1.5 for the forward statistic next
         # to the reverse one flags too many normal images (docs/benchmark.md); references set from now on use this
         # release's pair (the stored calibration is read as it was)
@@ -827,14 +819,27 @@ class ResAD(AnomalibModule):
             # saved before the option: its calibration has no nearest-neighbour threshold; score as it was scored
             generator.nearest_score = False
             logger.info("Checkpoint of before nearest_score: its images are scored by the flows alone, as before.")
-        super().on_load_checkpoint(checkpoint)
+        super().on_load_checkpoint(checkpoint)  # anomalib restores the pre-processing the references must share
         if "resad_references" in checkpoint:
             self.reference_selection = ReferenceSelection.from_dict(checkpoint["resad_references"])
             self._pinned_references = True
-        self.references.clear()
+        self.references = self._build_references(self.references.pools)
 
 
-def _cli_value(value: object) -> str:
-    if isinstance(value, list | tuple):
-        return "'[" + ", ".join(str(item) for item in value) + "]'"
-    return str(value)
+def _views_mode(reference_views: str | None, image_size: int | Sequence[int] | None) -> str:
+    """The reference views to use: the given mode, else dihedral for a square input and flips otherwise.
+
+    The default (``None``) is kept as such in the hyper-parameters: checkpoints of before the option are told apart
+    by it. Quarter turns are used only where they keep the image's size.
+    """
+    size = (224, 224) if image_size is None else (image_size,) * 2 if isinstance(image_size, int) else image_size
+    square = int(size[0]) == int(size[-1])
+    mode = reference_views or ("dihedral" if square else "flips")
+    if mode == "dihedral" and not square:
+        msg = (
+            f"reference_views='dihedral' turns the reference images by quarter turns, which needs a square "
+            f"image_size; got {size[0]}x{size[-1]}. Use a square size or --model.reference_views flips (mirror "
+            "images only), or leave the option out (flips for non-square sizes)."
+        )
+        raise ResADConfigurationError(msg)
+    return mode
