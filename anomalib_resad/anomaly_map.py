@@ -387,6 +387,9 @@ class AnomalyMapGenerator(nn.Module):
         self.level_constants = level_constants
         self.dissimilarity_check = dissimilarity_check
         self.nearest_score = nearest_score
+        # the training-free `nearest` row of `resad evaluate`: the class's nearest-neighbour map alone (precise or
+        # averaged, as its references chose) over its threshold - ResAD's matching with no trained part
+        self.nearest_only = False
         self.register_buffer("global_level_constants", torch.zeros(num_levels))
         self.register_buffer("calibration", torch.zeros(num_levels + CALIBRATION_THRESHOLDS))
         # scipy.ndimage.gaussian_filter's truncate=4, as in the reference; "replicate" borders work for maps of any
@@ -610,7 +613,13 @@ class AnomalyMapGenerator(nn.Module):
             averaging,
         ) = calibration[-CALIBRATION_THRESHOLDS:].unbind()
         anomaly_map = parts.anomaly_map / map_threshold
-        if not self.nearest_score:
+        if self.nearest_only:
+            anomaly_map = parts.nearest_map / nearest_threshold
+            if parts.averaged_map is not None:
+                averaged = parts.averaged_map / averaged_threshold.clamp(min=1e-12)
+                anomaly_map = torch.where(averaging > 0, averaged, anomaly_map)
+            score = self.score_of(anomaly_map)
+        elif not self.nearest_score:
             score = parts.score / score_threshold  # the reference's flow score
         else:
             # the flows' map fused with the precise nearest-neighbour map, or - for the classes that chose averaging -

@@ -34,7 +34,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,11 @@ from .references import ReferenceSelection
 logger = logging.getLogger(__name__)
 
 COST_KEYS = ("model", "k")
+# Rows that score with the trained ResAD itself, another way, on the same banks: ``nearest`` - its matching alone (the
+# class's nearest-neighbour map over its leave-one-out threshold, same levels, views and averaging choice), no trained
+# part; ``flows`` - the flows' map alone (the paper's scoring).
+RESAD_ROWS = {"nearest": "nearest", "flows": "flows"}
+SPLITS = ("targets", "source_validation")
 
 
 def _with_root(specs: Sequence[dict[str, Any]], root: str | None) -> list[dict[str, Any]]:
@@ -65,20 +71,32 @@ def _with_root(specs: Sequence[dict[str, Any]], root: str | None) -> list[dict[s
 
 
 def _summarize(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over draws per (model, category, k), plus the mean over categories per (model, k).
+    """Mean and sample std over draws per (model, category, k), per domain, and over categories and domains.
 
-    The std of the category mean is taken over draws (the mean over categories of each draw), so it measures how
-    much the choice of reference images moves the headline number.
+    Rows: each category; ``mean`` - the mean over categories; where the categories belong to fewer domains than
+    there are categories (``domain`` in the source/target entries), each domain's mean (``domain:<name>``) and the
+    mean over domains (``domain mean``, every domain weighted alike). A mean row's std is taken over draws (the mean
+    of each draw), so it measures how much the choice of reference images moves the headline number.
     """
     keys = ["model", "category", "k"]
     columns = [name for name in METRIC_NAMES + VERDICT_NAMES + ORACLE_NAMES if name in results]
+
+    def over_draws(per_draw: pd.DataFrame, label: str) -> pd.DataFrame:
+        overall = per_draw.groupby(["model", "k"], sort=False)
+        mean = overall.mean().join(overall.std(ddof=1), rsuffix="_std").reset_index()
+        mean.insert(1, "category", label)
+        return mean
+
     grouped = results.groupby(keys, sort=False)[columns]
-    per_category = grouped.mean().join(grouped.std(ddof=0), rsuffix="_std").reset_index()
-    per_draw = results.groupby(["model", "k", "draw"], sort=False)[columns].mean()
-    overall = per_draw.groupby(["model", "k"], sort=False)
-    mean = overall.mean().join(overall.std(ddof=0), rsuffix="_std").reset_index()
-    mean.insert(1, "category", "mean")
-    return pd.concat([per_category, mean], ignore_index=True)
+    frames = [grouped.mean().join(grouped.std(ddof=1), rsuffix="_std").reset_index()]
+    frames.append(over_draws(results.groupby(["model", "k", "draw"], sort=False)[columns].mean(), "mean"))
+    if "domain" in results and results.domain.nunique() < results.category.nunique():
+        per_domain = results.groupby(["model", "domain", "k", "draw"], sort=False)[columns].mean().reset_index()
+        for domain, rows in per_domain.groupby("domain", sort=False):
+            frames.append(over_draws(rows.drop(columns="domain").set_index(["model", "k", "draw"]), f"domain:{domain}"))
+        domain_mean = per_domain.groupby(["model", "k", "draw"], sort=False)[columns].mean()
+        frames.append(over_draws(domain_mean, "domain mean"))
+    return pd.concat(frames, ignore_index=True)
 
 
 def _with_cost(
@@ -125,15 +143,18 @@ def summary_markdown(summary: pd.DataFrame) -> str:
             if isinstance(status, str) and status != "ok":  # e.g. "skipped: no weights"
                 cells.append(status)
                 continue
-            cells.append(
-                " / ".join(
-                    f"{100 * row[name]:.1f}±{100 * row[name + '_std']:.1f}"
-                    for name in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")
-                ),
-            )
-        label = f"**{category}**" if category == "mean" else category
+            cells.append(" / ".join(_mean_std(row, name) for name in ("image_AUROC", "pixel_AUROC", "pixel_AUPRO")))
+        label = f"**{category}**" if category in {"mean", "domain mean"} else category
         lines.append(f"| {model} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _mean_std(row: pd.Series, name: str) -> str:
+    """``mean±std`` in percent; ``-`` where the metric does not apply (no masks), no std from a single draw."""
+    mean, std = row.get(name, math.nan), row.get(name + "_std", math.nan)
+    if pd.isna(mean):
+        return "-"
+    return f"{100 * mean:.1f}" if pd.isna(std) else f"{100 * mean:.1f}±{100 * std:.1f}"
 
 
 def cost_markdown(summary: pd.DataFrame) -> str:
@@ -173,11 +194,31 @@ def _input_size(model: AnomalibModule) -> tuple[int, int]:
 
 
 class _Evaluated:
-    """A model of the grid: the anomalib module scored and how it takes a class's k references."""
+    """A model of the grid: the anomalib module scored, how it takes a class's k references, and how it scores."""
 
-    def __init__(self, module: AnomalibModule, set_references: Callable[[ReferenceSelection], None]) -> None:
+    def __init__(
+        self,
+        module: AnomalibModule,
+        set_references: Callable[[ReferenceSelection], None],
+        scoring: str | None = None,
+    ) -> None:
         self.module = module
         self.set_references = set_references
+        self.scoring = scoring  # one of RESAD_ROWS: the ResAD module scored that way
+
+    @contextmanager
+    def scored(self) -> Iterator[AnomalibModule]:
+        """The module, scoring as this row asks while the block runs."""
+        if self.scoring is None:
+            yield self.module
+            return
+        generator = self.module.model.anomaly_map_generator
+        saved = generator.nearest_only, generator.nearest_score
+        generator.nearest_only, generator.nearest_score = self.scoring == "nearest", False
+        try:
+            yield self.module
+        finally:
+            generator.nearest_only, generator.nearest_score = saved
 
 
 def _measure_cost(
@@ -185,9 +226,10 @@ def _measure_cost(
 ) -> None:
     """Record what ``entry`` costs per image with the references it holds (:mod:`anomalib_resad.cost`)."""
     size = _input_size(entry.module)
-    measured = measure_cost(entry.module.model, size, repeats=repeats).as_row()
-    if openvino:
-        measured.update(measure_openvino_cost(entry.module, size, repeats=repeats))
+    with entry.scored() as module:
+        measured = measure_cost(module.model, size, repeats=repeats).as_row()
+        if openvino:
+            measured.update(measure_openvino_cost(module, size, repeats=repeats))
     costs.add({"model": name, "k": k, "category": category, **measured})
 
 
@@ -216,6 +258,7 @@ def run_protocol(
     cost_repeats: int = 5,
     openvino_cost: bool = True,
     resume: bool = True,
+    split: str = "targets",
 ) -> pd.DataFrame:
     """Train on source categories and evaluate on unseen target categories with k reference images.
 
@@ -238,7 +281,9 @@ def run_protocol(
         batch_size (int): Training and evaluation batch size. Defaults to ``8``.
         num_workers (int): Data loader workers. Defaults to ``2``.
         maps_per_category (int): Anomaly-map images written per category and k (first draw). Defaults to ``8``.
-        baselines (Sequence[str]): Also evaluate these on the same references: ``"patchcore"``,
+        baselines (Sequence[str]): Also evaluate these on the same references: ``"nearest"`` (ResAD's own
+            matching with no trained part: the nearest-neighbour map alone, same levels, views, averaging choice and
+            leave-one-out calibration), ``"flows"`` (the flows' map alone, the paper's scoring), ``"patchcore"``,
             ``"patchcore_views"`` (its memory bank also holding the views ResAD's banks hold: ResAD's
             ``reference_views``), ``"winclip"``, ``"anomaly_dino"``. Defaults to none.
         baseline_layers (Sequence[str] | None): Levels of PatchCore's backbone. Defaults to ResAD's two deepest.
@@ -252,14 +297,20 @@ def run_protocol(
             and k). Defaults to ``True``.
         resume (bool): Keep the finished cells and the finished training found in ``output_dir``; ``False``
             recomputes everything. Defaults to ``True``.
+        split (str): What is scored: ``"targets"`` (the unseen categories' test images) or ``"source_validation"``
+            (the source categories' held-out validation images, references drawn from their training split: where
+            defaults are chosen). Defaults to ``"targets"``.
 
     Returns:
         pd.DataFrame: The summary (also written to ``summary.csv`` / ``summary.md``).
     """
     start = time.perf_counter()
-    unknown = sorted(set(baselines) - set(BASELINES))
+    unknown = sorted(set(baselines) - set(BASELINES) - set(RESAD_ROWS))
     if unknown:
-        msg = f"Unknown baseline(s) {unknown}; available: {list(BASELINES)}."
+        msg = f"Unknown baseline(s) {unknown}; available: {[*RESAD_ROWS, *BASELINES]}."
+        raise ResADConfigurationError(msg)
+    if split not in SPLITS:
+        msg = f"split must be one of {list(SPLITS)}, got {split!r}."
         raise ResADConfigurationError(msg)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
@@ -279,6 +330,7 @@ def run_protocol(
             "batch_size": batch_size,
             "baseline_layers": list(baseline_layers) if baseline_layers else None,
             "baseline_weights": baseline_weights or {},
+            "split": split,
         },
         resume=resume,
     )
@@ -299,21 +351,27 @@ def run_protocol(
     resad, checkpoint, train_s = _trained_resad(datamodule, output, model, trainer, checkpoint, resume)
 
     evaluated = {"ResAD": _Evaluated(resad, resad.set_references)}
+    for name, row in RESAD_ROWS.items():
+        if name in baselines:  # the same module and banks, scored another way
+            evaluated[row] = _Evaluated(resad, resad.set_references, scoring=name)
 
     def patchcore(with_views: bool = False) -> FewShotPatchcore:
         pre_trained = (model or {}).get("pre_trained", True)
         return patchcore_baseline(resad, pre_trained, baseline_layers, with_views=with_views)
 
-    built, skipped = build_baselines(baselines, patchcore, baseline_weights)
+    built, skipped = build_baselines([name for name in baselines if name in BASELINES], patchcore, baseline_weights)
     for name, baseline in built.items():
         baseline.model.to(resad.device)
         evaluated[name] = _Evaluated(baseline.model, baseline.set_references)
 
-    test_samples = datamodule.test_data.samples
-    resad.references.set_pools({name: datamodule.reference_pool(name) for name in datamodule.target_categories})
+    if split == "targets":
+        categories, test_samples = datamodule.target_categories, datamodule.target_samples
+    else:
+        categories, test_samples = datamodule.source_categories, datamodule.validation_samples
+    resad.references.set_pools({name: datamodule.reference_pool(name) for name in categories})
     cells = [
         (category, k, draw)
-        for category in datamodule.target_categories
+        for category in categories
         for k in shots
         for draw in range(1 if reference_dirs and category in reference_dirs else draws)
     ]
@@ -342,11 +400,19 @@ def run_protocol(
                 logger.info("%s k=%d: cells finished, measuring its cost (%s, draw %d)", name, k, category, draw)
                 _measure_cost(entry, name, category, k, costs, cost_repeats, openvino_cost)
                 continue
-            scores = score_samples(entry.module, samples, batch_size=batch_size)
+            with entry.scored() as module:
+                scores = score_samples(module, samples, batch_size=batch_size)
             metrics = category_metrics(scores)
             if draw == 0 and maps_per_category:
                 save_anomaly_maps(scores, output / "anomaly_maps" / name / category / f"k{k}", maps_per_category)
-            row = {"model": name, "category": category, "k": k, "draw": draw, "seed": selection.seed}
+            row = {
+                "model": name,
+                "domain": datamodule.domain_of(category),
+                "category": category,
+                "k": k,
+                "draw": draw,
+                "seed": selection.seed,
+            }
             if isinstance(entry.module, ResAD):  # which matching the class's references chose (nearest_averaging)
                 row["averaged"] = float(entry.module.model.anomaly_map_generator.calibration[-1])
             results.add({**row, "fit_s": fit_s, **metrics})

@@ -309,9 +309,14 @@ class ResADModel(nn.Module):
             InferenceBatch: ``pred_score`` ``(B,)`` and ``anomaly_map`` ``(B, 1, H, W)``.
         """
         features = self.feature_extractor(images)
-        log_likelihoods, similarities, coverage = self.level_outputs(features, reference_bank)
+        generator = self.anomaly_map_generator
+        if generator.nearest_only:  # matching alone: the constraintor and the flows are not run
+            _, similarities, coverage = self.feature_converter(features, reference_bank)
+            log_likelihoods = [(level.new_zeros(level.shape),) * 2 for level in similarities]
+        else:
+            log_likelihoods, similarities, coverage = self.level_outputs(features, reference_bank)
         averaged = None
-        if self.anomaly_map_generator.nearest_score and self._averaging(calibration):
+        if (generator.nearest_score or generator.nearest_only) and self._averaging(calibration):
             averaged = self.feature_converter.averaged_distances(features, reference_bank, NEAREST_LEVELS)
         anomaly_map, pred_score = self.anomaly_map_generator(
             log_likelihoods, similarities, images.shape[-2:], calibration, coverage, averaged

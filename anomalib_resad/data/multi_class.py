@@ -11,7 +11,8 @@ Splits, following the reference code's cross-class training (``datasets/mvtec.py
 
 * **train**: every source category's normal training images, plus - with ``include_test=True`` - its test images,
   normal and anomalous with masks ("as we will not test on the training classes, using abnormal samples in test set
-  is actually reasonable"). ResAD uses only the normal images in its first stage;
+  is actually reasonable"); anomalous images without a mask are not trained on. ResAD uses only the normal images in
+  its first stage;
 * **val**: ``val_split_ratio`` of every source category's test images (label-aware, seeded), held out of training -
   validation (thresholds, normalisation) never looks at a target class;
 * **test**: the test images of the ``targets`` categories - classes never seen in training - or the validation images
@@ -22,7 +23,8 @@ A target category that is also a source category is refused (that is not class g
 ``allow_overlap=True``.
 
 Each source/target entry is a dict: ``datamodule`` (anomalib class name or dotted path), ``categories`` (list, or
-``"all"`` for the dataset's full category list) and any further keys as that datamodule's arguments. String arguments
+``"all"`` for the dataset's full category list), optionally ``domain`` (results are also averaged per domain), and any
+further keys as that datamodule's arguments. String arguments
 may contain ``{category}`` (e.g. a ``Folder`` ``root``).
 
 Example:
@@ -61,11 +63,14 @@ class CategorySource:
         datamodule (str): anomalib datamodule class name (``"MVTecAD"``) or dotted path.
         categories (list[str]): Category names.
         arguments (dict[str, Any]): Further datamodule arguments (``root`` ...); ``{category}`` is substituted.
+        domain (str | None): The domain the categories belong to (``"boards"``): results are also averaged per
+            domain, and a domain is held out whole. Defaults to ``None`` (each category is its own domain).
     """
 
     datamodule: str
     categories: list[str]
     arguments: dict[str, Any] = field(default_factory=dict)
+    domain: str | None = None
 
     @classmethod
     def parse(cls, spec: "CategorySource | dict[str, Any]") -> "CategorySource":
@@ -80,12 +85,18 @@ class CategorySource:
         arguments = dict(spec.pop("init_args", {}))
         arguments.update(spec)
         categories = arguments.pop("categories", arguments.pop("category", None))
+        domain = arguments.pop("domain", None)
         resolve_datamodule_class(datamodule)  # fail now, not at setup, on a misspelt name
         if categories is None or categories == "all":
             categories = list(known_categories(datamodule))
         elif isinstance(categories, str):
             categories = [categories]
-        return cls(datamodule=datamodule, categories=[str(name) for name in categories], arguments=arguments)
+        return cls(
+            datamodule=datamodule,
+            categories=[str(name) for name in categories],
+            arguments=arguments,
+            domain=None if domain is None else str(domain),
+        )
 
     def datamodule_class(self) -> type[AnomalibDataModule]:
         """The anomalib datamodule class."""
@@ -246,7 +257,7 @@ class MultiClassDataModule(AnomalibDataModule):
                 val.append(category_test.loc[held_out])
                 train.append(category_train)
                 if self.include_test:
-                    train.append(category_test.drop(index=held_out))
+                    train.append(_without_unmasked_anomalies(category_test.drop(index=held_out), category))
         for target in self.targets:
             for category in target.categories:
                 category_train, category_test = _category_samples(target, category)
@@ -261,12 +272,22 @@ class MultiClassDataModule(AnomalibDataModule):
         val_samples = pd.concat(val) if val and sum(len(frame) for frame in val) else None
         if val_samples is None:  # no held-out images: validate on the training split's test images
             val_samples = self.train_data.samples[self.train_data.samples.split == "test"]
-        self.val_data = MultiClassDataset(val_samples, task)
-        self.test_data = MultiClassDataset(pd.concat(test), task) if test else MultiClassDataset(val_samples, task)
+        # every image, per category (the protocol scores each category on its own, with or without masks)
+        self.validation_samples = val_samples.reset_index(drop=True)
+        self.target_samples = pd.concat(test).reset_index(drop=True) if test else self.validation_samples
+        self.val_data = MultiClassDataset(_readable(val_samples, task), task)
+        self.test_data = MultiClassDataset(_readable(self.target_samples, task), task)
         self.reference_samples = pd.concat(reference).reset_index(drop=True) if reference else pd.DataFrame()
 
     def _create_test_split(self) -> None:
         """The splits are made per category in :meth:`_setup`."""
+
+    def domain_of(self, category: str) -> str:
+        """The domain of a source or target category (its entry's ``domain``, else the category itself)."""
+        for entry in [*self.sources, *self.targets]:
+            if category in entry.categories:
+                return entry.domain or category
+        return category
 
     def reference_pool(self, category: str) -> list[str]:
         """Normal images a category's references may be drawn from (its training split).
@@ -326,6 +347,37 @@ def _category_samples(source: CategorySource, category: str) -> tuple[pd.DataFra
         raise ResADInputError(msg)
     train["split"], test["split"] = "train", "test"
     return train, test
+
+
+def _without_unmasked_anomalies(samples: pd.DataFrame, category: str) -> pd.DataFrame:
+    """Training rows less the anomalous images without a mask.
+
+    The flows learn every position outside a defect's mask as normal, so an anomalous image with no mask would teach
+    them its defect as normal. Such images (datasets with image-level labels only) stay in validation and test.
+    """
+    unmasked = (samples.label_index == 1) & (samples.mask_path.astype(str).str.len() == 0)
+    if unmasked.any():
+        logger.info(
+            "Category '%s': %d anomalous image(s) without a mask are not trained on (validated and tested only).",
+            category,
+            int(unmasked.sum()),
+        )
+    return samples[~unmasked]
+
+
+def _readable(samples: pd.DataFrame, task: str) -> pd.DataFrame:
+    """Rows one dataset of ``task`` can read: a segmentation dataset needs a mask for every anomalous image.
+
+    Categories with image-level labels only (no masks) beside ones with masks: their anomalous images are left out
+    of Lightning's validation and test sets (pixel metrics need masks); ``resad evaluate`` scores every category on
+    its own, image-level where it has no masks (:attr:`MultiClassDataModule.target_samples`).
+    """
+    if task != "segmentation":
+        return samples
+    unmasked = (samples.label_index == 1) & (samples.mask_path.astype(str).str.len() == 0)
+    if unmasked.any():
+        logger.info("%d anomalous image(s) without a mask are left out of a pixel-level evaluation set.", sum(unmasked))
+    return samples[~unmasked]
 
 
 def _label_aware_sample(samples: pd.DataFrame, ratio: float, seed: int) -> pd.Index:

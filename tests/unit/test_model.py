@@ -44,6 +44,33 @@ def test_eval_forward_returns_inference_batch(tiny_model: ResADModel) -> None:
     assert bool((flow_only.pred_score >= flow_only.anomaly_map.amax(dim=(1, 2, 3)) - 1e-5).all())
 
 
+def test_nearest_scoring_uses_no_trained_part() -> None:
+    """The `nearest` row of `resad evaluate`: ResAD's matching alone - a randomly initialised constraintor and flow
+    give the very same scores, where the default's fused scores move."""
+    torch.manual_seed(0)
+    model = ResADModel("resnet18", ["layer1", "layer2"], pre_trained=False, coupling_layers=2, pos_embed_dim=16)
+    model = model.eval()
+    model.set_references(model.make_reference_bank(torch.rand(2, 3, 64, 64)))
+    images = torch.rand(3, 3, 64, 64)
+    generator = model.anomaly_map_generator
+
+    def scores(nearest_only: bool) -> torch.Tensor:
+        generator.nearest_only = nearest_only
+        try:
+            with torch.no_grad():
+                return model(images).pred_score
+        finally:
+            generator.nearest_only = False
+
+    nearest, fused = scores(True), scores(False)
+    with torch.no_grad():
+        for module in (model.residual_flow, model.feature_constraintor):
+            for parameter in module.parameters():
+                parameter.add_(0.5 * torch.randn_like(parameter))
+    torch.testing.assert_close(scores(True), nearest, atol=0.0, rtol=0.0)
+    assert not torch.allclose(scores(False), fused)
+
+
 def test_scores_of_an_image_do_not_depend_on_the_rest_of_the_batch(tiny_model: ResADModel) -> None:
     torch.manual_seed(1)
     images = torch.rand(4, 3, 64, 64)

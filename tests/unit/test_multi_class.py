@@ -119,3 +119,44 @@ def test_batches_carry_masks_for_training(tmp_path: Path) -> None:
     batch = next(iter(datamodule.train_dataloader()))
     assert batch.gt_mask is not None
     assert torch.equal(batch.gt_label.bool(), batch.gt_mask.flatten(1).any(1))
+
+
+def test_anomalies_without_masks_are_validated_and_tested_but_never_trained_on(tmp_path: Path) -> None:
+    """A Folder category with image-level labels beside MVTec-style ones with masks (the shared domain folds)."""
+    masked = make_replica("MVTecAD", tmp_path / "masked", ["alpha", "gamma"], train=4, good=2, bad=3)
+    plain = make_replica("MVTecAD", tmp_path / "plain", ["beta", "delta"], train=4, good=2, bad=3)
+    for category in ("beta", "delta"):  # no ground truth: only image-level labels
+        for mask in (plain / category / "ground_truth").rglob("*.png"):
+            mask.unlink()
+
+    def folder(category: str, domain: str) -> dict:
+        defects = sorted(path.name for path in (plain / category / "test").iterdir() if path.name != "good")
+        return {
+            "domain": domain, "datamodule": "Folder", "root": str(plain / category), "categories": [category],
+            "normal_dir": "train/good", "normal_test_dir": "test/good",
+            "abnormal_dir": [f"test/{name}" for name in defects],
+        }  # fmt: skip
+
+    datamodule = MultiClassDataModule(
+        sources=[{"domain": "parts", "datamodule": "MVTecAD", "root": str(masked), "categories": ["alpha"]},
+                 folder("beta", "walls")],
+        targets=[{"domain": "parts", "datamodule": "MVTecAD", "root": str(masked), "categories": ["gamma"]},
+                 folder("delta", "walls")],
+        val_split_ratio=0.3,
+        num_workers=0,
+    )  # fmt: skip
+    datamodule.setup()
+    train = datamodule.train_data.samples
+    beta = train[train[CATEGORY_COLUMN] == "beta"]
+    assert (beta.label_index == 1).sum() == 0  # its anomalies have no mask: the flows would learn them as normal
+    assert ((train[CATEGORY_COLUMN] == "alpha") & (train.label_index == 1)).sum() == 2
+    # every image stays available per category (validation of the sources, test of the targets)
+    validation, targets = datamodule.validation_samples, datamodule.target_samples
+    assert ((validation[CATEGORY_COLUMN] == "beta") & (validation.label_index == 1)).sum() == 1
+    assert ((targets[CATEGORY_COLUMN] == "delta") & (targets.label_index == 1)).sum() == 3
+    # Lightning's pixel-level sets hold only what they can read: every item loads, masks where anomalous
+    for dataset in (datamodule.val_data, datamodule.test_data):
+        assert all(dataset[index].gt_mask is not None for index in range(len(dataset)))
+    assert {name: datamodule.domain_of(name) for name in ("alpha", "beta", "gamma", "delta")} == {
+        "alpha": "parts", "beta": "walls", "gamma": "parts", "delta": "walls",
+    }  # fmt: skip

@@ -30,15 +30,18 @@ def protocol_run(texture_root: Path, tmp_path_factory: pytest.TempPathFactory) -
         seed=5,
         num_workers=0,
         maps_per_category=2,
-        baselines=["patchcore"],
+        baselines=["nearest", "flows", "patchcore"],
     )
     return output
 
 
 def test_one_row_per_model_category_k_and_draw(protocol_run: Path) -> None:
     results = pd.read_csv(protocol_run / "results.csv")
-    assert len(results) == 2 * 1 * 2 * 2
-    assert set(results.model) == {"ResAD", "PatchCore"}
+    assert len(results) == 4 * 1 * 2 * 2
+    assert set(results.model) == {"ResAD", "nearest", "flows", "PatchCore"}
+    # the same trained module and banks, scored three ways: the rows differ where the scorings do
+    resad, nearest = (results[results.model == name].image_AUROC.to_numpy() for name in ("ResAD", "nearest"))
+    assert len(resad) == len(nearest) == 4
     assert set(results.category) == {"brick"}
     assert sorted(results.groupby(["model", "k"]).draw.apply(list).iloc[0]) == [0, 1]
     metrics = results[["image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1Max"]]
@@ -56,7 +59,7 @@ def test_summary_has_mean_and_std_over_draws(protocol_run: Path) -> None:
     row = summary[(summary.model == "ResAD") & (summary.category == "brick") & (summary.k == 2)].iloc[0]
     draws = results[(results.model == "ResAD") & (results.k == 2)].image_AUROC
     assert row.image_AUROC == pytest.approx(draws.mean())
-    assert row.image_AUROC_std == pytest.approx(draws.std(ddof=0))
+    assert row.image_AUROC_std == pytest.approx(draws.std(ddof=1))  # the sample std over draws
     assert set(summary[summary.category == "mean"].k) == {2, 3}
     markdown = (protocol_run / "summary.md").read_text()
     assert "| ResAD | **mean** |" in markdown and "| PatchCore | brick |" in markdown
@@ -116,3 +119,23 @@ def test_scoring_options_are_set_after_the_checkpoint_s_legacy_adjustments() -> 
     assert resad.hparams["nearest_averaging"] == "on"
     with pytest.raises(ResADConfigurationError, match="not a scoring option"):
         apply_scoring_options(resad, {"no_such_option": 1})
+
+
+def test_summary_means_over_domains() -> None:
+    from anomalib_resad.protocol import _summarize
+
+    rows = [
+        {"model": "ResAD", "domain": domain, "category": category, "k": 2, "draw": draw, "image_AUROC": value}
+        for domain, category, values in (
+            ("boards", "a", (0.6, 0.8)),
+            ("boards", "b", (0.8, 1.0)),
+            ("tile", "t", (0.5, 0.7)),
+        )
+        for draw, value in enumerate(values)
+    ]
+    summary = _summarize(pd.DataFrame(rows)).set_index("category")
+    assert summary.loc["mean", "image_AUROC"] == pytest.approx((0.7 + 0.9 + 0.6) / 3)  # over categories
+    assert summary.loc["domain:boards", "image_AUROC"] == pytest.approx(0.8)
+    assert summary.loc["domain mean", "image_AUROC"] == pytest.approx((0.8 + 0.6) / 2)  # each domain alike
+    # the std of a mean row is over draws: the domain means of draw 0 and 1 are 0.6 and 0.8
+    assert summary.loc["domain mean", "image_AUROC_std"] == pytest.approx(pd.Series([0.6, 0.8]).std(ddof=1))
