@@ -1,6 +1,6 @@
 # Copyright (C) 2026 anomalib-resad contributors
 # SPDX-License-Identifier: Apache-2.0
-"""Bookkeeping of a long evaluation grid: resumable result files, one progress line per cell, the AUROC-vs-k plot.
+"""Bookkeeping of a long evaluation grid: resumable result files, progress lines, the AUROC-vs-k plot.
 
 A grid cell of ``resad evaluate`` is one (model, category, k, draw). Its row is appended to ``results.csv`` as soon as
 it is finished (the file is rewritten atomically), so an interrupted run loses at most the cell in progress; started
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from lightning.pytorch import Callback, LightningModule, Trainer
 
 from .errors import ResADConfigurationError
 
@@ -146,6 +147,33 @@ class Progress:
         elapsed = time.perf_counter() - self._start
         left = elapsed / self._computed * (self.total - self.done)
         logger.info("[%d/%d] %s (%.0f s elapsed, about %.0f s left)", self.done, self.total, description, elapsed, left)
+
+
+class EpochProgress(Callback):
+    """One log line per training epoch (losses, time, an estimate of the time left) for logs written to a file.
+
+    Lightning's progress bar redraws one terminal line: sent to a file it writes nothing readable until training
+    ends, hours later on a real setting. ``resad evaluate`` uses this callback instead when its output is not a
+    terminal.
+    """
+
+    def __init__(self) -> None:
+        self._start = 0.0
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Start the clock."""
+        del trainer, pl_module
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Log the finished epoch."""
+        del pl_module
+        done, total = trainer.current_epoch + 1, trainer.max_epochs
+        elapsed = time.perf_counter() - self._start
+        metrics = trainer.callback_metrics
+        losses = ", ".join(f"{name} {float(value):.4g}" for name, value in metrics.items() if name.startswith("train_"))
+        left = f", about {elapsed / done * (total - done):.0f} s left" if total and total > 0 else ""
+        logger.info("Training epoch %d/%s: %s (%.0f s elapsed%s)", done, total, losses or "-", elapsed, left)
 
 
 def plot_auroc_vs_k(summary: pd.DataFrame, path: str | Path) -> Path | None:

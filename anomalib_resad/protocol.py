@@ -33,6 +33,7 @@ Example:
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -52,7 +53,7 @@ from .cost import COST_COLUMNS, OPENVINO_COST_COLUMNS, measure_cost, measure_ope
 from .data.multi_class import CATEGORY_COLUMN, MultiClassDataModule
 from .errors import ResADConfigurationError
 from .evaluation import METRIC_NAMES, ORACLE_NAMES, VERDICT_NAMES, category_metrics, save_anomaly_maps, score_samples
-from .grid import CELL_KEYS, CsvStore, Progress, check_run_config, plot_auroc_vs_k
+from .grid import CELL_KEYS, CsvStore, EpochProgress, Progress, check_run_config, plot_auroc_vs_k
 from .lightning_model import ResAD
 from .references import ReferenceSelection
 
@@ -540,7 +541,11 @@ def _trained_resad(
         return resad, checkpoint, math.nan
     start = time.perf_counter()
     resad = ResAD(**(model or {}))
-    engine = Engine(default_root_dir=output / "train", logger=False, **(trainer or {}))
+    trainer = dict(trainer or {})
+    if not sys.stderr.isatty():  # a log file: one line per epoch instead of a progress bar redrawn in place
+        trainer.setdefault("enable_progress_bar", False)
+        trainer["callbacks"] = [*trainer.get("callbacks", []), EpochProgress()]
+    engine = Engine(default_root_dir=output / "train", logger=False, **trainer)
     engine.fit(resad, datamodule=datamodule)
     train_s = time.perf_counter() - start
     callback = engine.trainer.checkpoint_callback

@@ -139,3 +139,21 @@ def test_summary_means_over_domains() -> None:
     assert summary.loc["domain mean", "image_AUROC"] == pytest.approx((0.8 + 0.6) / 2)  # each domain alike
     # the std of a mean row is over draws: the domain means of draw 0 and 1 are 0.6 and 0.8
     assert summary.loc["domain mean", "image_AUROC_std"] == pytest.approx(pd.Series([0.6, 0.8]).std(ddof=1))
+
+
+def test_training_logs_one_line_per_epoch_to_a_file(caplog: pytest.LogCaptureFixture) -> None:
+    """`resad evaluate > log`: one readable line per epoch, not a progress bar redrawn in place until the end."""
+    import logging
+    from types import SimpleNamespace
+
+    from anomalib_resad.grid import EpochProgress
+
+    progress = EpochProgress()
+    progress.on_train_start(None, None)
+    with caplog.at_level(logging.INFO, logger="anomalib_resad.grid"):
+        for epoch in range(2):
+            trainer = SimpleNamespace(current_epoch=epoch, max_epochs=3, callback_metrics={"train_loss": 0.5 - epoch})
+            progress.on_train_epoch_end(trainer, None)
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[0].startswith("Training epoch 1/3: train_loss 0.5 (") and "s left" in lines[0]
+    assert lines[1].startswith("Training epoch 2/3: train_loss -0.5 (")
