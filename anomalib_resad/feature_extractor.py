@@ -9,7 +9,8 @@ anomalib lacks:
   level), with the list of valid names in the error;
 * ``pre_trained`` may be ``True`` (timm's default weights, downloaded by timm), ``False`` or the path of a local weights
   file (offline use, tests, CI);
-* pretrained weights are loaded lazily, on the first forward pass whose weights were not restored from a checkpoint.
+* pretrained weights are loaded lazily, on the first forward pass (or state-dict save) whose weights were not restored
+  from a checkpoint.
   ``anomalib export --ckpt_path ...`` and ``load_from_checkpoint`` re-create the model before restoring its state, so
   eager loading would download backbone weights that the checkpoint already holds.
 
@@ -176,6 +177,11 @@ class ResADFeatureExtractor(nn.Module):
         if any(key.startswith(prefix + "extractor.") for key in state_dict):
             self._pending_weights = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        # A model saved before its first forward pass must hold the pretrained weights, not the placeholders.
+        self.load_pretrained_weights()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Extract the feature maps of all levels.

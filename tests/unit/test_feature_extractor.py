@@ -77,6 +77,17 @@ def test_weights_restored_from_a_state_dict_are_not_overwritten(lite0_weights: P
         torch.testing.assert_close(ours, expected)
 
 
+def test_a_state_dict_saved_before_the_first_forward_holds_the_pretrained_weights(lite0_weights: Path) -> None:
+    """A checkpoint saved before any image went through must not keep the random placeholder weights."""
+    saved = ResADFeatureExtractor(LITE0_BACKBONE, LITE0_LAYERS, pre_trained=str(lite0_weights)).state_dict()
+    used = ResADFeatureExtractor(LITE0_BACKBONE, LITE0_LAYERS, pre_trained=str(lite0_weights))
+    restored = ResADFeatureExtractor(LITE0_BACKBONE, LITE0_LAYERS, pre_trained=False)
+    restored.load_state_dict(saved)
+    images = torch.rand(1, 3, 32, 32)
+    for ours, expected in zip(restored(images), used(images), strict=True):
+        torch.testing.assert_close(ours, expected)
+
+
 def test_normalisation_follows_the_backbone() -> None:
     assert backbone_normalization("tf_efficientnet_lite0") == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert backbone_normalization("wide_resnet50_2")[0] == pytest.approx((0.485, 0.456, 0.406))
