@@ -1,11 +1,11 @@
 # Copyright (C) 2026 anomalib-resad contributors
 # SPDX-License-Identifier: Apache-2.0
-"""Errors ResAD raises for bad input, and a short report of them on the command line.
+"""Errors ResAD raises for bad input, and a short report of them on the ``resad`` command line.
 
-Every error raised for something the user can fix (a wrong ``k``, missing references, a checkpoint from another
-backbone, a corrupt image ...) is a :class:`ResADError` whose message says what is wrong and how to fix it. On the
-command line (``anomalib ...`` or ``resad ...``) :func:`install_cli_excepthook` prints such errors as one readable
-line instead of a deep traceback; set ``RESAD_TRACEBACK=1`` to get the traceback too.
+Every error raised for something the user can fix (a wrong ``k``, missing references, a corrupt image ...) is a
+:class:`ResADError` whose message says what is wrong and how to fix it: on ``anomalib``'s command line it is the last
+line of anomalib's report. The ``resad`` command prints it as one line instead (:func:`install_cli_excepthook`);
+set ``RESAD_TRACEBACK=1`` to get the traceback too.
 
 Example:
     >>> try:
@@ -48,12 +48,7 @@ def check_choice(name: str, value: object, choices: tuple[object, ...]) -> None:
 
 
 def _find_resad_error(error: BaseException | None) -> ResADError | None:
-    """The ResADError behind an uncaught exception, found by type.
-
-    Looked for in the exception's chain (``__cause__``/``__context__``) and among the exceptions held by the frames it
-    was raised through: jsonargparse, which builds the model on anomalib's command line, catches an error raised by a
-    constructor, keeps it in a local list and raises a new ``ValueError`` chained to another one.
-    """
+    """The ResADError behind an uncaught exception: the exception itself or one it was raised from."""
     seen: set[int] = set()
     pending = [error]
     while pending:
@@ -64,20 +59,14 @@ def _find_resad_error(error: BaseException | None) -> ResADError | None:
         if isinstance(current, ResADError):
             return current
         pending.extend([current.__cause__, current.__context__])
-        traceback = current.__traceback__
-        while traceback is not None:
-            for value in traceback.tb_frame.f_locals.values():
-                candidates = value if isinstance(value, list | tuple) else (value,)
-                pending.extend(item for item in candidates if isinstance(item, BaseException))
-            traceback = traceback.tb_next
     return None
 
 
-def install_cli_excepthook(only_for: tuple[str, ...] = ("anomalib", "resad")) -> None:
+def install_cli_excepthook(only_for: tuple[str, ...] = ("resad",)) -> None:
     """Print uncaught :class:`ResADError` s as ``error: <message>`` without a traceback, on the command line.
 
     Does nothing unless the running program is one of ``only_for`` (so notebooks and scripts keep their tracebacks).
-    Other exceptions keep the previous report (anomalib's rich traceback). Idempotent.
+    Other exceptions keep the previous report. Idempotent.
 
     Args:
         only_for (tuple[str, ...]): Program names (``sys.argv[0]``) to act for.
