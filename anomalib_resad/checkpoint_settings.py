@@ -14,32 +14,13 @@ Example:
 """
 
 # Hyper-parameters that define the network's structure: a checkpoint only fits a network built with the same ones.
-ARCHITECTURE_HPARAMS = (
-    "backbone",
-    "layers",
-    "coupling_layers",
-    "pos_embed_dim",
-    "residual",
-    "distribution_matching",
-    "codebook_size",
-)
-# What a checkpoint brings with it when restored into a model built otherwise: its network and how that network was
-# trained to be used (the flows' clamping, EFDM's share, the input size its references and flows saw).
-TRAINED_SETTINGS = (*ARCHITECTURE_HPARAMS, "clamp_alpha", "efdm_alpha", "image_size")
+ARCHITECTURE_HPARAMS = ("backbone", "layers", "coupling_layers", "pos_embed_dim", "residual")
+# What a checkpoint brings with it when restored into a model built otherwise: its network and the input size its
+# flows and references saw.
+TRAINED_SETTINGS = (*ARCHITECTURE_HPARAMS, "image_size")
 # ResAD arguments that change how a trained model scores, not what it learned: they stay as the model was built
 # (command line or defaults), and ``resad evaluate`` applies them to a given checkpoint too.
-SCORING_OPTIONS = (
-    "image_score",
-    "level_constants",
-    "dissimilarity_check",
-    "nearest_score",
-    "threshold_margin",
-    "dissimilarity_margin",
-    "reverse_dissimilarity_margin",
-    "nearest_averaging",
-    "reference_views",
-    "reference_view_levels",
-)
+SCORING_OPTIONS = ("scoring", "threshold_margin")
 
 
 def normalize_value(value: object) -> object:

@@ -1,6 +1,6 @@
 # Copyright (C) 2026 anomalib-resad contributors
 # SPDX-License-Identifier: Apache-2.0
-"""One room for the k-shot references of every class: selection, cached features, calibrated banks.
+"""One room for the k-shot references of every class: selection, cached features, calibrated banks, routing.
 
 ResAD needs k normal images of a class wherever it scores that class, and in training it draws fresh references for
 every class in every batch. :class:`ClassReferences` owns all of it:
@@ -8,33 +8,34 @@ every class in every batch. :class:`ClassReferences` owns all of it:
 * **selection** - the first k images of a folder, or k images drawn with a seed from the class's normal pool
   (:meth:`ClassReferences.select`);
 * **features** - each image's backbone features are computed once and cached (bounded in bytes), so training draws
-  and evaluation banks never re-run the backbone on an image (evaluation banks with ``reference_views`` cache each
-  image's views as well: :mod:`~anomalib_resad.reference_views`);
-* **banks** - a class's calibrated :class:`~anomalib_resad.feature_converter.ReferenceBank` (features + the
-  leave-one-out calibration of :mod:`anomalib_resad.anomaly_map`), built once per set of files
-  (:meth:`ClassReferences.bank`); training banks (:meth:`ClassReferences.training_bank`) skip the calibration.
+  and evaluation banks never re-run the backbone on an image (evaluation banks cache each image's flipped and
+  rotated views as well: :mod:`~anomalib_resad.reference_views`);
+* **banks** - a class's calibrated :class:`~anomalib_resad.feature_converter.ReferenceBank` (features + the class's
+  :class:`~anomalib_resad.calibration.Scoring`), built once per set of files (:meth:`ClassReferences.bank`);
+  training banks (:meth:`ClassReferences.training_bank`) skip the calibration;
+* **routing** - which class's bank is the stored one (saved in checkpoints, baked into exports), whether it is pinned
+  (kept in later evaluations instead of drawn again), and the banks of the other classes of a multi-class
+  evaluation set (:meth:`ClassReferences.prepare_evaluation`, :meth:`ClassReferences.bank_of`).
 
 It is built from two callables - an encoder (image files -> per-level features) and a calibrator (features ->
-calibration) - so it never reaches into the Lightning module; training, evaluation, ``anomalib export``,
+scoring record) - so it never reaches into the Lightning module; training, evaluation, ``anomalib export``,
 ``resad export``/``references`` and the demo all get their banks from here.
 
 Example:
     >>> import torch
-    >>> def encode(paths, views=1):  # per-level features of each file (x its views), the pre-processed size
-    ...     return [torch.rand(len(paths) * views, 4, 3, 3)], (12, 12)
-    >>> def calibrate(features, image_size, paths):
-    ...     return torch.ones(4)
+    >>> from anomalib_resad.calibration import Scoring
+    >>> def encode(paths, bank=False):  # features of each file (x 4 views in a bank), image size, views per level
+    ...     views = 4 if bank else 1
+    ...     return [torch.rand(len(paths) * views, 4, 3, 3)], (12, 12), (views,)
+    >>> def calibrate(features, image_size, paths, views):
+    ...     return Scoring.neutral(num_levels=1)
     >>> references = ClassReferences(encode, calibrate)
     >>> references.set_pools({"widget": ["a.png", "b.png", "c.png"]})
-    >>> selection = references.select("widget", k=2, seed=0)
-    >>> bank = references.bank(selection)
-    >>> bank.k, tuple(bank.levels[0].shape), bank.calibration.tolist()
-    (2, (18, 4), [1.0, 1.0, 1.0, 1.0])
-    >>> with_views = ClassReferences(encode, calibrate, bank_views=lambda: (4,))
-    >>> with_views.set_pools({"widget": ["a.png", "b.png", "c.png"]})
-    >>> bank = with_views.bank(with_views.select("widget", k=2, seed=0))
+    >>> bank = references.bank(references.select("widget", k=2, seed=0))
     >>> bank.k, bank.views, tuple(bank.levels[0].shape)
     (2, [4], (72, 4))
+    >>> references.training_bank("widget", 2, random.Random(0)).views
+    [1]
 """
 
 import logging
@@ -45,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from .calibration import Scoring
 from .errors import ResADInputError
 from .feature_converter import ReferenceBank
 from .references import ReferenceSelection, is_blank_image, load_images, sample_references, select_folder_references
@@ -52,13 +54,16 @@ from .torch_model import ResADModel
 
 logger = logging.getLogger(__name__)
 
-# (files, views per file) -> per-level features of every file's views, file by file, and the pre-processed image size
-Encoder = Callable[[Sequence[str], int], tuple[list[torch.Tensor], tuple[int, int]]]
-Calibrator = Callable[[Sequence[torch.Tensor], tuple[int, int], Sequence[str]], torch.Tensor]
+# (files, whether for an evaluation bank) -> per-level features of every file (and its views in a bank), file by
+# file, the pre-processed image size and the views per file in each level
+Encoder = Callable[[Sequence[str], bool], tuple[list[torch.Tensor], tuple[int, int], tuple[int, ...]]]
+# (per-level bank features of k files, image size, their files, views per level) -> the class's scoring record
+Calibrator = Callable[[Sequence[torch.Tensor], tuple[int, int], Sequence[str], Sequence[int]], Scoring]
+CACHE_BYTES = 1 << 30  # cached reference features: 1 GiB
 
 
 class FeatureCache:
-    """Per-image backbone features by file, least recently used first out, bounded in bytes."""
+    """Per-image backbone features by key, least recently used first out, bounded in bytes."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -70,19 +75,19 @@ class FeatureCache:
         self._entries.clear()
         self._bytes = 0
 
-    def get(self, path: str) -> list[torch.Tensor] | None:
-        """Per-level features ``(C_l, H_l, W_l)`` of an image, or ``None``."""
-        if path in self._entries:
-            self._entries.move_to_end(path)
-            return self._entries[path]
+    def get(self, key: str) -> list[torch.Tensor] | None:
+        """Per-level features ``(views_l, C_l, H_l, W_l)`` of an image, or ``None``."""
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
         return None
 
-    def put(self, path: str, features: list[torch.Tensor]) -> None:
+    def put(self, key: str, features: list[torch.Tensor]) -> None:
         """Store the per-level features of one image, evicting old entries beyond the budget."""
         size = sum(feature.numel() * feature.element_size() for feature in features)
         if size > self.max_bytes:
             return
-        self._entries[path] = features
+        self._entries[key] = features
         self._bytes += size
         while self._bytes > self.max_bytes:
             _, evicted = self._entries.popitem(last=False)
@@ -104,81 +109,83 @@ class FileEncoder:
         self.model = model
         self.transform = transform
 
+    def _images(self, paths: Sequence[str]) -> torch.Tensor:
+        return load_images(paths, self.transform).to(next(self.model.parameters()).device)
+
     @torch.no_grad()
-    def __call__(self, paths: Sequence[str], views: int = 1) -> tuple[list[torch.Tensor], tuple[int, int]]:
-        """Features ``(n * views, C_l, H_l, W_l)`` per level and the pre-processed image size.
+    def __call__(
+        self, paths: Sequence[str], bank: bool = False
+    ) -> tuple[list[torch.Tensor], tuple[int, int], tuple[int, ...]]:
+        """Features ``(n * views_l, C_l, H_l, W_l)`` per level, the pre-processed image size and the views per level.
 
-        ``views`` > 1: each image's views of the model's ``reference_views``, image by image.
+        ``bank``: each image's views where the model's evaluation banks hold them (:meth:`ResADModel.bank_features`).
         """
-        device = next(self.model.parameters()).device
-        images = load_images(paths, self.transform).to(device)
+        images = self._images(paths)
         size = (int(images.shape[-2]), int(images.shape[-1]))
-        if views > 1:  # the model's evaluation bank: views on the levels that hold them (``bank_views``)
-            return self.model.bank_features(images), size
-        return self.model.reference_features(images), size
-
-    def bank_views(self) -> tuple[int, ...]:
-        """Views per reference image in each level of the model's evaluation banks (``ResADModel.bank_views``)."""
-        return tuple(self.model.bank_views)
+        if bank:
+            return self.model.bank_features(images), size, tuple(self.model.bank_views(size))
+        return self.model.reference_features(images), size, (1,) * self.model.num_levels
 
     @torch.no_grad()
     def calibrate(
-        self, features: Sequence[torch.Tensor], image_size: tuple[int, int], paths: Sequence[str]
-    ) -> torch.Tensor:
-        """The class's flat calibration from its k references' features (and files; their views, image by image).
-
-        The files are read again only where the calibration needs the images themselves
-        (``nearest_averaging="auto"``: synthetic defects are pasted into them); otherwise the cached features do.
-        """
-        images = None
-        if self.model.nearest_averaging == "auto":
-            images = load_images(paths, self.transform).to(features[0].device)
-        views = [int(level.shape[0]) // len(paths) for level in features]
-        return self.model.calibrate(features, image_size, images, views=views)
+        self,
+        features: Sequence[torch.Tensor],
+        image_size: tuple[int, int],
+        paths: Sequence[str],
+        views: Sequence[int],
+    ) -> Scoring:
+        """The class's scoring record from its k references' bank features (the files give their synthetic defects)."""
+        return self.model.calibrate(features, image_size, self._images(paths), views)
 
 
 class ClassReferences:
     """The k-shot references of every class.
 
     Args:
-        encode (Encoder): Image files -> (per-level features ``(n, C_l, H_l, W_l)``, pre-processed image size).
-        calibrate (Calibrator): (per-level features of k images, image size, their files) -> the class's flat
-            calibration.
+        encode (Encoder): Image files -> (per-level features, pre-processed image size, views per level).
+        calibrate (Calibrator): Per-level bank features of k images -> the class's scoring record.
         cache_bytes (int): Memory for cached per-image features. Defaults to 1 GiB.
-        bank_views (Callable[[], tuple[int, ...]] | None): Views per reference image in each level of evaluation
-            banks (the model's ``reference_views``); ``None``: the images alone.
+
+    Attributes:
+        stored (ReferenceSelection | None): The references of the stored bank (the model's buffers).
+        pinned (bool): Keep the stored references for their class in later evaluations instead of drawing them.
+        eval_banks (dict[str, ReferenceBank]): Banks of the other classes of the data being evaluated.
     """
 
     def __init__(
         self,
         encode: Encoder,
         calibrate: Calibrator,
-        cache_bytes: int = 1 << 30,
-        bank_views: Callable[[], tuple[int, ...]] | None = None,
+        cache_bytes: int = CACHE_BYTES,
     ) -> None:
         self.encode = encode
         self.calibrate = calibrate
-        self.bank_views = bank_views or (lambda: (1,))
         self.cache = FeatureCache(cache_bytes)
         self.pools: dict[str, list[str]] = {}
+        self.stored: ReferenceSelection | None = None
+        self.pinned = False
+        self.eval_banks: dict[str, ReferenceBank] = {}
         self._banks: dict[tuple[str, ...], ReferenceBank] = {}
         self._image_size: tuple[int, int] | None = None
+        self._layouts: dict[bool, tuple[int, ...]] = {}  # views per level of plain and of bank features
 
     @classmethod
     def for_model(
         cls,
         model: ResADModel,
         transform: Callable[[torch.Tensor], torch.Tensor] | None,
-        cache_bytes: int = 1 << 30,
+        cache_bytes: int = CACHE_BYTES,
     ) -> "ClassReferences":
         """References encoded and calibrated by ``model``, images pre-processed with ``transform``."""
         encoder = FileEncoder(model, transform)
-        return cls(encoder, encoder.calibrate, cache_bytes, encoder.bank_views)
+        return cls(encoder, encoder.calibrate, cache_bytes)
 
     def clear(self) -> None:
         """Forget cached features and banks (the model changed: new training, new weights)."""
         self.cache.clear()
         self._banks.clear()
+        self._layouts.clear()
+        self.eval_banks = {}
 
     def set_pools(self, pools: Mapping[str, Sequence[str]]) -> None:
         """The normal images each class's references may be drawn from (e.g. its training split)."""
@@ -212,40 +219,34 @@ class ClassReferences:
         return ReferenceSelection(class_name=class_name, paths=paths, source=source, seed=seed)
 
     # ------------------------------------------------------------------ features and banks
-    def features(self, paths: Sequence[str], views: int | Sequence[int] = 1) -> list[torch.Tensor]:
-        """Per-level features of files, each encoded once: ``(n, C_l, H_l, W_l)``.
+    def features(self, paths: Sequence[str], bank: bool = False) -> list[torch.Tensor]:
+        """Per-level features of files, each encoded once: ``(n * views_l, C_l, H_l, W_l)``.
 
-        With ``views`` > 1 (a count, or the per-level layout of the model's ``bank_views``): the encoder's views of
-        each file in turn, ``(n * views_l, ...)``.
+        ``bank``: with each image's views where evaluation banks hold them, cached under their own key (training
+        draws read the images alone).
         """
         paths = [str(path) for path in paths]
-        # an image's views are cached under their own key (with the per-level layout): training draws read the
-        # images alone
-        layout = (views,) if isinstance(views, int) else tuple(views)
-        views = max(layout)
-        keys = {path: path if views == 1 else f"{path}\0views={layout}" for path in paths}
+        keys = {path: f"{path}\0bank" if bank else path for path in paths}
         missing = [path for path in dict.fromkeys(paths) if self.cache.get(keys[path]) is None]
+        computed = {}
         if missing:
-            encoded, self._image_size = self.encode(missing, views)
-            counts = [int(level.shape[0]) // len(missing) for level in encoded]  # views per file, per level
+            encoded, self._image_size, self._layouts[bank] = self.encode(missing, bank)
+            counts = [int(level.shape[0]) // len(missing) for level in encoded]  # rows per file, per level
             computed = {
                 path: [level[index * count : (index + 1) * count] for level, count in zip(encoded, counts, strict=True)]
                 for index, path in enumerate(missing)
             }
             for path, features in computed.items():
                 self.cache.put(keys[path], features)
-        else:
-            computed = {}
         per_image = [self.cache.get(keys[path]) or computed.get(path) for path in paths]
         if any(features is None for features in per_image):  # cache smaller than one image: encode directly
-            encoded, self._image_size = self.encode(paths, views)
+            encoded, self._image_size, self._layouts[bank] = self.encode(paths, bank)
             return encoded
         return [torch.cat(level) for level in zip(*per_image, strict=True)]
 
     def bank(self, selection: ReferenceSelection) -> ReferenceBank:
         """The calibrated bank of a class's selected references (built once per set of files)."""
-        views = self.bank_views()
-        key = (*selection.paths, f"views={views}")
+        key = tuple(selection.paths)
         if key not in self._banks:
             blank = [path for path in selection.paths if is_blank_image(path)]
             if blank:
@@ -254,12 +255,10 @@ class ClassReferences:
                     "show nothing to compare against. Use k normal images of the class as references."
                 )
                 raise ResADInputError(msg)
-            features = self.features(selection.paths, views)
-            if self._image_size is None:  # features cached before a clear(): learn the pre-processed size again
-                _, self._image_size = self.encode(selection.paths[:1], 1)
-            calibration = self.calibrate(features, self._image_size, selection.paths)
-            per_level = [int(level.shape[0]) // selection.k for level in features]  # one count per feature level
-            self._banks[key] = ReferenceBank.from_features(features, calibration, per_level)
+            features = self.features(selection.paths, bank=True)
+            views = self._layouts[True]
+            scoring = self.calibrate(features, self._image_size, selection.paths, views)
+            self._banks[key] = ReferenceBank.from_features(features, views, scoring)
             logger.info(
                 "ResAD references of class '%s' (k=%d, %s): %s",
                 selection.class_name,
@@ -277,3 +276,46 @@ class ClassReferences:
             raise ResADInputError(msg)
         paths = rng.sample(pool, k) if len(pool) >= k else rng.choices(pool, k=k)
         return ReferenceBank.from_features(self.features(paths))
+
+    # ------------------------------------------------------------------ routing
+    def prepare_evaluation(
+        self, classes: Sequence[str], select: Callable[[str], ReferenceSelection], folder: bool
+    ) -> ReferenceSelection | None:
+        """A calibrated bank for every class about to be evaluated, each built once.
+
+        The stored references stay where they are pinned to a class being evaluated (and no folder overrides them);
+        otherwise the stored bank becomes the stored class's (or the first class's) fresh selection. The other classes'
+        banks go to :attr:`eval_banks`.
+
+        Args:
+            classes (Sequence[str]): The classes of the data to evaluate.
+            select (Callable[[str], ReferenceSelection]): A class's references (a folder, or a seeded draw).
+            folder (bool): The references come from one folder (``reference_dir``): one class only, and it wins.
+
+        Returns:
+            ReferenceSelection | None: The selection to store as the model's bank, or ``None`` to keep the stored one.
+
+        Raises:
+            ResADInputError: A folder of references for data of several classes.
+        """
+        classes = sorted(set(classes))
+        if len(classes) > 1 and folder:
+            msg = f"reference_dir holds references of one class, but the evaluated data has classes {classes}."
+            raise ResADInputError(msg)
+        stored = self.stored
+        keep = not folder and self.pinned and stored is not None and stored.class_name in classes
+        selections = {name: select(name) for name in classes if not (keep and name == stored.class_name)}
+        to_store = None
+        if not keep:
+            primary = stored.class_name if stored is not None and stored.class_name in classes else classes[0]
+            if stored is None or stored.paths != selections[primary].paths:
+                to_store = selections[primary]
+        stored_class = (to_store or stored).class_name
+        self.eval_banks = {name: self.bank(choice) for name, choice in selections.items() if name != stored_class}
+        return to_store
+
+    def bank_of(self, class_name: str) -> ReferenceBank | None:
+        """The bank to score ``class_name`` with: ``None`` for the stored class (the model's own buffers)."""
+        if self.stored is not None and class_name == self.stored.class_name:
+            return None
+        return self.eval_banks.get(class_name)

@@ -5,8 +5,8 @@
 Training, testing and exporting go through anomalib (``anomalib train --model ResAD ...``). ``resad`` adds:
 
 * ``resad demo``: the offline end-to-end demo (:mod:`anomalib_resad.demo`);
-* ``resad evaluate``: the class-generalization protocol (:mod:`anomalib_resad.protocol`): train on source classes,
-  evaluate unseen classes for several k and reference draws, write CSV / markdown tables and anomaly maps;
+* ``resad evaluate``: the class-generalization protocol (:mod:`~anomalib_resad.experiments.protocol`): train on
+  source classes, evaluate unseen classes for several k and reference draws, write CSV / markdown tables and maps;
 * ``resad export``: an OpenVINO/ONNX model that takes a class's references as inputs (new classes without re-export),
   or a standard anomalib export with another class's references baked in (:mod:`anomalib_resad.deploy`);
 * ``resad references``: a references file from a folder of k normal images of a class.
@@ -26,7 +26,7 @@ from jsonargparse import CLI
 from .demo import run_demo
 from .deploy import export_model, make_references
 from .errors import install_cli_excepthook
-from .protocol import run_protocol
+from .experiments.protocol import run_protocol
 
 
 def main() -> None:
@@ -34,8 +34,10 @@ def main() -> None:
     install_cli_excepthook()
     logging.basicConfig(level=os.environ.get("RESAD_LOG_LEVEL", "WARNING"))
     if "RESAD_LOG_LEVEL" not in os.environ:  # long grids (`resad evaluate`): one progress line per finished cell,
-        logging.getLogger("anomalib_resad.grid").setLevel(logging.INFO)  # and what a resumed run reuses or measures
-        logging.getLogger("anomalib_resad.protocol").setLevel(logging.INFO)
+        logging.getLogger("anomalib_resad.experiments.grid").setLevel(
+            logging.INFO
+        )  # and what a resumed run reuses or measures
+        logging.getLogger("anomalib_resad.experiments.protocol").setLevel(logging.INFO)
     commands = {"demo": run_demo, "evaluate": run_protocol, "export": export_model, "references": make_references}
     CLI(commands, as_positional=False)
 

@@ -7,8 +7,8 @@ that takes the bank as inputs next to the image, plus a small *reference encoder
 ``metadata.json``. Then, for any class:
 
 * ``make_references(...)`` (command line ``resad references``) turns a folder of k normal images into a references
-  file (``.npz``: the bank and the class's calibration - its scoring constants and thresholds, set from those k
-  images by leave-one-out), with the exported encoder and calibrator (OpenVINO only, no torch checkpoint needed) or
+  file (``.npz``: the bank and the class's scoring record - its constants and leave-one-out maxima, measured on those
+  k images), with the exported encoder and calibrator (OpenVINO only, no torch checkpoint needed) or
   a checkpoint;
 * :class:`ReferenceConditionedInferencer` (anomalib's ``OpenVINOInferencer`` with the bank as extra inputs) scores
   images of every class it was given references for, side by side, with the one compiled model.
@@ -45,22 +45,20 @@ from PIL.Image import Image as PILImage
 from torch import nn
 from torchvision.transforms.v2 import Resize
 
-from .anomaly_map import CALIBRATION_THRESHOLDS, ScoreComponents, leave_one_out_calibration
+from .calibration import ScoreComponents, Scoring, leave_one_out_rows, leave_one_out_scoring
 from .errors import ResADConfigurationError, ResADInputError
 from .export_output import ONNX_OPSET_VERSION, quiet_export, written_files
 from .feature_converter import ReferenceBank, flatten_levels
 from .lightning_model import ResAD
-from .reference_views import keep_views, level_views, reference_views, view_rows
+from .reference_views import keep_views, reference_views, views_mode
 from .references import ReferenceSelection, load_images, select_folder_references
 from .synthetic_defects import synthetic_defects
 
 logger = logging.getLogger(__name__)
 
-# 2: references files and the conditioned model carry the class's calibration; 3: it has the nearest-neighbour
-# threshold; 4: and the reverse-dissimilarity threshold (the calibrator has that output); 5: and the averaged
-# nearest-neighbour threshold and the class's averaging choice (calibrator output "averaged_nearest"); 6: the averaged
-# matching is PatchCore's (Euclidean), so format-5 averaged thresholds are in other units, and it fuses into the map
-FORMAT_VERSION = 6
+# The layout of references files and deployments: a file of another format is refused with the command that remakes
+# it (7: the class's scoring record by field name, views per level recorded).
+FORMAT_VERSION = 7
 MODEL_FILE = "model"
 ENCODER_FILE = "reference_encoder"
 CALIBRATOR_FILE = "reference_calibrator"
@@ -86,21 +84,22 @@ def model_signature(model: ResAD) -> dict[str, Any]:
     }
 
 
-def check_not_newer(metadata: dict[str, Any], what: str) -> None:
-    """Refuse a file written in a newer format than this release reads, naming the upgrade.
-
-    Readers refuse older formats with the command that remakes the file; a newer one would otherwise fail later with
-    a misleading "damaged" message (e.g. arrays shaped by an option this release does not know).
+def check_format(metadata: dict[str, Any], what: str, remake: str) -> None:
+    """Refuse a file of another format than this release's, naming how to remake or read it.
 
     Example:
-        >>> check_not_newer({"format_version": FORMAT_VERSION}, "references")  # this release's own: accepted
+        >>> check_format({"format_version": FORMAT_VERSION}, "references", "resad references ...")  # accepted
     """
     version = metadata.get("format_version", 1)
     if version > FORMAT_VERSION:
         msg = (
-            f"{what} was made by a newer anomalib-resad (format {version}; this release reads up to "
-            f"{FORMAT_VERSION}). Upgrade anomalib-resad (pip install --upgrade anomalib-resad), or make it again "
-            "with this release."
+            f"{what} was made by a newer anomalib-resad (format {version}; this release reads {FORMAT_VERSION}). "
+            "Upgrade anomalib-resad (pip install --upgrade anomalib-resad), or make it again with this release."
+        )
+        raise ResADInputError(msg)
+    if version < FORMAT_VERSION:
+        msg = (
+            f"{what} was made by an older anomalib-resad (format {version}, this one reads {FORMAT_VERSION}). {remake}"
         )
         raise ResADInputError(msg)
 
@@ -126,19 +125,24 @@ def save_references(
     """Write a references file (``.npz``: one array per level + JSON metadata) readable without torch."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if bank.calibration is None:
+    if bank.scoring is None:
         msg = "Only calibrated banks can be saved: make the bank with ResADModel.make_reference_bank."
         raise ValueError(msg)
     metadata = {
         "format_version": FORMAT_VERSION,
         **signature,
         "k": bank.k,
-        "views": bank.level_views,
+        "views": bank.views,
         "reference_grids": [list(grid) for grid in bank.grids],
         "selection": selection.to_dict(),
     }
     arrays = {f"reference_{level}": features.detach().cpu().numpy() for level, features in enumerate(bank.levels)}
-    arrays["calibration"] = bank.calibration.detach().cpu().numpy().astype(np.float32)
+    arrays.update(
+        {
+            f"scoring_{name}": value.detach().cpu().numpy().astype(np.float32)
+            for name, value in bank.scoring.tensors().items()
+        }
+    )
     with path.open("wb") as file:
         np.savez(file, metadata=np.array(json.dumps(metadata)), **arrays)
     logger.info("Wrote references of class '%s' (k=%d) to %s", selection.class_name, bank.k, path)
@@ -155,42 +159,40 @@ def load_references(path: str | Path, expected: dict[str, Any] | None = None) ->
         ResADInputError: Not a references file, an older format, another model's, or arrays of the wrong shape.
     """
     path = Path(path)
+    remake = (
+        "Make it again with: resad references --model <deployment or checkpoint> --images <folder> --output <file>."
+    )
     try:
         with np.load(path, allow_pickle=False) as content:
             metadata = json.loads(str(content["metadata"]))
-            check_not_newer(metadata, f"References file '{path}'")  # before the arrays: laid out otherwise there
+            check_format(metadata, f"References file '{path}'", remake)  # before the arrays: laid out otherwise there
             levels = [content[f"reference_{level}"] for level in range(len(metadata["layers"]))]
-            calibration = content.get("calibration")
+            scoring = {name: content[f"scoring_{name}"] for name in Scoring.names() if f"scoring_{name}" in content}
     except ResADInputError:
         raise
     except (OSError, KeyError, ValueError, AttributeError) as error:
         msg = f"'{path}' is not a ResAD references file ({error}). Make one with: resad references ..."
         raise ResADInputError(msg) from error
-    if calibration is None or metadata.get("format_version", 1) < FORMAT_VERSION:
-        msg = (
-            f"References file '{path}' was made by an older anomalib-resad: its class calibration (per-class "
-            "thresholds) is missing or in units this version does not score in. Make it again with: "
-            "resad references --model <deployment> --images <folder> ..."
-        )
-        raise ResADInputError(msg)
     if expected is not None:
         check_signature(expected, metadata, f"References file '{path}'")
-    _check_shapes(path, levels, calibration, metadata)
+    _check_shapes(path, levels, scoring, metadata)
     bank = ReferenceBank(
         levels=[torch.from_numpy(np.ascontiguousarray(level, dtype=np.float32)) for level in levels],
         grids=[tuple(grid) for grid in metadata["reference_grids"]],
         k=int(metadata["k"]),
-        calibration=torch.from_numpy(np.asarray(calibration, dtype=np.float32)),
-        views=[int(count) for count in metadata.get("views", [1] * len(levels))],
+        views=[int(count) for count in metadata["views"]],
+        scoring=Scoring.from_tensors({name: torch.from_numpy(value) for name, value in scoring.items()}),
     )
     return bank, metadata
 
 
-def _check_shapes(path: Path, levels: list[np.ndarray], calibration: np.ndarray, metadata: dict[str, Any]) -> None:
-    """Arrays must be ``(k * views_l * H_l * W_l, C_l)`` per level and a calibration of ``L + 7`` values."""
+def _check_shapes(
+    path: Path, levels: list[np.ndarray], scoring: dict[str, np.ndarray], metadata: dict[str, Any]
+) -> None:
+    """Arrays must be ``(k * views_l * H_l * W_l, C_l)`` per level and a complete scoring record."""
     problems = []
     k = int(metadata.get("k", 0))
-    views = metadata.get("views", [1] * len(levels))
+    views = metadata.get("views", [])
     if len(views) != len(levels):
         problems.append(f"views lists {len(views)} levels, the file holds {len(levels)}")
         views = [1] * len(levels)
@@ -200,16 +202,21 @@ def _check_shapes(path: Path, levels: list[np.ndarray], calibration: np.ndarray,
         expected = (k * int(count) * int(grid[0]) * int(grid[1]), int(channels))
         if tuple(array.shape) != expected:
             problems.append(f"reference_{level} is {tuple(array.shape)}, expected {expected}")
-    expected = len(levels) + CALIBRATION_THRESHOLDS
-    if tuple(calibration.shape) != (expected,):
-        problems.append(f"calibration is {tuple(calibration.shape)}, expected ({expected},)")
+    missing = [name for name in Scoring.names() if name not in scoring]
+    if missing:
+        problems.append(f"its scoring record lacks {missing}")
+    elif tuple(scoring["level_constants"].shape) != (len(levels),):
+        problems.append(f"level_constants is {tuple(scoring['level_constants'].shape)}, expected ({len(levels)},)")
     if problems:
         msg = f"References file '{path}' is damaged: {'; '.join(problems)}. Make it again with: resad references ..."
         raise ResADInputError(msg)
 
 
 class ReferenceConditionedModel(nn.Module):
-    """``image, reference_0..L-1 -> (pred_score, pred_label, anomaly_map, pred_mask)`` around a trained ResAD."""
+    """``image, reference_0..L-1, <scoring record> -> (pred_score, pred_label, anomaly_map, pred_mask)``.
+
+    The class's :class:`~anomalib_resad.calibration.Scoring` comes in as one named input per field.
+    """
 
     def __init__(self, model: ResAD) -> None:
         super().__init__()
@@ -218,11 +225,11 @@ class ReferenceConditionedModel(nn.Module):
         self.post_processor = model.post_processor
 
     def forward(
-        self, image: torch.Tensor, references: list[torch.Tensor], calibration: torch.Tensor
+        self, image: torch.Tensor, references: list[torch.Tensor], scoring: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, ...]:
-        """Score ``image`` (float ``[0, 1]``, ``(B, 3, H, W)``) against a class's bank and calibration."""
+        """Score ``image`` (float ``[0, 1]``, ``(B, 3, H, W)``) against a class's bank and scoring record."""
         image = self.pre_processor(image) if self.pre_processor is not None else image
-        output = self.model(image, reference_bank=references, calibration=calibration)
+        output = self.model(image, reference_bank=references, scoring=Scoring(**scoring))
         if self.post_processor is not None:
             output = self.post_processor(output)
         return tuple(value for value in output if value is not None)
@@ -246,12 +253,11 @@ class ReferenceCalibrator(nn.Module):
     """``image (B, 3, H, W), reference_0..L-1, level_constants -> uncalibrated score components``.
 
     Exported next to the conditioned model so that ``resad references`` can calibrate a new class with OpenVINO alone:
-    :func:`~anomalib_resad.anomaly_map.leave_one_out_calibration` runs it on each reference image against the bank of
+    :func:`~anomalib_resad.calibration.leave_one_out_scoring` runs it on each reference image against the bank of
     the others, exactly as eager PyTorch does.
     """
 
     OUTPUTS = (
-        "score",
         "map_max",
         "dissimilarity",
         "level_max_log_likelihood",
@@ -331,12 +337,12 @@ def export_deployment(
     encoder = ReferenceEncoder(resad).eval()
     with torch.no_grad():
         example_bank = list(encoder(torch.rand(example_k, 3, height, width)))
-    example_calibration = torch.tensor([0.0] * levels + [1.0] * CALIBRATION_THRESHOLDS)
+    example_scoring = {name: torch.ones_like(value) for name, value in Scoring.neutral(levels).tensors().items()}
     conditioned = ReferenceConditionedModel(resad).eval()
     calibrator = ReferenceCalibrator(resad).eval()
     output_names = ["pred_score", "pred_label", "anomaly_map", "pred_mask"]
     with torch.no_grad():
-        produced = conditioned(images, example_bank, example_calibration)
+        produced = conditioned(images, example_bank, example_scoring)
     output_names = output_names[: len(produced)]
     batch = torch.export.Dim("batch", min=1, max=1024)
     image_height, image_width = (
@@ -351,10 +357,14 @@ def export_deployment(
     written = [
         _export_onnx(
             conditioned,
-            (images, example_bank, example_calibration),
+            (images, example_bank, example_scoring, {}),  # a last dict would be read as keyword arguments
             export_root / "onnx" / f"{MODEL_FILE}.onnx",
-            (["image", *reference_names, "calibration"], output_names),
-            {"image": image_axes, "references": [{0: row} for row in rows], "calibration": None},
+            (["image", *reference_names, *example_scoring], output_names),
+            {
+                "image": image_axes,
+                "references": [{0: row} for row in rows],
+                "scoring": dict.fromkeys(example_scoring),
+            },
         ),
         _export_onnx(
             encoder,
@@ -365,7 +375,7 @@ def export_deployment(
         ),
         _export_onnx(
             calibrator,
-            (images, example_bank, example_calibration[:levels]),
+            (images, example_bank, example_scoring["level_constants"]),
             export_root / "onnx" / f"{CALIBRATOR_FILE}.onnx",
             (["image", *reference_names, "level_constants"], list(ReferenceCalibrator.OUTPUTS)),
             {"image": image_axes, "references": [{0: row} for row in rows], "level_constants": None},
@@ -382,14 +392,9 @@ def export_deployment(
         "format_version": FORMAT_VERSION,
         **signature,
         "outputs": output_names,
-        "level_constants": generator.level_constants,
-        "global_level_constants": generator.global_level_constants.tolist(),
-        "threshold_margin": resad.model.threshold_margin,
-        "dissimilarity_margin": resad.model.dissimilarity_margin,
-        "reverse_dissimilarity_margin": resad.model.reverse_dissimilarity_margin,
-        "nearest_averaging": resad.model.nearest_averaging,
-        "reference_views": resad.model.reference_views,
-        "reference_view_levels": resad.model.reference_view_levels,
+        "scoring": generator.scoring,  # baked into the graph, as is the margin
+        "threshold_margin": generator.threshold_margin,
+        "views": resad.model.bank_views(signature["image_size"]),
     }
     (export_root / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     written.append(export_root / METADATA_FILE)
@@ -402,7 +407,7 @@ def bake_references(model: ResAD | str | Path, references: str | Path) -> ResAD:
     resad = _load_model(model)
     bank, metadata = load_references(references, model_signature(resad))
     resad.model.set_references(bank)
-    resad.reference_selection = ReferenceSelection.from_dict(metadata["selection"])
+    resad.references.stored = ReferenceSelection.from_dict(metadata["selection"])
     return resad
 
 
@@ -414,7 +419,7 @@ def make_references(
     class_name: str | None = None,
     device: str = "CPU",
 ) -> Path:
-    """Turn a folder of k normal images of a class into a references file (bank + calibration) for a trained ResAD.
+    """Turn a folder of k normal images of a class into a references file (bank + scoring record) for a trained ResAD.
 
     Args:
         model (str | Path | ResAD): An exported deployment folder (uses its OpenVINO reference encoder and
@@ -461,12 +466,10 @@ def _openvino_reference_bank(
     images = load_images(selection.paths, transform=resize, refuse_blank=True)
     pixels = images.numpy()
     # the bank holds each image's views (as eager PyTorch's: the same function), calibrated leave-one-out by image
-    mode = metadata.get("reference_views", "none")
+    views = [int(count) for count in metadata["views"]]
     grids = [tuple(grid) for grid in signature["grids"]]
-    views = level_views(mode, len(grids), metadata.get("reference_view_levels", 2))
-    encoded = [  # no level holding views ("none", or reference_view_levels 0): the images alone
-        np.asarray(level)
-        for level in encoder(reference_views(images, mode if max(views) > 1 else "none").numpy()).values()
+    encoded = [
+        np.asarray(level) for level in encoder(reference_views(images, views_mode(images.shape[-2:])).numpy()).values()
     ]
     # (k * views_l, positions, channels): the levels without views keep each image's first view (as eager's)
     per_image = keep_views([level.reshape(len(pixels) * max(views), -1, level.shape[-1]) for level in encoded], views)
@@ -474,52 +477,29 @@ def _openvino_reference_bank(
 
     def score(images: np.ndarray, index: int, constants: torch.Tensor) -> ScoreComponents:
         others = [
-            np.ascontiguousarray(
-                np.delete(level, np.arange(len(level))[view_rows(index, count)], axis=0).reshape(-1, level.shape[-1])
-            )
-            for level, count in zip(per_image, views, strict=True)
+            np.ascontiguousarray(level[rows].reshape(-1, level.shape[-1]))
+            for level, rows in zip(per_image, leave_one_out_rows(len(pixels), views, index), strict=True)
         ]
         inputs = {"image": images, "level_constants": constants.numpy().astype(np.float32)}
         inputs.update({f"reference_{level}": bank for level, bank in enumerate(others)})
         named = {port.get_any_name(): np.asarray(value) for port, value in calibrator(inputs).items()}
-        return ScoreComponents(None, *(torch.from_numpy(named[name]) for name in ReferenceCalibrator.OUTPUTS))
+        return ScoreComponents(None, **{name: torch.from_numpy(named[name]) for name in ReferenceCalibrator.OUTPUTS})
 
     def score_reference(index: int, constants: torch.Tensor) -> ScoreComponents:
         return score(pixels[index : index + 1], index, constants)
 
-    averaging = metadata.get("nearest_averaging", "off")
     score_defects = None
-    if averaging == "auto":  # the same defects as eager PyTorch (written in each image's own value range)
+    if metadata["scoring"] != "paper":  # the same defects as eager PyTorch (written in each image's own value range)
         defects = synthetic_defects(torch.from_numpy(pixels)).numpy()
 
-        def score_defects(index: int, constants: torch.Tensor) -> ScoreComponents:
-            return score(np.ascontiguousarray(defects[index]), index, constants)
+        def score_defects(index: int) -> ScoreComponents:
+            return score(np.ascontiguousarray(defects[index]), index, torch.zeros(len(levels)))
 
-    calibration = leave_one_out_calibration(
-        score_reference,
-        len(pixels),
-        len(levels),
-        global_constants=_global_constants(metadata),
-        margin=float(metadata.get("threshold_margin", 1.0)),
-        dissimilarity_margin=float(metadata.get("dissimilarity_margin", 1.0)),
-        reverse_dissimilarity_margin=float(metadata.get("reverse_dissimilarity_margin", 1.0)),
-        nearest_averaging=averaging,
-        score_defects=score_defects,
-    )
+    scoring = leave_one_out_scoring(score_reference, len(pixels), len(levels), score_defects)
     bank = ReferenceBank(
-        levels=[torch.from_numpy(level) for level in levels],
-        grids=grids,
-        k=selection.k,
-        calibration=calibration.to_tensor(),
-        views=views,
+        levels=[torch.from_numpy(level) for level in levels], grids=grids, k=selection.k, views=views, scoring=scoring
     )
     return bank, signature
-
-
-def _global_constants(metadata: dict[str, Any]) -> torch.Tensor | None:
-    if metadata.get("level_constants", "per_class") != "global":
-        return None
-    return torch.tensor(metadata["global_level_constants"], dtype=torch.float32)
 
 
 def _read_metadata(model_dir: Path) -> dict[str, Any]:
@@ -528,15 +508,11 @@ def _read_metadata(model_dir: Path) -> dict[str, Any]:
         msg = f"'{model_dir}' is not a ResAD deployment folder (no {METADATA_FILE}). Make one with: resad export ..."
         raise ResADInputError(msg)
     metadata = json.loads(path.read_text())
-    check_not_newer(metadata, f"Deployment '{model_dir}'")
-    if metadata.get("format_version", 1) < FORMAT_VERSION:
-        msg = (
-            f"'{model_dir}' was exported by an older anomalib-resad (format {metadata.get('format_version', 1)}, "
-            f"this one reads {FORMAT_VERSION}: the class calibration changed). Export it again with: "
-            "resad export --checkpoint <model.ckpt> --export_root <folder>, then remake its references with "
-            "resad references."
-        )
-        raise ResADInputError(msg)
+    remake = (
+        "Export it again with: resad export --checkpoint <model.ckpt> --export_root <folder>, then remake its "
+        "references with resad references."
+    )
+    check_format(metadata, f"Deployment '{model_dir}'", remake)
     return metadata
 
 
@@ -563,10 +539,10 @@ class ReferenceConditionedInferencer(OpenVINOInferencer):
         self.banks: dict[str, dict[str, np.ndarray]] = {}
 
     def add_class(self, class_name: str, references: str | Path) -> None:
-        """Load the references file of a class (bank and calibration, checked against the exported model)."""
+        """Load the references file of a class (bank and scoring record, checked against the exported model)."""
         bank, _ = load_references(references, self.metadata)
         inputs = {f"reference_{level}": features.numpy() for level, features in enumerate(bank.levels)}
-        inputs["calibration"] = bank.calibration.numpy()
+        inputs.update({name: value.numpy() for name, value in bank.scoring.tensors().items()})
         self.banks[class_name] = inputs
 
     def predict(

@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Score one category's test images with any anomalib model and compute threshold-free metrics per category.
 
-Used by ``resad demo``, the class-generalization protocol (:mod:`anomalib_resad.protocol`) and the PatchCore
+Used by ``resad demo``, the class-generalization protocol (:mod:`anomalib_resad.experiments.protocol`) and the PatchCore
 baseline, so every model is measured by the same code on the same images:
 
 * images go through the model's own pre-processing (``pre_processor.transform``) and ``model.model`` (the pure torch

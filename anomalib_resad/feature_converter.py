@@ -27,8 +27,8 @@ Example:
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from anomalib.models.components import DynamicBufferMixin
@@ -36,6 +36,9 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from .errors import ResADInputError, check_choice
+
+if TYPE_CHECKING:
+    from .calibration import Scoring
 
 RESIDUAL_TYPES = ("squared", "difference")
 # Similarity-matrix elements computed at once while matching (16 MiB of float32). The bound keeps memory flat for any
@@ -230,46 +233,44 @@ class ResidualMatches(NamedTuple):
 
 @dataclass
 class ReferenceBank:
-    """The k reference images of one class as the model uses them: flattened features per level + calibration.
+    """The k reference images of one class as the model uses them: flattened features per level + scoring record.
 
-    This is the one "bank" type: training banks (fresh references per batch) simply have no calibration.
+    This is the one "bank" type: training banks (fresh references per batch) simply have no scoring record.
 
     Attributes:
-        levels (list[torch.Tensor]): ``(k*H_l*W_l, C_l)`` per level.
+        levels (list[torch.Tensor]): ``(k * views_l * H_l * W_l, C_l)`` per level.
         grids (list[tuple[int, int]]): ``(H_l, W_l)`` per level (the feature-map size the references were made at).
         k (int): Number of reference images.
-        calibration (torch.Tensor | None): The class's scoring calibration (see
-            :class:`~anomalib_resad.anomaly_map.ScoreCalibration`), ``None`` for an uncalibrated (training) bank.
-        views (list[int] | None): Per level, the views of each reference image it holds, image by image
-            (:mod:`~anomalib_resad.reference_views`; level ``l`` has ``k * views[l]`` feature maps). ``None``: 1.
+        views (list[int]): Per level, the views of each reference image it holds, image by image
+            (:mod:`~anomalib_resad.reference_views`). Defaults to one (the image itself) per level.
+        scoring (Scoring | None): The class's :class:`~anomalib_resad.calibration.Scoring`, ``None`` for an
+            uncalibrated (training) bank.
     """
 
     levels: list[torch.Tensor]
     grids: list[tuple[int, int]]
     k: int
-    calibration: torch.Tensor | None = None
-    views: list[int] | None = None
+    views: list[int] = field(default_factory=list)
+    scoring: "Scoring | None" = None
 
-    @property
-    def level_views(self) -> list[int]:
-        """Views per reference image in each level (1 where ``views`` is ``None``)."""
-        return list(self.views) if self.views is not None else [1] * len(self.levels)
+    def __post_init__(self) -> None:
+        self.views = [int(count) for count in self.views] or [1] * len(self.levels)
 
     @classmethod
     def from_features(
         cls,
         features: Sequence[torch.Tensor],
-        calibration: torch.Tensor | None = None,
         views: Sequence[int] | None = None,
+        scoring: "Scoring | None" = None,
     ) -> "ReferenceBank":
         """Build a bank from per-level ``(k * views_l, C_l, H_l, W_l)`` features (image by image)."""
-        first = 1 if views is None else int(views[0])
+        views = [1] * len(features) if views is None else [int(count) for count in views]
         return cls(
             levels=[level.contiguous() for level in flatten_levels(features)],
             grids=[(int(feature.shape[2]), int(feature.shape[3])) for feature in features],
-            k=int(features[0].shape[0]) // first,
-            calibration=calibration,
-            views=None if views is None else [int(count) for count in views],
+            k=int(features[0].shape[0]) // views[0],
+            views=views,
+            scoring=scoring,
         )
 
 
@@ -281,8 +282,7 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
         residual (str): ``"squared"`` (reference code, default) or ``"difference"`` (paper, Eq. 1).
 
     Attributes:
-        reference_grid (torch.Tensor): ``(L, 3)`` ``[k, H_l, W_l]`` of the stored bank (zeros when empty); level
-            ``l`` holds ``k`` x its views feature maps (:mod:`~anomalib_resad.reference_views`).
+        reference_layout (torch.Tensor): ``(L, 4)`` ``[k, views, H_l, W_l]`` of the stored bank (zeros when empty).
     """
 
     def __init__(self, num_levels: int, residual: str = "squared") -> None:
@@ -292,7 +292,7 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
         self.residual = residual
         for level in range(num_levels):
             self.register_buffer(f"reference_{level}", torch.empty(0))
-        self.register_buffer("reference_grid", torch.zeros(num_levels, 3, dtype=torch.long))
+        self.register_buffer("reference_layout", torch.zeros(num_levels, 4, dtype=torch.long))
 
     @property
     def reference_levels(self) -> list[torch.Tensor]:
@@ -301,15 +301,13 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
 
     @property
     def bank(self) -> ReferenceBank:
-        """The stored reference bank."""
-        grid = self.reference_grid.tolist()
-        levels = self.reference_levels
-        k = int(grid[0][0])
+        """The stored reference bank (without its scoring record, which the scoring holds)."""
+        layout = self.reference_layout.tolist()
         return ReferenceBank(
-            levels=levels,
-            grids=[(height, width) for _, height, width in grid],
-            k=k,  # each level holds k x its views feature maps
-            views=[len(level) // max(k * h * w, 1) for level, (_, h, w) in zip(levels, grid, strict=True)],
+            levels=self.reference_levels,
+            grids=[(height, width) for _, _, height, width in layout],
+            k=int(layout[0][0]),
+            views=[views for _, views, _, _ in layout],
         )
 
     @property
@@ -322,14 +320,17 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
         if len(bank.levels) != self.num_levels:
             msg = f"Expected a reference bank with {self.num_levels} levels, got {len(bank.levels)}."
             raise ResADInputError(msg)
-        for level, (features, (height, width)) in enumerate(zip(bank.levels, bank.grids, strict=True)):
-            setattr(self, f"reference_{level}", features.detach().to(self.reference_grid.device).contiguous())
-            self.reference_grid[level] = torch.tensor([bank.k, height, width], device=self.reference_grid.device)
+        device = self.reference_layout.device
+        for level, (features, (height, width), views) in enumerate(
+            zip(bank.levels, bank.grids, bank.views, strict=True)
+        ):
+            setattr(self, f"reference_{level}", features.detach().to(device).contiguous())
+            self.reference_layout[level] = torch.tensor([bank.k, views, height, width], device=device)
 
     def check_query_grid(self, features: Sequence[torch.Tensor]) -> None:
         """Raise a clear error when query feature maps do not have the size the references were made at."""
         for level, feature in enumerate(features):
-            expected = tuple(int(size) for size in self.reference_grid[level, 1:])
+            expected = tuple(int(size) for size in self.reference_layout[level, 2:])
             if expected != (0, 0) and tuple(feature.shape[-2:]) != expected:
                 msg = (
                     f"The references were made at another image size: level {level} of the references is "
@@ -365,7 +366,7 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
                     )
                     raise ResADInputError(msg)
                 self.check_query_grid(features)
-            # not ``self.bank``: reading ``reference_grid`` (a buffer) into Python ints fails ``torch.export``'s
+            # not ``self.bank``: reading ``reference_layout`` (a buffer) into Python ints fails ``torch.export``'s
             # non-strict trace, which then prints the partial graph and retries with the slower strict one
             bank = self.reference_levels
         residuals, similarities, coverage = [], [], []

@@ -13,8 +13,8 @@ the class-generalization protocol (:mod:`anomalib_resad.data`), or synthetic ano
 Inference (validation, test, predict, export) scores each image against the calibrated reference bank of its class:
 ``k`` images drawn with ``reference_seed`` from the class's training split, or the first ``k`` images of
 ``reference_dir``. Every bank comes from one place, :class:`~anomalib_resad.class_references.ClassReferences`, which
-also sets the class's threshold from those k images (leave-one-out). The bank of the evaluated class is stored in the
-checkpoint together with the list of reference files.
+also measures the class's scoring record from those k images (leave-one-out) and routes each class to its bank. The
+bank of the evaluated class is stored in the checkpoint together with the list of reference files.
 
 Why ``LearningType.ONE_CLASS``: anomalib's Engine skips ``fit`` for few-shot learning types (it only validates), so a
 few-shot type would make ``anomalib train --model ResAD`` score with untrained flows. ResAD *is* trained; it is
@@ -29,7 +29,6 @@ Example:
 """
 
 import logging
-import math
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,12 +49,12 @@ from torch.nn import functional as F  # noqa: N812
 from torch.optim.lr_scheduler import MultiStepLR
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
+from .anomaly_map import SCORINGS
 from .checkpoint_settings import TRAINED_SETTINGS, normalize_value
 from .class_references import ClassReferences
 from .data.checks import check_folder_paths
 from .errors import ResADConfigurationError, ResADInputError, check_choice
 from .export_output import ONNX_OPSET_VERSION, announce_written, quiet_export
-from .feature_converter import ReferenceBank
 from .feature_extractor import backbone_normalization
 from .loss import ResADLoss
 from .post_processor import CalibratedPostProcessor
@@ -63,12 +62,8 @@ from .references import ReferenceSelection, check_image_files, check_k
 from .torch_model import ResADModel
 
 logger = logging.getLogger(__name__)
-# The odd-frame check's margin before it gained the reverse statistic, and this release's (see on_load_checkpoint)
-_SINGLE_CHECK_MARGIN = 1.5
-_DISSIMILARITY_MARGIN = 2.0
 
 CATEGORY_COLUMN = "category"
-FLOW_STEPS = ("batch", "chunk")
 
 
 def datamodule_class_name(datamodule: object) -> str:
@@ -81,87 +76,34 @@ class ResAD(AnomalibModule):
 
     Args:
         backbone (str): timm backbone. Defaults to ``"wide_resnet50_2"`` (reference).
-        layers (Sequence[str]): Feature levels. Defaults to ``("layer1", "layer2", "layer3")`` (reference).
+        layers (Sequence[str]): Feature levels, shallow to deep. Defaults to ``("layer1", "layer2", "layer3")``.
         pre_trained (bool | str): ``True`` for timm's weights (downloaded), ``False``, or a local weights file.
             Defaults to ``True``.
         image_size (int | tuple[int, int]): Input size of the default pre-processor. Defaults to ``224`` (reference).
-        k (int): Number of reference images per class at inference (at least 2: the class's threshold is set from
-            them by leave-one-out). Defaults to ``4``.
-        reference_seed (int): Seed for drawing them from a class's training split. Defaults to ``42``.
-        reference_dir (str | None): Folder of reference images to use instead (the first ``k`` in sorted order).
-            Defaults to ``None``.
+        k (int): Reference images per class at inference (at least 2: the class's threshold is set from them by
+            leave-one-out). Defaults to ``4``.
+        reference_dir (str | None): Folder of reference images (the first ``k`` in sorted order) instead of a draw
+            from the class's training split. Defaults to ``None``.
+        reference_seed (int): Seed of that draw. Defaults to ``42``.
+        scoring (str): ``"fused"`` (the flows' map and the nearest-neighbour map averaged), ``"nearest"`` (matching
+            alone: no trained part) or ``"paper"`` (the flows' map alone, the reference's scoring); see
+            :mod:`~anomalib_resad.anomaly_map`. Defaults to ``"fused"``.
+        threshold_margin (float): A class's boundary = this x the largest leave-one-out score of its references.
+            Defaults to ``1.25``.
         train_k (int): References drawn per class per training batch. Defaults to ``4`` (reference).
         residual (str): ``"squared"`` (reference code) or ``"difference"`` (paper). Defaults to ``"squared"``.
         occ_loss (str): ``"log_barrier"`` (reference code) or ``"paper"`` (NeurIPS Eq. 2). Defaults to
             ``"log_barrier"``.
         coupling_layers (int): Coupling blocks per flow. Defaults to ``10`` (reference code).
-        clamp_alpha (float): Affine clamping of the flows. Defaults to ``1.9``.
-        pos_embed_dim (int): Positional-encoding dimension. Defaults to ``256``.
-        pos_beta (float): Quantile defining the normal boundary. Defaults to ``0.05``.
-        margin_tau (float): Boundary margin. Defaults to ``0.1``.
-        bgspp_lambda (float): Weight of the boundary loss. Defaults to ``1``.
+        pos_embed_dim (int): Positional-encoding dimension of the flows' condition. Defaults to ``256``.
         first_stage_epochs (int): Epochs trained on normal images only. Defaults to ``10`` (reference).
         synthetic_anomalies (bool): After the first stage, add anomalib's Perlin-noise anomalies to normal training
             images (for datamodules without real training anomalies). Defaults to ``False``.
         lr (float): Adam learning rate. Defaults to ``1e-5`` (reference).
         weight_decay (float): Adam weight decay. Defaults to ``5e-4`` (reference).
         lr_milestones (Sequence[int]): Epochs at which the learning rate drops tenfold. Defaults to ``(70, 90)``.
-        flow_steps (str): ``"batch"``: one optimizer step per batch for all modules, the flows on ``flow_positions``
-            random positions per level; ``"chunk"`` (reference code): a constraintor step, then one flow step per
-            chunk of ``flow_positions`` positions, covering every position of every level. Defaults to ``"batch"``.
-        flow_positions (int | None): Positions per level (``"batch"``) or per chunk (``"chunk"``); ``None`` uses all
-            positions at once. Defaults to ``8192`` (the reference's flow chunk).
-        image_score (str): ``"max"`` of the anomaly map (reference) or ``"top_mean"`` (mean of its top 1 %).
-            Defaults to ``"max"``.
-        level_constants (str): ``"per_class"`` (from the references by leave-one-out) or ``"global"`` (learned in
-            training). Defaults to ``"per_class"``.
-        dissimilarity_check (bool): Flag frames unlike the references (blank, noise, another product) by the
-            dissimilarity and the reverse dissimilarity of the reference matching. Defaults to ``True``.
-        nearest_score (bool): Anomaly map = mean of the flows' map and the nearest-neighbour map (``1 - cos`` to the
-            nearest reference feature on the two deepest levels: PatchCore's score on ResAD's own matching, at no
-            extra cost), each over its leave-one-out threshold; image score = that map's maximum (or top-pixel mean,
-            ``image_score``). Not in the reference. Defaults to ``True``: +8.9 I-AUROC on the source classes'
-            validation images, +4.2 on the unseen DeepPCB groups when introduced (docs/benchmark.md). Checkpoints
-            saved before the option score without it.
-        threshold_margin (float): Each scoring term's threshold = this x its largest leave-one-out value over the
-            class's references. Defaults to ``1.25``.
-        dissimilarity_margin (float): The same for the odd-frame check's dissimilarity. Defaults to ``2.0``.
-        reverse_dissimilarity_margin (float): The same for its reverse dissimilarity. Defaults to ``1.5``. The two
-            odd-frame margins were chosen on the source classes' validation images of the three shared settings
-            (k = 2 and 4, 3 draws, ``threshold_margin`` 1.25): among the swept pairs whose false-positive rate there
-            is <= 10 % at both k (here 8.8 % / 0.0 %), the one that flags the most odd frames on the 13 classes
-            (black 97-100 %, white 95-97 %, grey, saturated red and noise 100 % of class x draw pairs;
-            docs/benchmark.md). Checkpoints of before the reverse statistic that kept that release's 1.5 get 2.0.
-        nearest_averaging (str): PatchCore's matching (3 x 3 neighbourhood averaging, Euclidean distance) in the
-            nearest-neighbour score and map, per class: ``"auto"`` (default) - each class's k references choose it:
-            synthetic defects pasted into them are scored leave-one-out with both matchings
-            (:mod:`~anomalib_resad.anomaly_map`) - or ``"on"`` / ``"off"``. Measured end to end (docs/benchmark.md,
-            "Which nearest-neighbour map"): the textures take it (pixel AUROC over precise matching's fused map at
-            k = 2 / 4: magnetic tile +3.1 / +2.3, CrackForest +1.3 / +1.2), the circuit boards keep precise
-            matching. Setting a class's references then also scores 12 defective copies of each reference by
-            matching alone (Lite0, k = 4: about 4x the time of ``"off"``). Checkpoints saved before the option keep
-            ``"off"``.
-        reference_views (str | None): The reference bank also holds each reference image's 8 symmetries of the
-            square (``"dihedral"``: flips and quarter turns; needs a square ``image_size``), its 4 flips
-            (``"flips"``), or the images alone (``"none"``, the reference; :mod:`~anomalib_resad.reference_views`).
-            Defaults to ``None``: ``"dihedral"`` for a square ``image_size``, ``"flips"`` otherwise (a quarter turn
-            would change the image's size).
-            Only evaluation banks: training and the query images are untouched, and a class's calibration stays
-            leave-one-out by image. Measured end to end on the three ``../shared/data`` settings (docs/benchmark.md,
-            "Flipped and rotated views of the references"): image AUROC at k = 2 / 4 on the 11 unseen DeepPCB groups
-            62.4 / 70.1 -> 67.2 / 74.4, magnetic tile 77.0 / 78.3 -> 78.4 / 80.0, CrackForest 89.1 / 88.7 ->
-            88.8 / 88.8, and higher on the source classes' validation images. Checkpoints saved before the option
-            keep ``"none"``.
-        reference_view_levels (int | None): The views go into the banks of this many deepest levels (``None``: all).
-            Defaults to ``2``: the levels the nearest-neighbour score reads; the shallowest level's matching, the
-            costliest (stride 4), stays on the images alone.
-        distribution_matching (bool): ResAD++ (the reference code): a codebook of normal residuals trained beside
-            the flows, and test-time EFDM of the residuals toward it (:mod:`~anomalib_resad.residual_codebook`).
-            Defaults to ``False`` (the NeurIPS ResAD).
-        codebook_size (int): Codes per level. Defaults to ``1536`` (reference).
-        efdm_alpha (float): EFDM's share of the residual kept (``fdm_alpha``). Defaults to ``0.4`` (reference).
-        codebook_lr (float): Adam learning rate of the codebook. Defaults to ``1e-5`` (reference).
-        reference_cache_mb (float): Memory for cached reference features. Defaults to ``1024``.
+        flow_positions (int | None): Random positions per level each flow learns from per step; ``None``: all.
+            Defaults to ``8192`` (the reference's flow chunk).
         pre_processor (PreProcessor | bool): Defaults to resize to ``image_size`` + the backbone's normalisation.
         post_processor (PostProcessor | bool): Defaults to :class:`CalibratedPostProcessor` (per-class thresholds).
         evaluator (Evaluator | bool): Defaults to anomalib's image/pixel AUROC and F1.
@@ -181,39 +123,21 @@ class ResAD(AnomalibModule):
         pre_trained: bool | str = True,
         image_size: int | tuple[int, int] = 224,
         k: int = 4,
-        reference_seed: int = 42,
         reference_dir: str | None = None,
+        reference_seed: int = 42,
+        scoring: str = "fused",
+        threshold_margin: float = 1.25,
         train_k: int = 4,
         residual: str = "squared",
         occ_loss: str = "log_barrier",
         coupling_layers: int = 10,
-        clamp_alpha: float = 1.9,
         pos_embed_dim: int = 256,
-        pos_beta: float = 0.05,
-        margin_tau: float = 0.1,
-        bgspp_lambda: float = 1.0,
         first_stage_epochs: int = 10,
         synthetic_anomalies: bool = False,
         lr: float = 1e-5,
         weight_decay: float = 5e-4,
         lr_milestones: Sequence[int] = (70, 90),
-        flow_steps: str = "batch",
         flow_positions: int | None = 8192,
-        image_score: str = "max",
-        level_constants: str = "per_class",
-        dissimilarity_check: bool = True,
-        nearest_score: bool = True,
-        threshold_margin: float = 1.25,
-        dissimilarity_margin: float = 2.0,
-        reverse_dissimilarity_margin: float = 1.5,
-        nearest_averaging: str = "auto",
-        reference_views: str | None = None,
-        reference_view_levels: int | None = 2,
-        distribution_matching: bool = False,
-        codebook_size: int = 1536,
-        efdm_alpha: float = 0.4,
-        codebook_lr: float = 1e-5,
-        reference_cache_mb: float = 1024,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -231,11 +155,7 @@ class ResAD(AnomalibModule):
         if pos_embed_dim % 4:
             msg = f"pos_embed_dim must be a multiple of 4 (sin/cos in two axes), got {pos_embed_dim}."
             raise ResADConfigurationError(msg)
-        check_choice("flow_steps", flow_steps, FLOW_STEPS)
-        _views_mode(reference_views, image_size)  # checks the pair now
-        if flow_steps == "chunk" and flow_positions is None:
-            msg = "flow_steps='chunk' needs a chunk size: set flow_positions (the reference uses 8192)."
-            raise ResADConfigurationError(msg)
+        check_choice("scoring", scoring, SCORINGS)
         if pre_processor is True:
             pre_processor = self.configure_pre_processor(image_size=image_size, backbone=backbone)
         super().__init__(
@@ -252,19 +172,11 @@ class ResAD(AnomalibModule):
         self.train_k = train_k
         self.first_stage_epochs = first_stage_epochs
         self.lr = lr
-        self.codebook_lr = codebook_lr
         self.weight_decay = weight_decay
         self.lr_milestones = list(lr_milestones)
-        self.flow_steps = flow_steps
         self.flow_positions = flow_positions
         self.anomaly_generator = PerlinAnomalyGenerator(probability=0.5) if synthetic_anomalies else None
-        # Manual optimisation for the reference's per-chunk flow steps (several optimizer steps per batch).
-        self.automatic_optimization = flow_steps == "batch"
-
         self.references = self._build_references()
-        self.reference_selection: ReferenceSelection | None = None  # the stored bank's images
-        self._pinned_references = False
-        self._eval_banks: dict[str, ReferenceBank] = {}  # banks of further classes of a multi-class eval set
         self._class_of_path: dict[str, str] = {}
         self._default_class = "default"
         self._checked_paths: set[str] = set()
@@ -293,6 +205,11 @@ class ResAD(AnomalibModule):
         # references are data: they must be made from exactly the pixels queries are made from, in every runtime.
         return PreProcessor(transform=Compose([Resize(size, antialias=False), Normalize(mean=mean, std=std)]))
 
+    @staticmethod
+    def configure_post_processor() -> PostProcessor:
+        """Thresholds from each class's own references (:class:`CalibratedPostProcessor`), not from validation."""
+        return CalibratedPostProcessor()
+
     def _build_model(self, pre_trained: bool | str) -> ResADModel:
         """The network these hyper-parameters describe (``pre_trained=False`` where a checkpoint fills it)."""
         hparams = self.hparams
@@ -302,44 +219,20 @@ class ResAD(AnomalibModule):
             pre_trained=pre_trained,
             residual=hparams["residual"],
             coupling_layers=hparams["coupling_layers"],
-            clamp_alpha=hparams["clamp_alpha"],
             pos_embed_dim=hparams["pos_embed_dim"],
-            image_score=hparams["image_score"],
-            level_constants=hparams["level_constants"],
-            dissimilarity_check=hparams["dissimilarity_check"],
-            nearest_score=hparams["nearest_score"],
+            scoring=hparams["scoring"],
             threshold_margin=hparams["threshold_margin"],
-            dissimilarity_margin=hparams["dissimilarity_margin"],
-            reverse_dissimilarity_margin=hparams["reverse_dissimilarity_margin"],
-            nearest_averaging=hparams["nearest_averaging"],
-            reference_views=_views_mode(hparams["reference_views"], hparams["image_size"]),
-            reference_view_levels=hparams["reference_view_levels"],
-            distribution_matching=hparams["distribution_matching"],
-            codebook_size=hparams["codebook_size"],
-            efdm_alpha=hparams["efdm_alpha"],
         )
 
     def _build_loss(self) -> ResADLoss:
-        hparams = self.hparams
-        return ResADLoss(
-            num_levels=self.model.num_levels,
-            occ_loss=hparams["occ_loss"],
-            pos_beta=hparams["pos_beta"],
-            margin_tau=hparams["margin_tau"],
-            bgspp_lambda=hparams["bgspp_lambda"],
-        )
+        return ResADLoss(num_levels=self.model.num_levels, occ_loss=self.hparams["occ_loss"])
 
     def _build_references(self, pools: dict[str, list[str]] | None = None) -> ClassReferences:
         """The references room of :attr:`model`, its images pre-processed as the model's pre-processor does."""
         transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
-        references = ClassReferences.for_model(self.model, transform, int(self.hparams["reference_cache_mb"] * 2**20))
+        references = ClassReferences.for_model(self.model, transform)
         references.set_pools(pools or {})
         return references
-
-    @staticmethod
-    def configure_post_processor() -> PostProcessor:
-        """Thresholds from each class's own references (:class:`CalibratedPostProcessor`), not from validation."""
-        return CalibratedPostProcessor()
 
     @property
     def learning_type(self) -> LearningType:
@@ -354,16 +247,11 @@ class ResAD(AnomalibModule):
     def configure_optimizers(self) -> dict[str, Any]:
         """One Adam over the Feature Constraintor and the flows, with the reference's step schedule.
 
-        The reference uses three Adams with identical settings; Adam is per-parameter, so one optimizer over their
-        union is the same update - a step only moves the parameters that received a gradient, which is what the
-        per-chunk flow steps (``flow_steps="chunk"``) rely on.
+        The reference uses three Adams with identical settings; Adam is per parameter, so one optimizer over their
+        union is the same update.
         """
-        codebook = set(self.model.codebook.parameters()) if self.model.codebook is not None else set()
-        parameters = [p for p in self.model.parameters() if p.requires_grad and p not in codebook]
-        groups = [{"params": parameters}]
-        if codebook:  # the reference's VQ Adam: lr 1e-5, same weight decay
-            groups.append({"params": list(codebook), "lr": self.codebook_lr})
-        optimizer = torch.optim.Adam(groups, lr=self.lr, weight_decay=self.weight_decay)
+        parameters = [parameter for parameter in self.model.parameters() if parameter.requires_grad]
+        optimizer = torch.optim.Adam(parameters, lr=self.lr, weight_decay=self.weight_decay)
         scheduler = MultiStepLR(optimizer, milestones=self.lr_milestones, gamma=0.1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
@@ -494,6 +382,11 @@ class ResAD(AnomalibModule):
         return pools
 
     # ------------------------------------------------------------------ references
+    @property
+    def reference_selection(self) -> ReferenceSelection | None:
+        """The reference images of the stored bank (saved in checkpoints, baked into exports)."""
+        return self.references.stored
+
     def set_references(self, selection: ReferenceSelection, pinned: bool = True) -> None:
         """Make ``selection`` the stored, calibrated reference bank (the one used for inference and export).
 
@@ -503,8 +396,8 @@ class ResAD(AnomalibModule):
                 them from the datamodule. Defaults to ``True``.
         """
         self.model.set_references(self.references.bank(selection))
-        self.reference_selection = selection
-        self._pinned_references = pinned
+        self.references.stored = selection
+        self.references.pinned = pinned
 
     def select_references(self, class_name: str) -> ReferenceSelection:
         """The reference images of a class: the first ``k`` of ``reference_dir``, else a seeded draw from its pool."""
@@ -515,49 +408,23 @@ class ResAD(AnomalibModule):
 
         ``reference_dir`` (one class) always wins - also for ``anomalib predict`` on a folder of images. References
         pinned with :meth:`set_references` are kept for their class; every other class gets
-        :meth:`select_references`. One class's bank is the stored one (checkpoint, export); further classes of a
-        multi-class set are scored with their own banks.
+        :meth:`select_references` (:meth:`ClassReferences.prepare_evaluation`).
         """
         datamodule = self._datamodule()
         subset = getattr(datamodule, subset_name, None) if datamodule is not None and subset_name else None
-        self._eval_banks = {}
         if subset is None:  # e.g. predict on a folder of images: the stored bank, or reference_dir's
+            stored = self.references.stored
             if self.reference_dir:
-                name = self.reference_selection.class_name if self.reference_selection else self._default_class
+                name = stored.class_name if stored is not None else self._default_class
                 self.set_references(self.select_references(name), pinned=False)
             elif not self.model.feature_converter.has_references:
                 msg = "This ResAD model holds no references: give --model.reference_dir or a trained checkpoint."
                 raise ResADInputError(msg)
             return
-        classes = sorted({self.class_of(path) for path in subset.samples.image_path.astype(str)})
-        if len(classes) > 1 and self.reference_dir:
-            msg = f"reference_dir holds references of one class, but the evaluated data has classes {classes}."
-            raise ResADInputError(msg)
-        stored = self.reference_selection
-        converter = self.model.feature_converter
-        # a stored bank made with other reference views (an option set after loading) is made again
-        stored_current = converter.has_references and converter.bank.views == self.model.bank_views
-        keep_stored = (
-            not self.reference_dir
-            and self._pinned_references
-            and stored is not None
-            and stored.class_name in classes
-            and stored_current
-        )
-        selections = {
-            name: self.select_references(name)
-            for name in classes
-            if not (keep_stored and stored is not None and name == stored.class_name)
-        }
-        if not keep_stored:
-            primary = stored.class_name if stored is not None and stored.class_name in classes else classes[0]
-            selection = selections[primary]
-            if stored is None or stored.paths != selection.paths or not stored_current:
-                self.set_references(selection, pinned=False)
-        stored_class = self.reference_selection.class_name
-        self._eval_banks = {
-            name: self.references.bank(selection) for name, selection in selections.items() if name != stored_class
-        }
+        classes = [self.class_of(path) for path in subset.samples.image_path.astype(str)]
+        to_store = self.references.prepare_evaluation(classes, self.select_references, bool(self.reference_dir))
+        if to_store is not None:
+            self.set_references(to_store, pinned=False)
 
     def on_validation_start(self) -> None:
         """Prepare the calibrated reference banks of the validation classes."""
@@ -592,13 +459,11 @@ class ResAD(AnomalibModule):
         rank = self.trainer.global_rank if self._trainer is not None else 0
         self._train_rng = random.Random(self.reference_seed + 7919 * rank)
         logger.info(
-            "ResAD training on %d class(es) %s; first %d epoch(s) on normal images only; synthetic anomalies: %s; "
-            "flow steps per %s.",
+            "ResAD training on %d class(es) %s; first %d epoch(s) on normal images only; synthetic anomalies: %s.",
             len(self.references.pools),
             sorted(self.references.pools),
             self.first_stage_epochs,
             "on" if self.anomaly_generator is not None else "off",
-            self.flow_steps,
         )
 
     def _training_inputs(self, batch: Batch) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
@@ -630,121 +495,43 @@ class ResAD(AnomalibModule):
         level_masks = [F.interpolate(masks.unsqueeze(1), size=r.shape[-2:], mode="nearest")[:, 0] for r in residuals]
         return residuals, self.model.feature_constraintor(residuals), level_masks
 
-    def _level_flow_loss(
-        self, level: int, vectors: torch.Tensor, conditions: torch.Tensor, mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Flow loss of one level on some positions; feeds the anomaly map's global constant as it goes."""
-        log_normal, log_abnormal = self.model.residual_flow.vector_log_likelihoods(level, vectors, conditions)
-        self.model.anomaly_map_generator.update_global_constant(
-            level, log_normal.detach()[mask < 0.5], self.loss.boundary_momentum
-        )
-        return self.loss.flow_loss(level, log_normal, log_abnormal, mask)
-
-    def _codebook_loss(
-        self, residuals: list[torch.Tensor], level_masks: list[torch.Tensor], batch_size: int
-    ) -> torch.Tensor:
-        """ResAD++'s codebook loss on the raw residuals' normal positions, logged on its own (zero without it)."""
-        if self.model.codebook is None:
-            return residuals[0].new_zeros(())
-        loss = self.model.codebook.loss(residuals, level_masks)
-        self.log("train_codebook_loss", loss.detach(), on_epoch=True, on_step=False, batch_size=batch_size)
-        return loss
-
-    def _zero_loss(self) -> torch.Tensor:
-        """A zero loss that touches every parameter: keeps DDP ranks in step on a batch with nothing to learn."""
-        return sum(parameter.sum() for parameter in self.model.parameters() if parameter.requires_grad) * 0.0
-
     def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
-        """One step of the reference recipe (one backward pass, or the reference's per-chunk flow steps)."""
+        """One step of the reference recipe: the OCC loss and the flows' loss, one backward pass."""
         del args, kwargs  # These variables are not used.
         residuals, constrained, level_masks = self._training_inputs(batch)
         batch_size = len(batch.image)
-        if not self.automatic_optimization:
-            return self._chunked_training_step(residuals, constrained, level_masks, batch_size)
-        if not residuals:
-            return {"loss": self._zero_loss()}
+        if not residuals:  # a first-stage batch without normal images: a zero loss that keeps DDP ranks in step
+            zero = sum(parameter.sum() for parameter in self.model.parameters() if parameter.requires_grad) * 0.0
+            return {"loss": zero}
         occ_loss = self.loss.occ_loss(constrained, residuals, level_masks)
-        codebook_loss = self._codebook_loss(residuals, level_masks, batch_size)
         flow = self.model.residual_flow
         flow_loss = constrained[0].new_zeros(())
         for level, (feature, mask) in enumerate(zip(constrained, level_masks, strict=True)):
             vectors, conditions, position_mask = flow.sample_positions(feature.detach(), mask, self.flow_positions)
-            flow_loss = flow_loss + self._level_flow_loss(level, vectors, conditions, position_mask)
-        self._log_losses(occ_loss, flow_loss, batch_size)
-        return {"loss": occ_loss + codebook_loss + flow_loss}
-
-    def _chunked_training_step(
-        self,
-        residuals: list[torch.Tensor],
-        constrained: list[torch.Tensor],
-        level_masks: list[torch.Tensor],
-        batch_size: int,
-    ) -> None:
-        """The reference's schedule: one constraintor step, then one flow step per chunk of positions.
-
-        The number of chunks per level is set by the *full* batch size (``ceil(B * H_l * W_l / flow_positions)``),
-        not by how many images survive the first stage's normal-only filter, so every DDP rank takes the same
-        number of optimizer steps; chunks of a filtered batch are just smaller.
-        """
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
-        optimizer.zero_grad()
-        occ_loss = self.loss.occ_loss(constrained, residuals, level_masks) if residuals else self._zero_loss()
-        codebook_loss = self._codebook_loss(residuals, level_masks, batch_size) if residuals else 0.0
-        self.manual_backward(occ_loss + codebook_loss)
-        optimizer.step()
-        flow = self.model.residual_flow
-        total_flow_loss, steps = 0.0, 0
-        grids = [tuple(feature.shape[-2:]) for feature in constrained] or self._level_grids()
-        for level, (height, width) in enumerate(grids):
-            num_chunks = max(1, math.ceil(batch_size * height * width / self.flow_positions))
-            chunks = (
-                flow.position_chunks(constrained[level].detach(), level_masks[level], num_chunks)
-                if residuals
-                else [None] * num_chunks
-            )
-            for chunk in chunks:
-                optimizer.zero_grad()
-                loss = self._level_flow_loss(level, *chunk) if chunk is not None else self._zero_loss()
-                self.manual_backward(loss)
-                optimizer.step()
-                total_flow_loss += float(loss.detach())
-                steps += 1
-        if self.trainer.is_last_batch and scheduler is not None:
-            scheduler.step()
-        flow_loss = torch.tensor(total_flow_loss / max(steps, 1))
-        self._log_losses(occ_loss.detach(), flow_loss, batch_size)
-
-    def _level_grids(self) -> list[tuple[int, int]]:
-        height, width = (int(value) for value in (self.input_size or (224, 224)))
-        with torch.no_grad():
-            features = self.model.feature_extractor(torch.zeros(1, 3, height, width, device=self.device))
-        return [tuple(feature.shape[-2:]) for feature in features]
-
-    def _log_losses(self, occ_loss: torch.Tensor, flow_loss: torch.Tensor, batch_size: int) -> None:
+            log_normal, log_abnormal = flow.vector_log_likelihoods(level, vectors, conditions)
+            flow_loss = flow_loss + self.loss.flow_loss(level, log_normal, log_abnormal, position_mask)
         self.log("train_occ_loss", occ_loss.detach(), on_epoch=True, on_step=False, batch_size=batch_size)
         self.log("train_flow_loss", flow_loss.detach(), on_epoch=True, on_step=False, batch_size=batch_size)
-        total = (occ_loss + flow_loss).detach()
-        self.log("train_loss", total, on_epoch=True, on_step=False, prog_bar=True, batch_size=batch_size)
+        total = occ_loss + flow_loss
+        self.log("train_loss", total.detach(), on_epoch=True, on_step=False, prog_bar=True, batch_size=batch_size)
+        return {"loss": total}
 
     # ------------------------------------------------------------------ evaluation
     def _predict(self, batch: Batch) -> InferenceBatch:
+        """Score each image against its class's bank (the stored one, or a further class's of the evaluated data)."""
         paths = [str(path) for path in batch.image_path] if batch.image_path is not None else []
         classes = [self.class_of(path) for path in paths]
-        stored = self.reference_selection.class_name if self.reference_selection is not None else None
-        other = sorted({name for name in classes if name != stored and name in self._eval_banks})
-        if not other:
+        banks = {name: self.references.bank_of(name) for name in set(classes)}
+        if all(bank is None for bank in banks.values()):
             return self.model(batch.image)
         scores = torch.empty(len(classes), device=batch.image.device)
         maps = torch.empty(len(classes), 1, *batch.image.shape[-2:], device=batch.image.device)
-        for class_name in sorted(set(classes)):
+        for class_name, bank in sorted(banks.items()):
             index = torch.tensor([i for i, name in enumerate(classes) if name == class_name], device=scores.device)
-            bank = self._eval_banks.get(class_name)
-            output = (
-                self.model(batch.image[index], bank.levels, bank.calibration.to(scores.device))
-                if bank is not None
-                else self.model(batch.image[index])
-            )
+            if bank is None:
+                output = self.model(batch.image[index])
+            else:
+                output = self.model(batch.image[index], bank.levels, bank.scoring.to(scores.device))
             scores[index], maps[index] = output.pred_score, output.anomaly_map
         return InferenceBatch(pred_score=scores, anomaly_map=maps)
 
@@ -765,10 +552,10 @@ class ResAD(AnomalibModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the reference files next to the bank (the bank and its calibration are in the state dict)."""
+        """Store the reference files next to the bank (the bank and its scoring record are in the state dict)."""
         super().on_save_checkpoint(checkpoint)
-        if self.reference_selection is not None:
-            checkpoint["resad_references"] = self.reference_selection.to_dict()
+        if self.references.stored is not None:
+            checkpoint["resad_references"] = self.references.stored.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuild the network the checkpoint holds where this model was built otherwise; restore the references.
@@ -793,53 +580,9 @@ class ResAD(AnomalibModule):
             self.hparams.update(differing)
             self.model = self._build_model(pre_trained=False)  # the state dict fills every weight
             self.loss = self._build_loss()
-        # saved before the reverse statistic, with that release's default margin: 1.5 for the forward statistic next
-        # to the reverse one flags too many normal images (docs/benchmark.md); references set from now on use this
-        # release's pair (the stored calibration is read as it was)
-        if (
-            "reverse_dissimilarity_margin" not in saved
-            and saved.get("dissimilarity_margin") == _SINGLE_CHECK_MARGIN
-            and self.model.dissimilarity_margin == _SINGLE_CHECK_MARGIN
-        ):
-            self.model.dissimilarity_margin = _DISSIMILARITY_MARGIN
-            self.hparams["dissimilarity_margin"] = _DISSIMILARITY_MARGIN
-        generator = self.model.anomaly_map_generator
-        if "nearest_averaging" not in saved and self.model.nearest_averaging == "auto":
-            # saved before the option: references set on it are calibrated as that release did (precise matching);
-            # an explicit "on" is kept (an explicit "auto" cannot be told from the default: resad evaluate sets its
-            # scoring options after loading)
-            self.model.nearest_averaging = "off"
-            self.hparams["nearest_averaging"] = "off"
-        if "reference_views" not in saved and self.hparams.get("reference_views") is None:
-            # saved before the option and left at the default: references set on it are made as that release did
-            # (the images alone); an explicit value is kept (resad evaluate sets scoring options after loading)
-            self.model.reference_views = "none"
-            self.hparams["reference_views"] = "none"
-        if "nearest_score" not in saved and generator.nearest_score:
-            # saved before the option: its calibration has no nearest-neighbour threshold; score as it was scored
-            generator.nearest_score = False
-            logger.info("Checkpoint of before nearest_score: its images are scored by the flows alone, as before.")
         super().on_load_checkpoint(checkpoint)  # anomalib restores the pre-processing the references must share
+        pools = self.references.pools
+        self.references = self._build_references(pools)
         if "resad_references" in checkpoint:
-            self.reference_selection = ReferenceSelection.from_dict(checkpoint["resad_references"])
-            self._pinned_references = True
-        self.references = self._build_references(self.references.pools)
-
-
-def _views_mode(reference_views: str | None, image_size: int | Sequence[int] | None) -> str:
-    """The reference views to use: the given mode, else dihedral for a square input and flips otherwise.
-
-    The default (``None``) is kept as such in the hyper-parameters: checkpoints of before the option are told apart
-    by it. Quarter turns are used only where they keep the image's size.
-    """
-    size = (224, 224) if image_size is None else (image_size,) * 2 if isinstance(image_size, int) else image_size
-    square = int(size[0]) == int(size[-1])
-    mode = reference_views or ("dihedral" if square else "flips")
-    if mode == "dihedral" and not square:
-        msg = (
-            f"reference_views='dihedral' turns the reference images by quarter turns, which needs a square "
-            f"image_size; got {size[0]}x{size[-1]}. Use a square size or --model.reference_views flips (mirror "
-            "images only), or leave the option out (flips for non-square sizes)."
-        )
-        raise ResADConfigurationError(msg)
-    return mode
+            self.references.stored = ReferenceSelection.from_dict(checkpoint["resad_references"])
+            self.references.pinned = True

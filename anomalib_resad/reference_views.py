@@ -3,34 +3,24 @@
 """Flipped and rotated views of a class's k reference images: a larger bank from the same k shots.
 
 With k = 2 or 4 normal images, a query feature often has no close match in the bank only because the references
-show that structure in another orientation (a circuit track running the other way, a crack or grain turned). The
-bank can hold each reference image's mirror images and rotations as well (``reference_views``): the nearest
-reference feature is then looked up among all of them. Only the reference *bank* changes - the query images, the
-model and its training are untouched - and a class's calibration stays leave-one-out by *image*: a reference is
-scored against the other references' views, never against its own (:func:`view_rows`).
+show that structure in another orientation (a circuit track running the other way, a crack or grain turned). A
+class's evaluation bank therefore also holds each reference image's mirror images and rotations on the two deepest
+levels - the ones the nearest-neighbour score reads: the 8 symmetries of the square (``"dihedral"``) for a square
+input, its 4 flips (``"flips"``) otherwise (a quarter turn would change the image's size). The shallowest level, the
+costliest to match (stride 4), keeps the images alone. Not in the reference code; measured on the development
+settings and the held-out-domain folds (docs/benchmark.md).
 
-* ``"none"``: the k images (the reference);
-* ``"flips"``: each image, mirrored left-right, top-bottom, and both (= rotated 180 degrees): 4 views;
-* ``"dihedral"``: the 8 symmetries of the square - the 4 above and the same of the transposed image (rotations by 90
-  and 270 degrees, mirrors on the diagonals). Needs square images (the pre-processed size).
-
-Images are flipped, not features: a convolutional backbone's features of a flipped image are not the flipped
-features (a bank's positions are matched as a set, so flipping feature maps would add nothing).
-
-**Which levels.** Matching costs grow with the bank, and the shallowest level (stride 4) costs the most: with every
-level's bank 8x larger, the light model scored an image 5.1x slower (k = 2, busy machine); with the deepest two
-levels only, 1.18x (docs/benchmark.md). ``reference_view_levels`` (default 2) puts the views into the banks of the
-deepest levels only - the two the nearest-neighbour score reads - and keeps the shallow levels' banks to the images
-themselves (:func:`level_views`).
+Only the reference *bank* changes - the query images, the model and its training are untouched - and a class's
+scoring stays leave-one-out by *image*: a reference is scored against the other references' views, never against its
+own (:func:`~anomalib_resad.calibration.leave_one_out_banks`). Images are flipped, not features: a convolutional
+backbone's features of a flipped image are not the flipped features.
 
 Example:
     >>> images = torch.arange(8.0).reshape(2, 1, 2, 2)
     >>> views = reference_views(images, "flips")
     >>> tuple(views.shape), view_count("flips"), views[0].equal(images[0]), views[4].equal(images[1])
     ((8, 1, 2, 2), 4, True, True)
-    >>> view_rows(1, 4)
-    slice(4, 8, None)
-    >>> level_views("dihedral", num_levels=3, levels=2)
+    >>> level_views((224, 224), num_levels=3)
     [1, 8, 8]
 """
 
@@ -38,9 +28,11 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import ResADConfigurationError, ResADInputError, check_choice
+from .calibration import NEAREST_LEVELS
+from .errors import ResADInputError, check_choice
 
 REFERENCE_VIEWS = ("none", "flips", "dihedral")
+VIEW_LEVELS = NEAREST_LEVELS  # the levels whose banks hold the views
 _COUNTS = {"none": 1, "flips": 4, "dihedral": 8}
 
 
@@ -69,8 +61,8 @@ def reference_views(images: torch.Tensor, mode: str) -> torch.Tensor:
     height, width = images.shape[-2:]
     if mode == "dihedral" and height != width:
         msg = (
-            f"reference_views='dihedral' rotates the references by quarter turns, which needs square images; these "
-            f"are {height}x{width}. Pre-process to a square size (image_size=224) or use reference_views='flips'."
+            f"Dihedral views rotate the references by quarter turns, which needs square images; these are "
+            f"{height}x{width}. Pre-process to a square size (image_size=224) or use flips."
         )
         raise ResADInputError(msg)
     views = [images, images.flip(-1), images.flip(-2), images.flip(-2).flip(-1)]
@@ -80,28 +72,24 @@ def reference_views(images: torch.Tensor, mode: str) -> torch.Tensor:
     return torch.stack(views, dim=1).flatten(0, 1)
 
 
-def view_rows(index: int, views: int) -> slice:
-    """The rows of reference image ``index``'s views in a bank of ``views`` views per image (leave-one-out)."""
-    return slice(index * views, (index + 1) * views)
+def views_mode(image_size: Sequence[int]) -> str:
+    """The views a bank of images of this size holds: ``"dihedral"`` for a square size, ``"flips"`` otherwise."""
+    return "dihedral" if int(image_size[0]) == int(image_size[-1]) else "flips"
 
 
-def level_views(mode: str, num_levels: int, levels: int | None) -> list[int]:
-    """Views per reference image in each level's bank: the deepest ``levels`` get the mode's, the others 1.
+def level_views(image_size: Sequence[int], num_levels: int, levels: int = VIEW_LEVELS) -> list[int]:
+    """Views per reference image in each level's bank: the deepest ``levels`` get the size's views, the others 1.
 
     Args:
-        mode (str): ``"none"``, ``"flips"`` or ``"dihedral"``.
+        image_size (Sequence[int]): The pre-processed ``(H, W)``.
         num_levels (int): Number of feature levels.
-        levels (int | None): How many of the deepest levels hold the views (``None``: all).
+        levels (int): How many of the deepest levels hold the views. Defaults to the two of the nearest score.
 
     Returns:
         list[int]: One count per level, shallowest first.
     """
-    count = view_count(mode)
-    if levels is not None and int(levels) < 0:
-        msg = f"reference_view_levels must be >= 0 (or None: every level), got {levels}."
-        raise ResADConfigurationError(msg)
-    deep = num_levels if levels is None else min(int(levels), num_levels)
-    return [1] * (num_levels - deep) + [count] * deep
+    deep = min(int(levels), num_levels)
+    return [1] * (num_levels - deep) + [view_count(views_mode(image_size))] * deep
 
 
 def keep_views(features: Sequence[torch.Tensor], views: Sequence[int]) -> list[torch.Tensor]:  # or numpy arrays

@@ -142,14 +142,6 @@ class ResidualFlow(nn.Module):
             vectors, conditions, mask = vectors[chosen], conditions[chosen], mask[chosen]
         return vectors, conditions, mask
 
-    def position_chunks(
-        self, feature: torch.Tensor, mask: torch.Tensor, num_chunks: int
-    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """All positions of a level in ``num_chunks`` random, near-equal chunks (the reference's flow chunks)."""
-        vectors, conditions, mask = self.flatten(feature, mask)
-        order = torch.randperm(vectors.shape[0], device=vectors.device)
-        return [(vectors[part], conditions[part], mask[part]) for part in order.tensor_split(num_chunks)]
-
     def vector_log_likelihoods(
         self,
         level: int,

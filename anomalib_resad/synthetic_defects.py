@@ -5,7 +5,7 @@
 The nearest-neighbour score can match features as they are (position-precise: small, precise changes on aligned parts
 such as circuit boards stand out) or after PatchCore's 3 x 3 neighbourhood averaging (stochastic textures stop
 drowning defects in their own variation). Which one a class needs cannot be read from normal images alone; it can be
-read from defects pasted into them (:func:`~anomalib_resad.anomaly_map.leave_one_out_calibration` scores them).
+read from defects pasted into them (:func:`~anomalib_resad.calibration.leave_one_out_scoring` scores them).
 Three kinds, in turn: anomalib's Perlin-noise blends (:class:`~anomalib.data.utils.generators.perlin.
 PerlinAnomalyGenerator`, reused: large irregular areas), round spots of 2-4 % of the side (pinholes, blowholes,
 missing copper) and thin straight scratches 10-30 % of the side long.

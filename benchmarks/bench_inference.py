@@ -264,7 +264,11 @@ def main() -> None:
                 for runtime, result in results.items():
                     speedup = results["pytorch"]["ms_per_image"] / result["ms_per_image"]
                     rows.append((config_name, batch, runtime, result, speedup))
-    from anomalib_resad.cpu_info import cpu_info, describe, runtime_versions  # not in the workers: no torch there
+    from anomalib_resad.experiments.cpu_info import (  # not in the workers: no torch there
+        cpu_info,
+        describe,
+        runtime_versions,
+    )
 
     cpu, versions = cpu_info(), runtime_versions()
     print(f"\nResAD inference, k = {arguments.shots}, 224 px, runtimes' default threads\n{describe(cpu, versions)}\n")

@@ -52,10 +52,10 @@ from anomalib.models.components import AnomalibModule
 from anomalib.models.image.winclip import torch_model as winclip_torch_model
 from torch.utils.data import DataLoader
 
-from .feature_extractor import ResADFeatureExtractor
-from .lightning_model import ResAD
-from .reference_views import reference_views as views_of
-from .references import ReferenceSelection, load_images
+from ..feature_extractor import ResADFeatureExtractor
+from ..lightning_model import ResAD
+from ..reference_views import reference_views as views_of
+from ..references import ReferenceSelection, load_images
 
 logger = logging.getLogger(__name__)
 

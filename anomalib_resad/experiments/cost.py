@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .export_output import quiet_export
+from ..export_output import quiet_export
 
 logger = logging.getLogger(__name__)
 

@@ -22,14 +22,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from .errors import ResADConfigurationError
+from ..errors import ResADConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,13 @@ class CsvStore:
 
     def add(self, row: Mapping[str, Any]) -> None:
         """Record a finished cell and rewrite the file."""
-        self.rows.append(dict(row))
-        self._done.add(self._key(row))
+        self.add_all([row])
+
+    def add_all(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Record several rows and rewrite the file once."""
+        for row in rows:
+            self.rows.append(dict(row))
+            self._done.add(self._key(row))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_suffix(f".{os.getpid()}.tmp")
         self.frame().to_csv(temporary, index=False)

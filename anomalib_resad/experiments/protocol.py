@@ -9,18 +9,19 @@
 2. for every target category, every k in ``shots`` and every reference draw (seeds ``seed``, ``seed + 1``, ...),
    draws k normal images from the category's training split - or takes them from ``reference_dirs`` - writes the list
    to ``references/<category>/k<k>_draw<d>.json``, and scores the category's test set;
-3. writes per-draw rows (``results.csv``), mean and std over draws (``summary.csv``, ``summary.md``) of image AUROC,
+3. writes per-draw rows (``results.csv``), every image's score (``image_scores.csv``), mean and std over draws
+   (``summary.csv``, ``summary.md``) of image AUROC,
    pixel AUROC, pixel AUPRO and image F1-max, per category and as a mean over categories, anomaly-map images
    of the first draw (``anomaly_maps/<model>/<category>/k<k>/``, anomalib's visualiser) and a plot of image AUROC
    against k (``auroc_vs_k.png``);
-4. optionally runs baselines on the very same reference images (``baselines: [patchcore, winclip, anomaly_dino]``,
-   :mod:`anomalib_resad.baselines`); a baseline whose weights are not on this machine is skipped with one log line
-   and shown as "skipped: no weights";
-5. measures what each model costs per image in the same run (:mod:`anomalib_resad.cost`, ``cost.csv`` and the cost
+4. optionally runs baselines on the very same reference images (``baselines: [nearest, patchcore, winclip, ...]``,
+   :mod:`.baselines`); a baseline whose weights are not on this machine is skipped with one log line and shown as
+   "skipped: no weights";
+5. measures what each model costs per image in the same run (:mod:`.cost`, ``cost.csv`` and the cost
    columns of the summary): ms/image at batch 1, images/s at batch 16, peak memory, multiply-adds, the time to set
    a class up from its k images (``fit_s``) and ResAD's training time (``train_s``);
 6. resumes: every finished cell (model x category x k x draw) is in ``results.csv`` at once, and a run started again
-   with the same ``output_dir`` and settings skips it; ResAD's finished training is reused (:mod:`anomalib_resad.grid`).
+   with the same ``output_dir`` and settings skips it; ResAD's finished training is reused (:mod:`.grid`).
 
 Example:
     >>> run_protocol(  # doctest: +SKIP
@@ -47,23 +48,25 @@ from anomalib.models.components import AnomalibModule
 from lightning.pytorch import seed_everything
 from torchvision.transforms.v2 import Resize
 
+from ..anomaly_map import SCORINGS
+from ..checkpoint_settings import SCORING_OPTIONS
+from ..data.multi_class import CATEGORY_COLUMN, MultiClassDataModule
+from ..errors import ResADConfigurationError, check_choice
+from ..evaluation import METRIC_NAMES, ORACLE_NAMES, VERDICT_NAMES, category_metrics, save_anomaly_maps, score_samples
+from ..lightning_model import ResAD
+from ..reference_views import views_mode
+from ..references import ReferenceSelection
 from .baselines import BASELINES, SKIPPED_STATUS, FewShotPatchcore, build_baselines
-from .checkpoint_settings import SCORING_OPTIONS
 from .cost import COST_COLUMNS, OPENVINO_COST_COLUMNS, measure_cost, measure_openvino_cost
-from .data.multi_class import CATEGORY_COLUMN, MultiClassDataModule
-from .errors import ResADConfigurationError
-from .evaluation import METRIC_NAMES, ORACLE_NAMES, VERDICT_NAMES, category_metrics, save_anomaly_maps, score_samples
 from .grid import CELL_KEYS, CsvStore, EpochProgress, Progress, check_run_config, plot_auroc_vs_k
-from .lightning_model import ResAD
-from .references import ReferenceSelection
 
 logger = logging.getLogger(__name__)
 
 COST_KEYS = ("model", "k")
-# Rows that score with the trained ResAD itself, another way, on the same banks: ``nearest`` - its matching alone (the
-# class's nearest-neighbour map over its leave-one-out threshold, same levels, views and averaging choice), no trained
-# part; ``flows`` - the flows' map alone (the paper's scoring).
-RESAD_ROWS = {"nearest": "nearest", "flows": "flows"}
+# Rows that score with the trained ResAD itself, another way, on the same banks (row name -> ResAD ``scoring``):
+# ``nearest`` - its matching alone (the class's nearest-neighbour map over its leave-one-out threshold, same levels,
+# views and averaging choice), no trained part; ``flows`` - the flows' map alone (the paper's scoring).
+RESAD_ROWS = {"nearest": "nearest", "flows": "paper"}
 SPLITS = ("targets", "source_validation")
 
 
@@ -205,7 +208,7 @@ class _Evaluated:
     ) -> None:
         self.module = module
         self.set_references = set_references
-        self.scoring = scoring  # one of RESAD_ROWS: the ResAD module scored that way
+        self.scoring = scoring  # a ResAD scoring: the ResAD module scored that way
 
     @contextmanager
     def scored(self) -> Iterator[AnomalibModule]:
@@ -214,18 +217,17 @@ class _Evaluated:
             yield self.module
             return
         generator = self.module.model.anomaly_map_generator
-        saved = generator.nearest_only, generator.nearest_score
-        generator.nearest_only, generator.nearest_score = self.scoring == "nearest", False
+        saved, generator.scoring = generator.scoring, self.scoring
         try:
             yield self.module
         finally:
-            generator.nearest_only, generator.nearest_score = saved
+            generator.scoring = saved
 
 
 def _measure_cost(
     entry: _Evaluated, name: str, category: str, k: int, costs: CsvStore, repeats: int, openvino: bool
 ) -> None:
-    """Record what ``entry`` costs per image with the references it holds (:mod:`anomalib_resad.cost`)."""
+    """Record what ``entry`` costs per image with the references it holds (:mod:`.cost`)."""
     size = _input_size(entry.module)
     with entry.scored() as module:
         measured = measure_cost(module.model, size, repeats=repeats).as_row()
@@ -291,10 +293,10 @@ def run_protocol(
         baseline_weights (dict[str, str] | None): Baseline -> local weights file (``winclip``: the open_clip
             ``ViT-B-16-plus-240`` / ``laion400m_e31`` file; ``anomaly_dino``: the timm
             ``vit_small_patch14_dinov2.lvd142m`` state dict). Defaults to the caches (see :mod:`.baselines`).
-        cost (bool): Measure each model's cost per image (:mod:`anomalib_resad.cost`). Defaults to ``True``.
+        cost (bool): Measure each model's cost per image (:mod:`.cost`). Defaults to ``True``.
         cost_repeats (int): Timed forward passes per batch size (the median is reported). Defaults to ``5``.
         openvino_cost (bool): With ``cost``, also export each model to OpenVINO (as ``anomalib export`` does) and
-            time it in f32 (:func:`~anomalib_resad.cost.measure_openvino_cost`; about a minute of export per model
+            time it in f32 (:func:`.cost.measure_openvino_cost`; about a minute of export per model
             and k). Defaults to ``True``.
         resume (bool): Keep the finished cells and the finished training found in ``output_dir``; ``False``
             recomputes everything. Defaults to ``True``.
@@ -336,6 +338,8 @@ def run_protocol(
         resume=resume,
     )
     results = CsvStore(output / "results.csv", CELL_KEYS, resume=resume)
+    # every image's score (ResAD's in units of the class's threshold): verdict rules can be studied without rescoring
+    image_scores = CsvStore(output / "image_scores.csv", (*CELL_KEYS, "image"), resume=resume)
     costs = CsvStore(output / "cost.csv", COST_KEYS, resume=resume)
     seed_everything(seed, workers=True)
     datamodule = MultiClassDataModule(
@@ -352,9 +356,9 @@ def run_protocol(
     resad, checkpoint, train_s = _trained_resad(datamodule, output, model, trainer, checkpoint, resume)
 
     evaluated = {"ResAD": _Evaluated(resad, resad.set_references)}
-    for name, row in RESAD_ROWS.items():
+    for name, scoring in RESAD_ROWS.items():
         if name in baselines:  # the same module and banks, scored another way
-            evaluated[row] = _Evaluated(resad, resad.set_references, scoring=name)
+            evaluated[name] = _Evaluated(resad, resad.set_references, scoring=scoring)
 
     def patchcore(with_views: bool = False) -> FewShotPatchcore:
         pre_trained = (model or {}).get("pre_trained", True)
@@ -404,6 +408,12 @@ def run_protocol(
             with entry.scored() as module:
                 scores = score_samples(module, samples, batch_size=batch_size)
             metrics = category_metrics(scores)
+            image_scores.add_all(
+                {"model": name, "category": category, "k": k, "draw": draw, "image": path, "label": int(label),
+                 "score": float(value)}
+                for path, label, value in zip(scores.paths, scores.labels.tolist(), scores.pred_scores.tolist(),
+                                              strict=True)
+            )  # fmt: skip
             if draw == 0 and maps_per_category:
                 save_anomaly_maps(scores, output / "anomaly_maps" / name / category / f"k{k}", maps_per_category)
             row = {
@@ -414,8 +424,8 @@ def run_protocol(
                 "draw": draw,
                 "seed": selection.seed,
             }
-            if isinstance(entry.module, ResAD):  # which matching the class's references chose (nearest_averaging)
-                row["averaged"] = float(entry.module.model.anomaly_map_generator.calibration[-1])
+            if isinstance(entry.module, ResAD):  # which matching the class's references chose
+                row["averaged"] = float(entry.module.model.anomaly_map_generator.stored.averaging)
             results.add({**row, "fit_s": fit_s, **metrics})
             if name in unmeasured:  # once per model and k, with this class's bank
                 _measure_cost(entry, name, category, k, costs, cost_repeats, openvino_cost)
@@ -448,9 +458,8 @@ def patchcore_baseline(
 ) -> FewShotPatchcore:
     """PatchCore with ResAD's backbone, weights and input size (levels: ``layers``, else ResAD's two deepest).
 
-    ``with_views``: its memory bank also holds the views ResAD's evaluation banks hold (``reference_views``, on
-    every PatchCore level). Where ResAD's banks hold none (``reference_views: none`` - checkpoints saved before the
-    option - or ``reference_view_levels: 0``) it holds none either, and a warning says how to give ResAD views.
+    ``with_views``: its memory bank also holds the flipped and rotated views ResAD's evaluation banks hold (on every
+    PatchCore level: with the default levels, the two that hold them in ResAD's banks).
 
     Example:
         >>> baseline = patchcore_baseline(resad, with_views=True)  # doctest: +SKIP
@@ -458,21 +467,13 @@ def patchcore_baseline(
         'dihedral'
     """
     extractor = resad.model.feature_extractor
-    views = resad.model.reference_views if with_views and max(resad.model.bank_views) > 1 else "none"
-    if with_views and views == "none":
-        logger.warning(
-            "PatchCore+views: ResAD's reference banks hold no views here (reference_views %r, reference_view_levels "
-            "%r), so neither does PatchCore's: the row equals PatchCore. Give ResAD views with "
-            "--model.reference_views dihedral (or flips) and reference_view_levels >= 1.",
-            resad.model.reference_views,
-            resad.model.reference_view_levels,
-        )
+    size = tuple(int(value) for value in resad.input_size) if resad.input_size is not None else (224, 224)
     return FewShotPatchcore(
         backbone=extractor.backbone,
         layers=list(layers or extractor.layers[-2:]),
         pre_trained=pre_trained,
-        image_size=int(resad.input_size[0]) if resad.input_size is not None else 224,
-        reference_views=views,
+        image_size=size[0],
+        reference_views=views_mode(size) if with_views else "none",
     )
 
 
@@ -480,12 +481,12 @@ def scoring_overrides(model: dict[str, Any] | None) -> dict[str, Any]:
     """The scoring options of a ``model`` section that apply to a given trained checkpoint.
 
     A checkpoint fixes the architecture and the training; how it scores (:data:`SCORING_OPTIONS`) can be compared on
-    the very same trained model, e.g. ``--model.nearest_averaging auto``. The other keys of ``model`` (the setting's
-    training recipe) are the checkpoint's own business and ignored.
+    the very same trained model, e.g. ``--model.scoring nearest``. The other keys of ``model`` (the setting's training
+    recipe) are the checkpoint's own business and ignored.
 
     Example:
-        >>> scoring_overrides({"backbone": "resnet18", "nearest_averaging": "auto"})
-        {'nearest_averaging': 'auto'}
+        >>> scoring_overrides({"backbone": "resnet18", "threshold_margin": 1.5})
+        {'threshold_margin': 1.5}
     """
     overrides = {key: value for key, value in (model or {}).items() if key in SCORING_OPTIONS}
     if overrides:
@@ -494,19 +495,15 @@ def scoring_overrides(model: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def apply_scoring_options(resad: ResAD, options: dict[str, Any]) -> ResAD:
-    """Set scoring options on a loaded model, after its checkpoint's own (legacy) adjustments.
-
-    Passed to ``load_from_checkpoint`` they would be undone where a checkpoint predates an option (it then keeps that
-    release's scoring, :meth:`ResAD.on_load_checkpoint`); set afterwards they hold. References set from now on use
-    them (the calibration is made by the model with these options).
-    """
+    """Set scoring options (``scoring``, ``threshold_margin``) on a loaded model; they apply to every class."""
     generator = resad.model.anomaly_map_generator
     for name, value in options.items():
-        target = resad.model if hasattr(resad.model, name) else generator
-        if not hasattr(target, name):
-            msg = f"{name} is not a scoring option of this ResAD."
+        if name not in SCORING_OPTIONS:
+            msg = f"{name} is not a scoring option of ResAD; those are {list(SCORING_OPTIONS)}."
             raise ResADConfigurationError(msg)
-        setattr(target, name, value)
+        if name == "scoring":
+            check_choice("scoring", value, SCORINGS)
+        setattr(generator, name, value)
         resad.hparams[name] = value
     return resad
 

@@ -16,7 +16,7 @@ from anomalib.deploy import OpenVINOInferencer, TorchInferencer
 from anomalib.engine import Engine
 
 from anomalib_resad import ResAD, ResADInputError
-from anomalib_resad.anomaly_map import CALIBRATION_THRESHOLDS, ScoreCalibration
+from anomalib_resad.calibration import Scoring
 from anomalib_resad.data import MultiClassDataModule
 from anomalib_resad.deploy import (
     ReferenceConditionedInferencer,
@@ -90,6 +90,13 @@ def assert_inferencer_matches_eager(
         assert_parity({name: value.numpy() for name, value in reference._asdict().items() if value is not None},
                       {"pred_score": prediction.pred_score, "anomaly_map": prediction.anomaly_map,
                        "pred_label": prediction.pred_label})  # fmt: skip
+
+
+def assert_same_record(exported: Scoring, eager: Scoring) -> None:
+    """Two measurements of one class's scoring record agree (f32 OpenVINO vs eager) and choose the same matching."""
+    for name, value in eager.tensors().items():
+        torch.testing.assert_close(getattr(exported, name), value.cpu(), rtol=1e-2, atol=1e-3, msg=name)
+    assert float(exported.averaging) == float(eager.averaging)
 
 
 EXPORTED_FILES = {
@@ -198,12 +205,11 @@ def test_new_classes_side_by_side_with_one_exported_model(
     model = ResAD.load_from_checkpoint(checkpoint).eval()
     scores = {}
     for category in ("brick", "grass"):
-        # the class's calibration, computed by the exported OpenVINO calibrator, agrees with eager PyTorch's ...
+        # the class's scoring record, measured by the exported OpenVINO calibrator, agrees with eager PyTorch's ...
         bank, _ = load_references(deployment / "refs" / f"{category}.npz")
         model.set_references(select_folder_references(texture_root / category / "train" / "good", 3, category))
-        eager_calibration = model.model.anomaly_map_generator.calibration
-        torch.testing.assert_close(bank.calibration, eager_calibration, rtol=1e-2, atol=1e-3)
-        # ... and given the same bank and calibration, the exported graph scores like eager PyTorch
+        assert_same_record(bank.scoring, model.model.anomaly_map_generator.stored.get())
+        # ... and given the same bank and record, the exported graph scores like eager PyTorch
         model.model.set_references(bank)
         assert_inferencer_matches_eager(inferencer, model, images_of(texture_root, category, 2), category)
         normal = texture_root / category / "test" / "good" / "000.png"
@@ -251,8 +257,9 @@ def test_resad_references_command_line(deployment: Path, texture_root: Path, tmp
     inferencer = ReferenceConditionedInferencer(deployment)
     inferencer.add_class("gravel", output)
     assert inferencer.banks["gravel"]["reference_0"].shape[0] == 2 * 24 * 24  # k=2 images, 24x24 grid at 96 px
-    # per-level constants + the class's thresholds and averaging choice
-    assert inferencer.banks["gravel"]["calibration"].shape == (3 + CALIBRATION_THRESHOLDS,)
+    # the class's scoring record, one named input per field
+    assert inferencer.banks["gravel"]["level_constants"].shape == (3,)
+    assert set(Scoring.names()) <= set(inferencer.banks["gravel"])
     assert "Wrote" in result.stdout and str(output) in result.stdout  # says what it wrote
 
 
@@ -318,50 +325,25 @@ def test_damaged_references_file_and_unreadable_image_are_named(deployment: Path
         inferencer.predict(tmp_path / "missing.png", class_name="brick")
 
 
-def test_per_class_averaging_is_chosen_and_scored_alike_in_eager_and_openvino(
+def test_references_made_in_openvino_equal_eagers_and_score_alike(
     checkpoint: Path, texture_root: Path, tmp_path: Path
 ) -> None:
-    """``nearest_averaging="auto"``: the OpenVINO calibrator pastes the same synthetic defects and makes the same
-    choice as eager PyTorch, and the exported graph scores the averaged nearest-neighbour term like eager."""
-    model = ResAD.load_from_checkpoint(checkpoint, nearest_averaging="auto").eval()
-    root = export_deployment(model, tmp_path / "deployment")
-    folder = texture_root / "brick" / "train" / "good"
-    references = make_references(root, folder, tmp_path / "brick.npz", k=3)
-    bank, _ = load_references(references)
-    model.set_references(select_folder_references(folder, 3, "brick"))
-    eager_calibration = ScoreCalibration.from_tensor(model.model.anomaly_map_generator.calibration)
-    exported_calibration = ScoreCalibration.from_tensor(bank.calibration)
-    assert exported_calibration.averaging == eager_calibration.averaging
-    assert exported_calibration.averaged_nearest_threshold == pytest.approx(
-        eager_calibration.averaged_nearest_threshold, rel=1e-2, abs=1e-3
-    )
-    # the averaged term switched on: the exported graph computes it like eager PyTorch
-    exported_calibration.averaging = 1.0
-    bank.calibration = exported_calibration.to_tensor()
-    bank_file = tmp_path / "brick_averaged.npz"
-    save_references(bank_file, bank, model_signature(model), select_folder_references(folder, 3, "brick"))
-    inferencer = ReferenceConditionedInferencer(root)
-    inferencer.add_class("brick", bank_file)
-    model.model.set_references(bank)
-    assert_inferencer_matches_eager(inferencer, model, images_of(texture_root, "brick", 2), "brick")
-
-
-def test_reference_views_are_made_and_scored_alike_in_eager_and_openvino(
-    checkpoint: Path, texture_root: Path, tmp_path: Path
-) -> None:
-    """``reference_views="dihedral"``: the OpenVINO reference encoder and calibrator make the same bank (8 views on
-    the two deepest levels) and leave-one-out calibration as eager PyTorch, and the graph scores against it alike."""
-    model = ResAD.load_from_checkpoint(checkpoint, reference_views="dihedral").eval()
+    """The OpenVINO reference encoder and calibrator make the same bank (each image's 8 views on the two deepest
+    levels), the same scoring record and the same matching choice (the same synthetic defects) as eager PyTorch; with
+    the averaged matching switched on, the exported graph scores like eager too."""
+    model = ResAD.load_from_checkpoint(checkpoint).eval()
     root = export_deployment(model, tmp_path / "deployment")
     folder = texture_root / "brick" / "train" / "good"
     bank, metadata = load_references(make_references(root, folder, tmp_path / "brick.npz", k=2))
-    assert (bank.k, bank.views, metadata["views"]) == (2, [1, 8, 8], [1, 8, 8])  # the two deepest levels hold views
+    assert (bank.k, bank.views, metadata["views"]) == (2, [1, 8, 8], [1, 8, 8])
     model.set_references(select_folder_references(folder, 2, "brick"))
-    eager_bank = model.model.feature_converter.reference_levels
-    for exported_level, eager_level in zip(bank.levels, eager_bank, strict=True):
+    for exported_level, eager_level in zip(bank.levels, model.model.feature_converter.reference_levels, strict=True):
         torch.testing.assert_close(exported_level, eager_level, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(bank.calibration, model.model.anomaly_map_generator.calibration, rtol=1e-2, atol=1e-3)
+    assert_same_record(bank.scoring, model.model.anomaly_map_generator.stored.get())
+    bank.scoring.averaging = torch.tensor(1.0)  # the averaged term on: the graph computes it like eager
+    bank_file = tmp_path / "brick_averaged.npz"
+    save_references(bank_file, bank, model_signature(model), select_folder_references(folder, 2, "brick"))
     inferencer = ReferenceConditionedInferencer(root)
-    inferencer.add_class("brick", tmp_path / "brick.npz")
+    inferencer.add_class("brick", bank_file)
     model.model.set_references(bank)
     assert_inferencer_matches_eager(inferencer, model, images_of(texture_root, "brick", 2), "brick")

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from anomalib_resad import ResAD
-from anomalib_resad.anomaly_map import ScoreCalibration
+from anomalib_resad.calibration import DISSIMILARITY_MARGIN, REVERSE_DISSIMILARITY_MARGIN
 from anomalib_resad.deploy import ReferenceConditionedInferencer, export_deployment, make_references
 from anomalib_resad.offline_weights import LITE0_BACKBONE, LITE0_LAYERS
 from anomalib_resad.references import select_folder_references
@@ -96,16 +96,17 @@ def test_the_check_rarely_fires_on_normal_board_images(untrained: ResAD, board_g
     for group in board_groups:
         untrained.set_references(select_folder_references(group / "train" / "good", K, group.name))
         model = untrained.model
-        calibration = ScoreCalibration.from_tensor(model.anomaly_map_generator.calibration)
+        scoring = model.anomaly_map_generator.stored.get()
         paths = sorted((group / "test" / "good").glob("*.png"))
         images = torch.stack([torch.from_numpy(np.asarray(read(path), dtype=np.float32) / 255).permute(2, 0, 1)
                               for path in paths])  # fmt: skip
         with torch.no_grad():
             pre = untrained.pre_processor.transform(images)
             parts = model.score_components(model.feature_extractor(pre), model.feature_converter.reference_levels,
-                                           calibration.level_constants, pre.shape[-2:])  # fmt: skip
-        check = torch.maximum(parts.dissimilarity / calibration.dissimilarity_threshold,
-                              parts.reverse_dissimilarity / calibration.reverse_dissimilarity_threshold)  # fmt: skip
+                                           scoring.level_constants, pre.shape[-2:])  # fmt: skip
+        forward = parts.dissimilarity / (DISSIMILARITY_MARGIN * scoring.dissimilarity_max)
+        reverse = parts.reverse_dissimilarity / (REVERSE_DISSIMILARITY_MARGIN * scoring.reverse_dissimilarity_max)
+        check = torch.maximum(forward, reverse)
         fired += int((check > 1).sum())
         total += len(paths)
     assert total >= 200

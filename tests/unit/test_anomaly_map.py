@@ -1,34 +1,41 @@
 # Copyright (C) 2026 anomalib-resad contributors
 # SPDX-License-Identifier: Apache-2.0
-"""Anomaly maps, image scores and the per-class leave-one-out calibration."""
+"""Anomaly maps, the scorings, the odd-frame check and the per-class leave-one-out record."""
 
 import pytest
 import torch
 
 from anomalib_resad import ResADInputError
-from anomalib_resad.anomaly_map import (
-    AnomalyMapGenerator,
-    ScoreCalibration,
-    ScoreComponents,
-    SeparableGaussianBlur,
-    leave_one_out_calibration,
-)
+from anomalib_resad.anomaly_map import AnomalyMapGenerator, SeparableGaussianBlur
+from anomalib_resad.calibration import ScoreComponents, Scoring, leave_one_out_banks, leave_one_out_scoring
 
 
 def level(log_normal: float, log_abnormal: float = -50.0, size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.full((1, size, size), log_normal), torch.full((1, size, size), log_abnormal)
 
 
-def components(
-    generator: AnomalyMapGenerator,
-    levels: list,
-    constants: torch.Tensor,
-    similarity: float = 1.0,
-    similarities: list[torch.Tensor] | None = None,
-):
+def covered(similarities: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Coverage of a fully covered bank (no reverse dissimilarity)."""
+    return [torch.ones(len(similarity), 4) for similarity in similarities]
+
+
+def components(generator: AnomalyMapGenerator, levels: list, constants: torch.Tensor, similarity: float = 1.0,
+               similarities: list[torch.Tensor] | None = None) -> ScoreComponents:  # fmt: skip
     if similarities is None:
         similarities = [torch.full_like(log_normal, similarity) for log_normal, _ in levels]
-    return generator.components(levels, similarities, (8, 8), constants)
+    return generator.components(levels, similarities, covered(similarities), (8, 8), constants)
+
+
+def record(levels: int = 1, **values: float) -> Scoring:
+    """A scoring record with the given maxima (1 where not given) and level constants of 0."""
+    fields = {name: torch.tensor(float(values.get(name, 1.0))) for name in Scoring.names()[1:]}
+    fields["averaging"] = torch.tensor(float(values.get("averaging", 0.0)))
+    return Scoring(level_constants=torch.zeros(levels), **fields)
+
+
+def score(generator: AnomalyMapGenerator, levels: list, similarities: list, scoring: Scoring,
+          coverage: list | None = None, averaged: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    return generator(levels, similarities, coverage or covered(similarities), (8, 8), scoring, averaged)
 
 
 def test_likelihood_at_or_above_the_constant_is_normal_and_below_is_anomalous() -> None:
@@ -43,22 +50,11 @@ def test_likelihood_at_or_above_the_constant_is_normal_and_below_is_anomalous() 
     assert float(shifted.anomaly_map.min()) > 0
 
 
-def test_lower_likelihood_means_higher_score() -> None:
+def test_lower_likelihood_means_higher_map() -> None:
     generator = AnomalyMapGenerator(num_levels=2)
     likely = components(generator, [level(1.0, -3.0)] * 2, torch.ones(2))
     unlikely = components(generator, [level(-2.0, -1.0)] * 2, torch.ones(2))
-    assert float(unlikely.score) > float(likely.score)
-
-
-def test_top_mean_score_averages_the_highest_pixels() -> None:
-    generator = AnomalyMapGenerator(num_levels=1, image_score="top_mean", top_fraction=0.25)
-    log_normal = torch.zeros(1, 8, 8)
-    log_normal[0, :2, :2] = -5.0  # one anomalous corner
-    result = generator.components([(log_normal, torch.full_like(log_normal, -50.0))], [torch.ones(1, 8, 8)],
-                                  (8, 8), torch.zeros(1))  # fmt: skip
-    flat = result.anomaly_map.flatten()
-    torch.testing.assert_close(result.score[0], flat.topk(16).values.mean())
-    assert float(result.score) < float(result.map_max)
+    assert float(unlikely.map_max) > float(likely.map_max)
 
 
 def test_dissimilarity_is_mean_one_minus_match_similarity() -> None:
@@ -68,64 +64,53 @@ def test_dissimilarity_is_mean_one_minus_match_similarity() -> None:
     torch.testing.assert_close(result.level_max_log_likelihood, torch.zeros(1, 2))
 
 
-def test_calibrated_output_is_in_units_of_the_class_threshold() -> None:
-    generator = AnomalyMapGenerator(num_levels=1, sigma=1.0)
+def test_the_paper_scoring_is_the_flows_map_in_units_of_its_threshold() -> None:
+    generator = AnomalyMapGenerator(num_levels=1, sigma=1.0, scoring="paper", threshold_margin=2.0)
     raw = components(generator, [level(-1.0)], torch.zeros(1))
-    calibration = ScoreCalibration(torch.zeros(1), 2.0, 4.0, 0.5, 1.0, 1.0).to_tensor()
+    anomaly_map, image_score = score(generator, [level(-1.0)], [torch.ones(1, 4, 4)], record(map_max=1.5))
+    torch.testing.assert_close(anomaly_map, raw.anomaly_map / 3.0)  # margin x the leave-one-out maximum
+    torch.testing.assert_close(image_score, raw.map_max / 3.0)
+
+
+def test_the_margin_is_applied_where_the_class_is_scored() -> None:
+    """A margin set on a model holding a class takes effect at once: the record holds maxima, not thresholds."""
+    generator = AnomalyMapGenerator(num_levels=1, sigma=1.0, scoring="paper")
     similarities = [torch.ones(1, 4, 4)]
-    anomaly_map, score = generator([level(-1.0)], similarities, (8, 8), calibration)
-    torch.testing.assert_close(anomaly_map, raw.anomaly_map / 2.0)
-    torch.testing.assert_close(score, raw.score / 4.0)
+    _, at_default = score(generator, [level(-1.0)], similarities, record())
+    generator.threshold_margin = 2.5
+    _, at_wider = score(generator, [level(-1.0)], similarities, record())
+    torch.testing.assert_close(at_wider, at_default * 1.25 / 2.5)
 
 
 def test_a_frame_unlike_the_references_scores_above_the_threshold_whatever_its_likelihood() -> None:
-    generator = AnomalyMapGenerator(num_levels=1)
-    calibration = ScoreCalibration(torch.zeros(1), 1.0, 1.0, 0.2, 1.0, 1.0).to_tensor()
+    generator = AnomalyMapGenerator(num_levels=1, scoring="paper")
     # a blank frame: the flow finds it perfectly likely, but its features match the references badly
-    _, score = generator([level(10.0)], [torch.full((1, 4, 4), 0.5)], (8, 8), calibration)
-    assert float(score) == pytest.approx(0.5 / 0.2)
-    unchecked = AnomalyMapGenerator(num_levels=1, dissimilarity_check=False)
-    _, score = unchecked([level(10.0)], [torch.full((1, 4, 4), 0.5)], (8, 8), calibration)
-    assert float(score) < 1
+    _, image_score = score(generator, [level(10.0)], [torch.full((1, 4, 4), 0.5)], record(dissimilarity_max=0.1))
+    assert float(image_score) == pytest.approx(0.5 / (2.0 * 0.1))  # over its margin (2) x its maximum
 
 
 def test_the_odd_frame_check_sets_labels_without_reordering_the_frames_it_passes() -> None:
-    generator = AnomalyMapGenerator(num_levels=1)
-    calibration = ScoreCalibration(torch.zeros(1), 1.0, 1.0, 0.2, 1.0, 1.0).to_tensor()
+    generator = AnomalyMapGenerator(num_levels=1, scoring="paper")
+    scoring = record(dissimilarity_max=0.1)  # threshold 0.2
     likely, unlikely = level(10.0), level(-1.0)  # flow score 0 and > 0
     # below its threshold (0.19 / 0.2 < 1) the dissimilarity does not lift a score: the two keep their order
-    _, quiet = generator([likely], [torch.full((1, 4, 4), 0.81)], (8, 8), calibration)
-    _, scored = generator([unlikely], [torch.full((1, 4, 4), 0.99)], (8, 8), calibration)
+    _, quiet = score(generator, [likely], [torch.full((1, 4, 4), 0.81)], scoring)
+    _, scored = score(generator, [unlikely], [torch.full((1, 4, 4), 0.99)], scoring)
     assert float(quiet) < 1 and float(quiet) < float(scored)
     # above it, the frame is flagged whatever its flow score
-    _, odd = generator([likely], [torch.full((1, 4, 4), 0.7)], (8, 8), calibration)
+    _, odd = score(generator, [likely], [torch.full((1, 4, 4), 0.7)], scoring)
     assert float(odd) == pytest.approx(0.3 / 0.2)
 
 
-def test_scoring_without_calibration_is_a_clear_error() -> None:
+def test_scoring_without_a_record_is_a_clear_error() -> None:
     generator = AnomalyMapGenerator(num_levels=1)
     with pytest.raises(ResADInputError, match="no calibrated references"):
-        generator([level(0.0)], [torch.ones(1, 4, 4)], (8, 8))
+        generator([level(0.0)], [torch.ones(1, 4, 4)], [torch.ones(1, 4)], (8, 8))
 
 
-def test_global_constants_follow_training_by_ema() -> None:
-    generator = AnomalyMapGenerator(num_levels=2, level_constants="global")
-    generator.update_global_constant(1, torch.tensor([0.5, 2.0, 1.0]), momentum=0.9)
-    torch.testing.assert_close(generator.global_level_constants, torch.tensor([0.0, 0.2]))
-    calibration = ScoreCalibration(torch.tensor([7.0, 7.0]), 1.0, 1.0, 1.0, 1.0, 1.0).to_tensor()
-    torch.testing.assert_close(generator.constants_for(calibration), torch.tensor([0.0, 0.2]))
-    per_class = AnomalyMapGenerator(num_levels=2)
-    torch.testing.assert_close(per_class.constants_for(calibration), torch.tensor([7.0, 7.0]))
-
-
-def fake_scores(
-    level_max: list[list[float]],
-    values: list[float],
-    dissimilarities: list[float],
-    nearest: list[float] | None = None,
-    reverse: list[float] | None = None,
-):
-    """A scorer of k references: image i has these level maxima, map/score value, dissimilarities, nearest score."""
+def fake_scores(level_max: list[list[float]], values: list[float], dissimilarities: list[float],
+                nearest: list[float] | None = None, reverse: list[float] | None = None):  # fmt: skip
+    """A scorer of k references: image i has these level maxima, map value, dissimilarities, nearest score."""
     nearest = nearest or [0.0] * len(values)
     reverse = reverse or [0.0] * len(values)
     calls = []
@@ -133,14 +118,15 @@ def fake_scores(
     def score_reference(index: int, constants: torch.Tensor) -> ScoreComponents:
         calls.append((index, constants.clone()))
         value = torch.tensor([values[index] + float(constants.sum())])  # depends on the constants it is given
-        return ScoreComponents(None, value, value, torch.tensor([dissimilarities[index]]),
-                               torch.tensor([level_max[index]]), torch.tensor([nearest[index]]),
-                               torch.tensor([reverse[index]]))  # fmt: skip
+        return ScoreComponents(
+            None, value, torch.tensor([dissimilarities[index]]), torch.tensor([level_max[index]]),
+            torch.tensor([nearest[index]]), torch.tensor([reverse[index]]), torch.zeros(1),
+        )  # fmt: skip
 
     return score_reference, calls
 
 
-def test_leave_one_out_rule_constants_then_thresholds() -> None:
+def test_leave_one_out_rule_constants_then_maxima() -> None:
     score_reference, calls = fake_scores(
         [[1.0, -2.0], [3.0, -5.0], [2.0, -1.0]],
         [0.1, 0.3, 0.2],
@@ -148,38 +134,44 @@ def test_leave_one_out_rule_constants_then_thresholds() -> None:
         nearest=[0.4, 0.6, 0.5],
         reverse=[0.3, 0.1, 0.2],
     )
-    calibration = leave_one_out_calibration(
-        score_reference, 3, 2, margin=1.5, dissimilarity_margin=2.0, reverse_dissimilarity_margin=3.0
-    )
-    torch.testing.assert_close(calibration.level_constants, torch.tensor([3.0, -1.0]))  # per-level max over refs
-    # thresholds: margin x the largest value scored *with* those constants (sum 2.0 added by the fake scorer)
-    assert calibration.map_threshold == pytest.approx(1.5 * 2.3)
-    assert calibration.score_threshold == pytest.approx(1.5 * 2.3)
-    assert calibration.dissimilarity_threshold == pytest.approx(2.0 * 0.2)
-    assert calibration.nearest_threshold == pytest.approx(1.5 * 0.6)
-    assert calibration.reverse_dissimilarity_threshold == pytest.approx(3.0 * 0.3)  # its own maximum and margin
+    scoring = leave_one_out_scoring(score_reference, 3, 2)
+    torch.testing.assert_close(scoring.level_constants, torch.tensor([3.0, -1.0]))  # per-level max over refs
+    # the largest value scored *with* those constants (sum 2.0 added by the fake scorer)
+    assert float(scoring.map_max) == pytest.approx(2.3)
+    assert float(scoring.dissimilarity_max) == pytest.approx(0.2)
+    assert float(scoring.nearest_max) == pytest.approx(0.6)
+    assert float(scoring.reverse_dissimilarity_max) == pytest.approx(0.3)
+    assert float(scoring.averaging) == 0.0  # no defects scored: precise matching
     assert sorted({index for index, _ in calls}) == [0, 1, 2]  # every reference left out in turn
-
-
-def test_leave_one_out_with_global_constants_and_k1() -> None:
-    score_reference, _ = fake_scores([[9.0], [9.0]], [0.1, 0.3], [0.1, 0.1])
-    calibration = leave_one_out_calibration(score_reference, 2, 1, global_constants=torch.tensor([0.5]))
-    torch.testing.assert_close(calibration.level_constants, torch.tensor([0.5]))
-    assert calibration.score_threshold == pytest.approx(0.8)
     with pytest.raises(ResADInputError, match="k >= 2"):
-        leave_one_out_calibration(score_reference, 1, 1)
+        leave_one_out_scoring(score_reference, 1, 2)
 
 
-def test_calibration_round_trips_through_a_flat_tensor() -> None:
-    calibration = ScoreCalibration(torch.tensor([1.0, -2.0, 3.0]), 0.5, 0.25, 0.125, 2.0, 4.0, 8.0, 1.0)
-    values = calibration.to_tensor()
-    assert values.tolist() == [1.0, -2.0, 3.0, 0.5, 0.25, 0.125, 2.0, 4.0, 8.0, 1.0]
-    restored = ScoreCalibration.from_tensor(values)
-    torch.testing.assert_close(restored.level_constants, calibration.level_constants)
-    thresholds = (restored.map_threshold, restored.score_threshold, restored.dissimilarity_threshold)
-    assert thresholds == (0.5, 0.25, 0.125) and restored.nearest_threshold == 2.0
-    assert restored.reverse_dissimilarity_threshold == 4.0
-    assert (restored.averaged_nearest_threshold, restored.averaging) == (8.0, 1.0)
+def test_non_finite_leave_one_out_scores_are_refused() -> None:
+    score_reference, _ = fake_scores([[1.0], [1.0]], [float("nan"), 0.1], [0.1, 0.1])
+    with pytest.raises(ResADInputError, match="not finite"):
+        leave_one_out_scoring(score_reference, 2, 1)
+
+
+def test_leave_one_out_banks_leave_out_every_view_of_the_image_scored() -> None:
+    shallow = torch.arange(3.0).reshape(3, 1, 1, 1)  # 3 images, 1 view each
+    deep = torch.arange(12.0).reshape(12, 1, 1, 1)  # 3 images, 4 views each (image i: rows 4i .. 4i + 3)
+    banks = list(leave_one_out_banks([shallow, deep], [1, 4]))
+    assert [index for index, _, _ in banks] == [0, 1, 2]
+    _, query, others = banks[1]
+    assert query[0].flatten().tolist() == [1.0] and query[1].flatten().tolist() == [4.0]  # image 1 itself
+    assert others[0].flatten().tolist() == [0.0, 2.0]
+    assert others[1].flatten().tolist() == [0.0, 1.0, 2.0, 3.0, 8.0, 9.0, 10.0, 11.0]
+
+
+def test_the_record_round_trips_by_name_and_refuses_a_partial_one() -> None:
+    scoring = record(levels=3, map_max=0.5, nearest_max=2.0, averaging=1.0)
+    restored = Scoring.from_tensors({name: value.numpy() for name, value in scoring.tensors().items()})
+    for name in Scoring.names():
+        torch.testing.assert_close(getattr(restored, name), getattr(scoring, name))
+    partial = {name: value for name, value in scoring.tensors().items() if name != "averaging"}
+    with pytest.raises(ResADInputError, match=r"lacks \['averaging'\]"):
+        Scoring.from_tensors(partial)
 
 
 def test_nearest_score_is_the_blurred_match_distance_of_the_two_deepest_levels() -> None:
@@ -193,121 +185,82 @@ def test_nearest_score_is_the_blurred_match_distance_of_the_two_deepest_levels()
     torch.testing.assert_close(nearest, torch.tensor([0.75]))
 
 
-def test_with_nearest_score_the_image_score_is_the_fused_maps_maximum() -> None:
-    calibration = ScoreCalibration(torch.zeros(1), 1.0, 4.0, 10.0, 0.25, 1.0).to_tensor()
+def test_the_fused_image_score_is_the_fused_maps_maximum() -> None:
+    scoring = record(map_max=0.8, nearest_max=0.2, dissimilarity_max=10.0)  # thresholds 1.0 and 0.25
     similarities = [torch.full((1, 4, 4), 0.5)]  # nearest score 0.5 -> ratio 2
-    flow_only = AnomalyMapGenerator(num_levels=1, sigma=1.0)
-    fused = AnomalyMapGenerator(num_levels=1, sigma=1.0, nearest_score=True)
-    raw = components(flow_only, [level(-1.0)], torch.zeros(1), similarities=similarities)
-    _, flow_score = flow_only([level(-1.0)], similarities, (8, 8), calibration)
-    fused_map, fused_score = fused([level(-1.0)], similarities, (8, 8), calibration)
-    torch.testing.assert_close(flow_score, raw.score / 4.0)
-    # constant maps: the fused map is the mean of the flows' map over its threshold (1) and the nearest ratio
-    # everywhere; the flow *score*'s own threshold (4) is not used by the fused score
+    flows = AnomalyMapGenerator(num_levels=1, sigma=1.0, scoring="paper")
+    fused = AnomalyMapGenerator(num_levels=1, sigma=1.0)
+    raw = components(flows, [level(-1.0)], torch.zeros(1), similarities=similarities)
+    fused_map, fused_score = score(fused, [level(-1.0)], similarities, scoring)
+    # constant maps: the mean of the flows' map over its threshold and the nearest ratio everywhere
     torch.testing.assert_close(fused_score, (raw.map_max / 1.0 + 0.5 / 0.25) / 2)
     torch.testing.assert_close(fused_score, fused_map.flatten(start_dim=1).amax(dim=1))
+    nearest = AnomalyMapGenerator(num_levels=1, sigma=1.0, scoring="nearest")
+    _, nearest_score = score(nearest, [level(-1.0)], similarities, scoring)
+    torch.testing.assert_close(nearest_score, torch.tensor([0.5 / 0.25]))  # the flows' map plays no part
 
 
 def test_the_fused_score_rewards_flows_and_matching_agreeing_on_the_place() -> None:
     # the flows see one defect in the top-left corner; the matching sees one either there or in the far corner
-    generator = AnomalyMapGenerator(num_levels=1, sigma=1.0, nearest_score=True, dissimilarity_check=False)
-    calibration = ScoreCalibration(torch.zeros(1), 1.0, 1.0, 10.0, 1.0, 1.0).to_tensor()
+    generator = AnomalyMapGenerator(num_levels=1, sigma=1.0)
+    scoring = record(map_max=0.8, nearest_max=0.8, dissimilarity_max=100.0, reverse_dissimilarity_max=100.0)
     log_normal = torch.zeros(1, 8, 8)
     log_normal[0, 0, 0] = -20.0
     likelihoods = [(log_normal, torch.full((1, 8, 8), -50.0))]
     same, other = torch.ones(1, 8, 8), torch.ones(1, 8, 8)
     same[0, 0, 0], other[0, 7, 7] = 0.0, 0.0
-    parts = generator.components(likelihoods, [other], (8, 8), torch.zeros(1))
-    _, agreeing = generator(likelihoods, [same], (8, 8), calibration)
-    _, apart = generator(likelihoods, [other], (8, 8), calibration)
+    parts = generator.components(likelihoods, [other], covered([other]), (8, 8), torch.zeros(1))
+    _, agreeing = score(generator, likelihoods, [same], scoring)
+    _, apart = score(generator, likelihoods, [other], scoring)
     assert agreeing > apart
-    assert apart < (parts.score + parts.nearest) / 2  # the mean of the two terms' own maxima would not tell them apart
+    assert apart < (parts.map_max + parts.nearest) / 2  # the mean of the terms' own maxima would not tell them apart
 
 
-def test_checkpoints_without_the_nearest_threshold_still_load() -> None:
-    generator = AnomalyMapGenerator(num_levels=2)
-    old = {**generator.state_dict(), "calibration": torch.tensor([1.0, 2.0, 0.5, 0.5, 0.5])}  # L + 3 values
-    generator.load_state_dict(old)
-    assert generator.calibration.tolist() == [1.0, 2.0, 0.5, 0.5, 0.5, 0.0, 0.0, 0.0, 0.0]
-    assert generator.has_calibration  # scores as before
-    fused = AnomalyMapGenerator(num_levels=2, nearest_score=True)
-    fused.load_state_dict(old)
-    assert not fused.has_calibration  # needs its references set again: a clear error, not a division by zero
+def test_a_class_that_chose_averaging_is_scored_with_the_averaged_map() -> None:
+    generator = AnomalyMapGenerator(num_levels=1, sigma=1.0, scoring="nearest")
+    similarities, averaged = [torch.full((1, 4, 4), 0.5)], [torch.full((1, 4, 4), 3.0)]
+    precise_record = record(nearest_max=0.4, averaged_max=2.0)
+    _, precise = score(generator, [level(0.0)], similarities, precise_record, None, averaged)
+    chosen = record(nearest_max=0.4, averaged_max=2.0, averaging=1.0)
+    _, pooled = score(generator, [level(0.0)], similarities, chosen, None, averaged)
+    torch.testing.assert_close(precise, torch.tensor([0.5 / (1.25 * 0.4)]))
+    torch.testing.assert_close(pooled, torch.tensor([3.0 / (1.25 * 2.0)]))
 
 
-def test_a_deployment_of_the_previous_format_is_refused_with_the_command_that_remakes_it(tmp_path) -> None:
-    import json
-
-    from anomalib_resad.deploy import METADATA_FILE, ReferenceConditionedInferencer
-
-    (tmp_path / METADATA_FILE).write_text(json.dumps({"format_version": 2}))
-    with pytest.raises(ResADInputError, match=r"older anomalib-resad .*resad export --checkpoint"):
-        ReferenceConditionedInferencer(tmp_path)
-
-
-def test_files_of_a_newer_format_are_refused_naming_the_upgrade(tmp_path) -> None:
+def test_files_of_another_format_are_refused_naming_what_to_do(tmp_path) -> None:
     import json
 
     import numpy as np
 
     from anomalib_resad.deploy import FORMAT_VERSION, METADATA_FILE, ReferenceConditionedInferencer, load_references
 
+    (tmp_path / METADATA_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION - 1}))
+    with pytest.raises(ResADInputError, match=r"older anomalib-resad .*resad export --checkpoint"):
+        ReferenceConditionedInferencer(tmp_path)
     (tmp_path / METADATA_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION + 1}))
     with pytest.raises(ResADInputError, match=r"newer anomalib-resad .*Upgrade"):
         ReferenceConditionedInferencer(tmp_path)
-    metadata = {"format_version": FORMAT_VERSION + 1, "layers": ["a"], "k": 2, "channels": [4],
-                "reference_grids": [[2, 2]], "views": [8]}  # fmt: skip
     path = tmp_path / "refs.npz"
-    np.savez(path, metadata=np.array(json.dumps(metadata)), reference_0=np.zeros((64, 4), np.float32),
-             calibration=np.zeros(8, np.float32))  # fmt: skip
-    with pytest.raises(ResADInputError, match=r"newer anomalib-resad .*Upgrade"):
-        load_references(path)
     np.savez(path, metadata=np.array(json.dumps({"format_version": FORMAT_VERSION + 1})))  # arrays named otherwise
     with pytest.raises(ResADInputError, match=r"newer anomalib-resad .*Upgrade"):
         load_references(path)
 
 
-def test_checkpoints_without_the_reverse_threshold_load_with_that_check_off(caplog: pytest.LogCaptureFixture) -> None:
-    generator = AnomalyMapGenerator(num_levels=1, sigma=1.0)
-    old = {**generator.state_dict(), "calibration": torch.tensor([0.0, 1.0, 1.0, 0.2, 1.0])}  # L + 4 values
-    with caplog.at_level("WARNING"):
-        generator.load_state_dict(old)
-    assert generator.calibration.tolist() == pytest.approx([0.0, 1.0, 1.0, 0.2, 1.0, 0.0, 0.0, 0.0])
-    assert "reverse odd-frame check" in caplog.text and "set again" in caplog.text
-    assert generator.has_calibration
-    # no coverage at all: a reverse dissimilarity of 1 would be flagged at any calibrated threshold below 1
-    covering_nothing = [torch.zeros(1, 16)]
-    _, score = generator([level(0.0)], [torch.ones(1, 4, 4)], (8, 8), coverage=covering_nothing)
-    assert float(score) < 1  # threshold 0 = not calibrated: that check is off, the score is the score
-
-
 def test_the_reverse_dissimilarity_flags_a_frame_that_covers_little_of_the_references() -> None:
     """The case of a black frame against circuit-board references: every frame position matches the references'
     uniform background (forward dissimilarity 0), while the references' tracks find nothing like them in the frame."""
-    generator = AnomalyMapGenerator(num_levels=2, sigma=1.0)
-    calibration = ScoreCalibration(torch.zeros(2), 1.0, 1.0, 0.2, 1.0, 0.25).to_tensor()
+    generator = AnomalyMapGenerator(num_levels=2, sigma=1.0, scoring="paper")
+    scoring = record(levels=2, dissimilarity_max=0.1, reverse_dissimilarity_max=0.25 / 1.5)  # reverse threshold 0.25
     likely = [level(0.0), level(0.0)]
     similarities = [torch.ones(1, 4, 4), torch.ones(1, 2, 2)]  # forward: perfectly matched
     coverage = [torch.tensor([[1.0, 1.0, 0.0, 0.0]]), torch.tensor([[1.0, 0.2]])]  # half, then 0.4 unmatched
-    parts = generator.components(likely, similarities, (8, 8), torch.zeros(2), coverage)
+    parts = generator.components(likely, similarities, coverage, (8, 8), torch.zeros(2))
     torch.testing.assert_close(parts.reverse_dissimilarity, torch.tensor([(0.5 + 0.4) / 2]))
     assert float(parts.dissimilarity) == 0.0
-    _, score = generator(likely, similarities, (8, 8), calibration, coverage)
-    torch.testing.assert_close(score, torch.tensor([0.45 / 0.25]))  # raised to the reverse ratio: flagged
-    well_covered = [torch.ones(1, 4), torch.ones(1, 2)]
-    _, normal = generator(likely, similarities, (8, 8), calibration, well_covered)
+    _, flagged = score(generator, likely, similarities, scoring, coverage)
+    torch.testing.assert_close(flagged, torch.tensor([0.45 / 0.25]))  # raised to the reverse ratio: flagged
+    _, normal = score(generator, likely, similarities, scoring, [torch.ones(1, 4), torch.ones(1, 2)])
     assert float(normal) < 1
-    unchecked = AnomalyMapGenerator(num_levels=2, sigma=1.0, dissimilarity_check=False)
-    _, passed = unchecked(likely, similarities, (8, 8), calibration, coverage)
-    assert float(passed) < 1
-
-
-def test_a_calibration_of_another_length_is_refused() -> None:
-    """A references file of the previous format read past its version check would shift every threshold by one."""
-    generator = AnomalyMapGenerator(num_levels=2, sigma=1.0)
-    old = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0, 1.0])  # L + 4 values
-    with pytest.raises(ResADInputError, match=r"6 values .* 2 level constants \+ 7 thresholds"):
-        generator([level(0.0), level(0.0)], [torch.ones(1, 4, 4)] * 2, (8, 8), old)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 224, 224), (2, 3, 20, 17), (1, 2, 5, 6)])
@@ -315,30 +268,16 @@ def test_the_separable_blur_equals_anomalibs_2d_gaussian_blur(shape: tuple[int, 
     from anomalib.models.components import GaussianBlur2d
 
     maps = torch.rand(shape, generator=torch.Generator().manual_seed(0))
-    # what the generator used before: the full 33 x 33 kernel at sigma 4, replicate borders (also maps smaller
-    # than the kernel radius)
+    # the full 33 x 33 kernel at sigma 4, replicate borders (also maps smaller than the kernel radius)
     full = GaussianBlur2d(kernel_size=(33, 33), sigma=(4.0, 4.0), channels=shape[1], border_type="replicate")
     torch.testing.assert_close(SeparableGaussianBlur(4.0)(maps), full(maps), atol=1e-5, rtol=1e-5)
-    if min(shape[-2:]) > 16:  # PatchCore's blur (reflect borders), as benchmarks/bench_checkpoints.py swaps it in
-        reflect = GaussianBlur2d(kernel_size=(33, 33), sigma=(4.0, 4.0), channels=shape[1])
-        separable = SeparableGaussianBlur(4.0, padding_mode="reflect")
-        torch.testing.assert_close(separable(maps), reflect(maps), atol=1e-5, rtol=1e-5)
 
 
-def test_checkpoints_with_anomalibs_2d_blur_kernel_load_strictly() -> None:
-    generator = AnomalyMapGenerator(num_levels=1)
-    assert "blur.kernel" not in generator.state_dict()  # derived from sigma, not saved
-    old = {**generator.state_dict(), "blur.kernel": torch.ones(1, 1, 33, 33)}  # saved by earlier versions
-    generator.load_state_dict(old, strict=True)
-    assert generator.blur.kernel.shape == (33,)
-
-
-@pytest.mark.parametrize("image_score", ["max", "top_mean"])
-@pytest.mark.parametrize("averaging", ["off", "on"])
-def test_every_leave_one_out_reference_scores_at_most_one_over_the_margin(image_score: str, averaging: str) -> None:
-    # the fused score needs no threshold of its own: each term is over margin x its own leave-one-out maximum
-    generator = AnomalyMapGenerator(num_levels=2, sigma=1.0, image_score=image_score, nearest_score=True)
-    generator.dissimilarity_check = False
+@pytest.mark.parametrize("scoring", ["fused", "nearest", "paper"])
+@pytest.mark.parametrize("averaging", [False, True])
+def test_every_leave_one_out_reference_scores_at_most_one_over_the_margin(scoring: str, averaging: bool) -> None:
+    # no scoring needs a threshold of its own: each map is over margin x its own leave-one-out maximum
+    generator = AnomalyMapGenerator(num_levels=2, sigma=1.0, scoring=scoring)
     torch.manual_seed(0)
     references = [
         (
@@ -351,13 +290,24 @@ def test_every_leave_one_out_reference_scores_at_most_one_over_the_margin(image_
 
     def score_reference(index: int, constants: torch.Tensor) -> ScoreComponents:
         likelihoods, similarities, averaged = references[index]
-        return generator.components(likelihoods, similarities, (8, 8), constants, None, averaged)
+        return generator.components(likelihoods, similarities, covered(similarities), (8, 8), constants, averaged)
 
-    calibration = leave_one_out_calibration(score_reference, 3, 2, margin=1.25, nearest_averaging=averaging)
+    record_ = leave_one_out_scoring(score_reference, 3, 2)
+    record_.averaging = torch.tensor(float(averaging))
+    record_.dissimilarity_max = record_.reverse_dissimilarity_max = torch.tensor(100.0)  # the check out of the way
     scores = torch.cat(
-        [generator(likelihoods, similarities, (8, 8), calibration.to_tensor(), None, averaged)[1]
+        [score(generator, likelihoods, similarities, record_, None, averaged)[1]
          for likelihoods, similarities, averaged in references]
     )  # fmt: skip
     assert (scores <= 1 / 1.25 + 1e-6).all()
-    if image_score == "max":
-        assert scores.max() > 0.5  # not trivially small: the worst reference comes close to 1 / margin
+    assert scores.max() > 0.5  # not trivially small: the worst reference comes close to 1 / margin
+
+
+def test_copies_of_one_image_cannot_set_a_threshold() -> None:
+    from anomalib_resad import ResADModel
+
+    model = ResADModel("resnet18", ["layer1", "layer2"], pre_trained=False, coupling_layers=2, pos_embed_dim=16).eval()
+    image = torch.rand(1, 3, 64, 64)
+    with pytest.raises(ResADInputError, match=r"4 reference images are \(near-\)identical"):
+        model.make_reference_bank(image.repeat(4, 1, 1, 1))
+    model.make_reference_bank(torch.cat([image, image.flip(-1), image.flip(-2), 1 - image]))  # different: accepted

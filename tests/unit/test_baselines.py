@@ -9,8 +9,8 @@ import pytest
 import torch
 from anomalib.models.image.winclip import lightning_model as winclip_lightning
 
-from anomalib_resad import baselines
-from anomalib_resad.baselines import MissingWeights, build_baselines, find_weights
+from anomalib_resad.experiments import baselines
+from anomalib_resad.experiments.baselines import MissingWeights, build_baselines, find_weights
 from anomalib_resad.references import ReferenceSelection, load_images
 
 
@@ -132,16 +132,12 @@ def test_patchcore_with_views_holds_the_views_and_scores_a_flipped_reference_as_
     assert scores["PatchCore+views"] < 0.02 * scores["PatchCore"]
 
 
-def test_the_protocol_gives_patchcore_views_only_where_resads_banks_hold_them(caplog: pytest.LogCaptureFixture) -> None:
-    from anomalib_resad.protocol import patchcore_baseline
+def test_the_protocol_gives_patchcore_the_views_resads_banks_hold() -> None:
+    from anomalib_resad.experiments.protocol import patchcore_baseline
     from tests.helpers.models import tiny_resad
 
-    square = tiny_resad()  # reference_views unset at a square size: dihedral on the deepest levels
+    square = tiny_resad()  # a square input: dihedral views on the deepest levels
     assert patchcore_baseline(square, False, with_views=True).reference_views == "dihedral"
     assert patchcore_baseline(square, False).reference_views == "none"
     assert patchcore_baseline(square, False).model.model.layers == ["layer1", "layer2"]  # ResAD's two deepest
-    for no_views in (tiny_resad(reference_views="none"), tiny_resad(reference_view_levels=0)):
-        with caplog.at_level("WARNING"):
-            assert patchcore_baseline(no_views, False, with_views=True).reference_views == "none"
-        assert "--model.reference_views dihedral" in caplog.text
-        caplog.clear()
+    assert patchcore_baseline(tiny_resad(image_size=(64, 96)), False, with_views=True).reference_views == "flips"

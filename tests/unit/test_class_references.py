@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from anomalib_resad import ResADInputError
+from anomalib_resad.calibration import Scoring
 from anomalib_resad.class_references import ClassReferences
 from anomalib_resad.references import ReferenceSelection, load_images
 from tests.helpers.models import tiny_resad
@@ -21,14 +22,17 @@ class CountingEncoder:
     def __init__(self) -> None:
         self.encoded: list[str] = []
 
-    def __call__(self, paths, views=1):
+    def __call__(self, paths, bank=False):
         self.encoded.extend(paths)
+        views = 2 if bank else 1
         values = torch.tensor([float(abs(hash(path)) % 1000) for path in paths]).repeat_interleave(views)
-        return [values.reshape(-1, 1, 1, 1).expand(-1, 2, 3, 3).clone()], (12, 12)
+        return [values.reshape(-1, 1, 1, 1).expand(-1, 2, 3, 3).clone()], (12, 12), (views,)
 
 
-def calibrate(features, image_size, paths):
-    return torch.cat([features[0].mean().reshape(1), torch.tensor([1.0, 1.0, 1.0])])
+def calibrate(features, image_size, paths, views):
+    scoring = Scoring.neutral(num_levels=1)
+    scoring.level_constants = features[0].mean().reshape(1)
+    return scoring
 
 
 def test_each_image_is_encoded_once_across_banks_and_training_draws() -> None:
@@ -38,12 +42,12 @@ def test_each_image_is_encoded_once_across_banks_and_training_draws() -> None:
     rng = random.Random(0)
     for _ in range(20):
         bank = references.training_bank("widget", 3, rng)
-        assert bank.k == 3 and bank.calibration is None  # training banks are not calibrated
+        assert bank.k == 3 and bank.scoring is None  # training banks are not calibrated
     assert sorted(encoder.encoded) == sorted(set(encoder.encoded))  # never twice
     selection = ReferenceSelection("widget", ["w0.png", "w1.png"])
     first = references.bank(selection)
     assert references.bank(selection) is first  # built once per set of files
-    assert first.calibration is not None
+    assert first.scoring is not None
 
 
 def test_small_cache_still_gives_correct_features() -> None:
@@ -83,16 +87,41 @@ def test_calibration_reads_only_the_reference_images(tmp_path: Path) -> None:
     encoded: list[str] = []
     encode = model.references.encode
 
-    def spy(paths, views=1):
+    def spy(paths, bank=False):
         encoded.extend(paths)
-        return encode(paths, views)
+        return encode(paths, bank)
 
     model.references.encode = spy
     paths = [str(write_image(tmp_path / f"ref{index}.png", size=(64, 64))) for index in range(3)]
     bank = model.references.bank(ReferenceSelection("widget", paths))
     assert sorted(encoded) == sorted(paths)
-    # and the calibration is the leave-one-out rule applied to exactly these features
-    images = load_images(paths, model.pre_processor.transform)  # nearest_averaging="auto" reads the images too
-    views = model.model.bank_views  # the default bank holds each image's 8 views on both levels of the tiny model
-    expected = model.model.calibrate(model.references.features(paths, max(views)), (64, 64), images, views)
-    torch.testing.assert_close(bank.calibration, expected)
+    # and the record is the leave-one-out rule applied to exactly these features (and their synthetic defects)
+    images = load_images(paths, model.pre_processor.transform)
+    views = model.model.bank_views((64, 64))  # each image's 8 views on both levels of the tiny model
+    expected = model.model.calibrate(model.references.features(paths, bank=True), (64, 64), images, views)
+    for name, value in expected.tensors().items():
+        torch.testing.assert_close(getattr(bank.scoring, name), value)
+
+
+def test_the_stored_class_is_kept_where_pinned_and_other_classes_get_their_own_banks(tmp_path: Path) -> None:
+    references = ClassReferences(CountingEncoder(), calibrate)
+    pools = {name: [str(write_image(tmp_path / name / f"{index}.png")) for index in range(4)] for name in "abc"}
+    references.set_pools(pools)
+
+    def select(name: str) -> ReferenceSelection:
+        return references.select(name, 2, seed=0)
+
+    # nothing stored: the first class becomes the stored one, the others get banks of their own
+    stored = references.prepare_evaluation(["b", "a", "c"], select, folder=False)
+    assert stored.class_name == "a" and sorted(references.eval_banks) == ["b", "c"]
+    references.stored, references.pinned = stored, True
+    assert references.bank_of("a") is None and references.bank_of("b") is references.eval_banks["b"]
+    # pinned references of a class being evaluated stay, even if a draw would give other images
+    pinned = ReferenceSelection("c", pools["c"][2:])
+    references.stored = pinned
+    assert references.prepare_evaluation(["a", "c"], select, folder=False) is None
+    assert sorted(references.eval_banks) == ["a"]
+    # a folder of references wins over pinned ones, and holds one class only
+    assert references.prepare_evaluation(["c"], select, folder=True).paths == select("c").paths
+    with pytest.raises(ResADInputError, match="one class"):
+        references.prepare_evaluation(["a", "c"], select, folder=True)

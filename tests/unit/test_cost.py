@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from anomalib_resad.cost import (
+from anomalib_resad.experiments.cost import (
     COST_COLUMNS,
     OPENVINO_COST_COLUMNS,
     count_macs,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-# Loaded from its file: `import anomalib_resad.cpu_info` would first import the package (torch, anomalib), which
+# Loaded from its file: importing the module the usual way would first import the package (torch, anomalib),
 # this parser does not need - the test stays well under a second.
-_PATH = Path(__file__).resolve().parents[1] / "anomalib_resad" / "cpu_info.py"
+_PATH = Path(__file__).resolve().parents[2] / "anomalib_resad" / "experiments" / "cpu_info.py"
 _SPEC = importlib.util.spec_from_file_location("resad_cpu_info_under_test", _PATH)
 cpu_info_module = importlib.util.module_from_spec(_SPEC)
 sys.modules[_SPEC.name] = cpu_info_module  # dataclasses look their module up while the class is built

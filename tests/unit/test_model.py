@@ -2,6 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Torch model and anomalib module on tiny inputs."""
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -33,14 +34,14 @@ def test_eval_forward_returns_inference_batch(tiny_model: ResADModel) -> None:
     assert tuple(output.anomaly_map.shape) == (3, 1, 64, 64)
     assert tuple(output.pred_score.shape) == (3,)
     generator = tiny_model.anomaly_map_generator
-    assert generator.nearest_score  # the default: flow and nearest-neighbour ratios averaged
-    generator.nearest_score = False
+    assert generator.scoring == "fused"  # the default: the flows' and the nearest-neighbour maps averaged
+    generator.scoring = "paper"
     try:
         with torch.no_grad():
             flow_only = tiny_model(torch.rand(3, 3, 64, 64))
     finally:
-        generator.nearest_score = True
-    # calibrated units: the image score is the map's maximum (same threshold for "max"), or the dissimilarity ratio
+        generator.scoring = "fused"
+    # calibrated units: the image score is the map's maximum, or the odd-frame ratio where that is larger
     assert bool((flow_only.pred_score >= flow_only.anomaly_map.amax(dim=(1, 2, 3)) - 1e-5).all())
 
 
@@ -55,12 +56,12 @@ def test_nearest_scoring_uses_no_trained_part() -> None:
     generator = model.anomaly_map_generator
 
     def scores(nearest_only: bool) -> torch.Tensor:
-        generator.nearest_only = nearest_only
+        generator.scoring = "nearest" if nearest_only else "fused"
         try:
             with torch.no_grad():
                 return model(images).pred_score
         finally:
-            generator.nearest_only = False
+            generator.scoring = "fused"
 
     nearest, fused = scores(True), scores(False)
     with torch.no_grad():
@@ -89,39 +90,13 @@ def test_pre_processor_normalises_for_the_backbone() -> None:
     assert list(normalize.mean) == [0.5, 0.5, 0.5]
 
 
-def test_checkpoints_of_before_the_nearest_score_are_scored_as_before() -> None:
-    model = tiny_resad()
-    saved = {name: value for name, value in model.hparams.items() if name != "nearest_score"}
-    model.on_load_checkpoint({"hyper_parameters": saved})
-    assert not model.model.anomaly_map_generator.nearest_score  # its calibration has no nearest threshold
-    current = tiny_resad()
-    current.on_load_checkpoint({"hyper_parameters": dict(current.hparams)})
-    assert current.model.anomaly_map_generator.nearest_score
-
-
-def test_checkpoints_of_before_the_reverse_statistic_get_this_releases_forward_margin() -> None:
-    """That release's default 1.5 beside the reverse check flags 11.6 % of normal source images at k = 2; 2.0 keeps
-    the verdict within 10 % (docs/benchmark.md). A margin the user chose is kept."""
-    old = tiny_resad(dissimilarity_margin=1.5)
-    saved = {name: value for name, value in old.hparams.items() if name != "reverse_dissimilarity_margin"}
-    old.on_load_checkpoint({"hyper_parameters": saved})
-    assert old.model.dissimilarity_margin == 2.0 and old.hparams["dissimilarity_margin"] == 2.0
-    chosen = tiny_resad(dissimilarity_margin=1.25)
-    saved = {name: value for name, value in chosen.hparams.items() if name != "reverse_dissimilarity_margin"}
-    chosen.on_load_checkpoint({"hyper_parameters": saved})
-    assert chosen.model.dissimilarity_margin == 1.25
-    current = tiny_resad(dissimilarity_margin=1.5)  # saved with the reverse margin: the user's 1.5 stays
-    current.on_load_checkpoint({"hyper_parameters": dict(current.hparams)})
-    assert current.model.dissimilarity_margin == 1.5
-
-
 def test_invalid_hyper_parameters_are_refused() -> None:
     with pytest.raises(ResADConfigurationError, match="multiple of 4"):
         tiny_resad(pos_embed_dim=18)
     with pytest.raises(ResADConfigurationError, match="at least 2 reference images"):
         tiny_resad(k=1)
-    with pytest.raises(ResADConfigurationError, match="flow_steps"):
-        tiny_resad(flow_steps="epoch")
+    with pytest.raises(ResADConfigurationError, match="scoring"):
+        tiny_resad(scoring="flows")
     with pytest.raises(ResADConfigurationError, match="Unknown OCC loss"):
         tiny_resad(occ_loss="hinge")
 
@@ -132,7 +107,7 @@ def test_set_references_stores_bank_and_file_list(tmp_path: Path) -> None:
     model.set_references(ReferenceSelection("widget", paths, str(tmp_path)))
     converter = model.model.feature_converter
     assert converter.bank.k == 3
-    assert model.model.anomaly_map_generator.has_calibration
+    assert model.model.anomaly_map_generator.stored.get().is_set
     assert converter.bank.grids == [(16, 16), (8, 8)]  # 64 px input: references resized like queries
     checkpoint: dict = {}
     model.on_save_checkpoint(checkpoint)
@@ -147,20 +122,20 @@ def test_stored_references_of_another_size_give_a_clear_error(tmp_path: Path) ->
         model.model.eval()(torch.rand(1, 3, 96, 96))
 
 
-def test_each_odd_frame_statistic_gets_its_own_margin(tiny_model: ResADModel) -> None:
-    """Defaults 2.0 (dissimilarity) and 1.5 (reverse), chosen on source validation; each scales only its threshold."""
-    from anomalib_resad.anomaly_map import ScoreCalibration
-
-    assert (tiny_model.dissimilarity_margin, tiny_model.reverse_dissimilarity_margin) == (2.0, 1.5)
-    images = torch.rand(3, 3, 64, 64)
-    features = tiny_model.reference_features(images)
-    default = ScoreCalibration.from_tensor(tiny_model.calibrate(features, (64, 64), images))
-    tiny_model.dissimilarity_margin, tiny_model.reverse_dissimilarity_margin = 1.0, 1.0
-    try:
-        plain = ScoreCalibration.from_tensor(tiny_model.calibrate(features, (64, 64), images))
-    finally:
-        tiny_model.dissimilarity_margin, tiny_model.reverse_dissimilarity_margin = 2.0, 1.5
-    assert default.dissimilarity_threshold == pytest.approx(2.0 * plain.dissimilarity_threshold)
-    assert default.reverse_dissimilarity_threshold == pytest.approx(1.5 * plain.reverse_dissimilarity_threshold)
-    assert plain.reverse_dissimilarity_threshold > 1e-6  # measured from the references, not the floor
-    assert default.score_threshold == pytest.approx(plain.score_threshold)
+def test_each_odd_frame_statistic_has_its_own_margin(tiny_model: ResADModel) -> None:
+    """2.0 (dissimilarity) and 1.5 (reverse), chosen on source validation: each scales only its own threshold."""
+    generator = copy.deepcopy(tiny_model.anomaly_map_generator)
+    generator.scoring = "nearest"  # perfectly matched positions: a score of 0, only the check can flag
+    scoring = generator.stored.get()
+    similarities = [torch.ones(1, 16, 16), torch.ones(1, 8, 8)]
+    just_below = 1 - 1.99 * float(scoring.dissimilarity_max)  # dissimilarity 1.99 x its maximum: below 2.0
+    assert just_below > 0
+    parts = [torch.full((1, 16, 16), just_below), torch.full((1, 8, 8), just_below)]
+    coverage = [torch.ones(1, 4), torch.ones(1, 4)]
+    likelihoods = [(torch.zeros(1, 16, 16), torch.full((1, 16, 16), -50.0)),
+                   (torch.zeros(1, 8, 8), torch.full((1, 8, 8), -50.0))]  # fmt: skip
+    _, quiet = generator(likelihoods, parts, coverage, (64, 64))
+    assert float(quiet) < 1  # the nearest map of these matches stays under its own threshold too
+    reverse = 1 - 1.51 * float(scoring.reverse_dissimilarity_max)  # reverse dissimilarity 1.51 x its maximum
+    _, flagged = generator(likelihoods, similarities, [torch.full((1, 4), reverse)] * 2, (64, 64))
+    assert float(flagged) == pytest.approx(1.51 / 1.5, rel=1e-4)

@@ -6,15 +6,9 @@ import pytest
 import torch
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_resad import ResADConfigurationError, ResADInputError, ResADModel, feature_converter
-from anomalib_resad.anomaly_map import (
-    AVERAGING_GAIN,
-    CALIBRATION_THRESHOLDS,
-    AnomalyMapGenerator,
-    ScoreCalibration,
-    ScoreComponents,
-    leave_one_out_calibration,
-)
+from anomalib_resad import ResADModel, feature_converter
+from anomalib_resad.anomaly_map import AnomalyMapGenerator
+from anomalib_resad.calibration import AVERAGING_GAIN, ScoreComponents, Scoring, leave_one_out_scoring
 from anomalib_resad.feature_converter import FeatureConverter, ReferenceBank
 from anomalib_resad.synthetic_defects import synthetic_defects
 
@@ -73,7 +67,7 @@ def test_nearest_distance_is_blocked_without_changing_the_result(monkeypatch: py
 
 def _components(nearest: float, averaged: float) -> ScoreComponents:
     value = torch.tensor([1.0])
-    return ScoreComponents(None, value, value, value, torch.zeros(1, 1), torch.tensor([nearest]), value,
+    return ScoreComponents(None, value, value, torch.zeros(1, 1), torch.tensor([nearest]), value,
                            torch.tensor([averaged]))  # fmt: skip
 
 
@@ -85,72 +79,51 @@ def _components(nearest: float, averaged: float) -> ScoreComponents:
         (2.0, 1.0, 0.0),
     ],
 )
-def test_auto_averaging_follows_the_defects(defect_nearest: float, defect_averaged: float, expected: float) -> None:
-    normal = [_components(1.0, 1.0), _components(0.5, 0.8)]  # thresholds: nearest 1.0, averaged 1.0
-    calibration = leave_one_out_calibration(
-        lambda index, constants: normal[index],
-        2,
-        1,
-        nearest_averaging="auto",
-        score_defects=lambda index, constants: _components(defect_nearest, defect_averaged),
+def test_averaging_follows_the_defects(defect_nearest: float, defect_averaged: float, expected: float) -> None:
+    normal = [_components(1.0, 1.0), _components(0.5, 0.8)]  # maxima: nearest 1.0, averaged 1.0
+    scoring = leave_one_out_scoring(
+        lambda index, constants: normal[index], 2, 1, lambda index: _components(defect_nearest, defect_averaged)
     )
-    assert calibration.averaging == expected
-    assert calibration.averaged_nearest_threshold == pytest.approx(1.0)
-    forced = leave_one_out_calibration(lambda index, constants: normal[index], 2, 1, nearest_averaging="on")
-    assert forced.averaging == 1.0
-    with pytest.raises(ResADConfigurationError, match="score_defects"):
-        leave_one_out_calibration(lambda index, constants: normal[index], 2, 1, nearest_averaging="auto")
+    assert float(scoring.averaging) == expected
+    assert float(scoring.averaged_max) == pytest.approx(1.0)
+    precise = leave_one_out_scoring(lambda index, constants: normal[index], 2, 1)  # no defects: precise
+    assert float(precise.averaging) == 0.0
 
 
 def test_averaging_changes_the_nearest_term_and_fuses_the_averaged_map() -> None:
-    generator = AnomalyMapGenerator(num_levels=2, nearest_score=True, dissimilarity_check=False)
+    generator = AnomalyMapGenerator(num_levels=2, threshold_margin=1.0)
     log_likelihoods = [(torch.randn(2, 4, 4), torch.randn(2, 4, 4)) for _ in range(2)]
     similarities = [torch.rand(2, 4, 4) for _ in range(2)]
+    coverage = [torch.ones(2, 3) for _ in range(2)]
     averaged = [torch.rand(2, 4, 4) * 3 for _ in range(2)]  # Euclidean distances
-    base = ScoreCalibration(torch.zeros(2), 1.0, 2.0, 1.0, 4.0, 1.0, averaged_nearest_threshold=8.0)
-    parts = generator.components(log_likelihoods, similarities, (16, 16), torch.zeros(2), None, averaged)
+    values = {"map_max": 1.0, "nearest_max": 4.0, "averaged_max": 8.0, "dissimilarity_max": 100.0,
+              "reverse_dissimilarity_max": 100.0}  # fmt: skip
+    precise = Scoring(torch.zeros(2), **{name: torch.tensor(value) for name, value in values.items()},
+                      averaging=torch.tensor(0.0))  # fmt: skip
+    chosen = Scoring(**{**precise.tensors(), "averaging": torch.tensor(1.0)})
+    parts = generator.components(log_likelihoods, similarities, coverage, (16, 16), torch.zeros(2), averaged)
     torch.testing.assert_close(parts.averaged_nearest, parts.averaged_map.flatten(start_dim=1).amax(dim=1))
-    off_map, off = generator(log_likelihoods, similarities, (16, 16), base.to_tensor(), None, averaged)
-    base.averaging = 1.0
-    on_map, on = generator(log_likelihoods, similarities, (16, 16), base.to_tensor(), None, averaged)
+    off_map, off = generator(log_likelihoods, similarities, coverage, (16, 16), precise, averaged)
+    on_map, on = generator(log_likelihoods, similarities, coverage, (16, 16), chosen, averaged)
     torch.testing.assert_close(off_map, (parts.anomaly_map / 1.0 + parts.nearest_map / 4.0) / 2)  # precise classes
     torch.testing.assert_close(on_map, (parts.anomaly_map / 1.0 + parts.averaged_map / 8.0) / 2)
     # the image score is the maximum of the map the class gets
     torch.testing.assert_close(off, off_map.flatten(start_dim=1).amax(dim=1))
     torch.testing.assert_close(on, on_map.flatten(start_dim=1).amax(dim=1))
     torch.testing.assert_close(parts.nearest, parts.nearest_map.flatten(start_dim=1).amax(dim=1))
-    flows_only = AnomalyMapGenerator(num_levels=2, nearest_score=False, dissimilarity_check=False)
-    without = flows_only(log_likelihoods, similarities, (16, 16), base.to_tensor(), None, averaged)[0]
+    generator.scoring = "paper"
+    without = generator(log_likelihoods, similarities, coverage, (16, 16), chosen, averaged)[0]
     torch.testing.assert_close(without, parts.anomaly_map)  # the reference's scoring: the flows' map alone
-    assert len(base.to_tensor()) == 2 + CALIBRATION_THRESHOLDS
 
 
-def test_old_calibrations_load_with_averaging_off() -> None:
-    generator = AnomalyMapGenerator(num_levels=2, nearest_score=True)
-    old = torch.tensor([0.1, 0.2, 1.0, 2.0, 3.0, 4.0, 5.0])  # L + 5: before the averaged threshold
-    generator.load_state_dict({"global_level_constants": torch.zeros(2), "calibration": old})
-    assert generator.calibration.tolist()[:7] == pytest.approx(old.tolist())
-    assert generator.calibration.tolist()[7:] == [0.0, 0.0]
-
-
-@pytest.mark.parametrize("averaging", ["auto", "on"])
-def test_model_calibrates_and_scores_with_averaging(averaging: str) -> None:
+def test_model_chooses_its_matching_from_its_references_and_scores_with_it() -> None:
     torch.manual_seed(0)
-    model = ResADModel("resnet18", ["layer1", "layer2"], pre_trained=False, coupling_layers=2, pos_embed_dim=16,
-                       nearest_averaging=averaging).eval()  # fmt: skip
-    references = torch.rand(2, 3, 64, 64)
-    bank = model.make_reference_bank(references)
-    calibration = ScoreCalibration.from_tensor(bank.calibration)
-    assert calibration.averaged_nearest_threshold > 0
-    if averaging == "on":
-        assert calibration.averaging == 1.0
+    model = ResADModel("resnet18", ["layer1", "layer2"], pre_trained=False, coupling_layers=2, pos_embed_dim=16).eval()
+    bank = model.make_reference_bank(torch.rand(2, 3, 64, 64))
+    assert float(bank.scoring.averaged_max) > 0 and float(bank.scoring.averaging) in {0.0, 1.0}
     model.set_references(bank)
     with torch.no_grad():
-        stored = model(torch.rand(2, 3, 64, 64)).pred_score
-        assert bool(torch.isfinite(stored).all())
-    if averaging == "auto":  # the choice reads the reference images themselves
-        with pytest.raises(ResADInputError, match="reference images"):
-            model.calibrate(model.reference_features(references), (64, 64))
+        assert bool(torch.isfinite(model(torch.rand(2, 3, 64, 64)).pred_score).all())
 
 
 def test_nearest_components_equal_the_full_scoring() -> None:
@@ -167,12 +140,9 @@ def test_nearest_components_equal_the_full_scoring() -> None:
         similarities = model.feature_converter(deepest, bank[-2:]).similarities
         averaged = model.feature_converter.averaged_distances(deepest, bank[-2:], 2)
         light = model.anomaly_map_generator.nearest_components(similarities, averaged, (64, 64))
-        with_maps = model.anomaly_map_generator.nearest_components(similarities, averaged, (64, 64), maps=True)
     assert light.nearest_map is None and light.averaged_map is None  # the calibration keeps no maps
     torch.testing.assert_close(light.nearest, full.nearest)
     torch.testing.assert_close(light.averaged_nearest, full.averaged_nearest)
-    torch.testing.assert_close(with_maps.nearest_map, full.nearest_map)  # the maps on request (benchmarks)
-    torch.testing.assert_close(with_maps.averaged_map, full.averaged_map)
     assert bool((full.averaged_nearest > 0).all())
 
 
@@ -184,9 +154,15 @@ def test_nearest_distance_keeps_small_distances_among_large_features() -> None:
     assert distance == pytest.approx(0.01 * 8**0.5, rel=0.05)
 
 
-def test_auto_scores_no_defects_without_the_nearest_neighbour_term() -> None:
+def test_the_paper_scoring_scores_no_defects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its map reads no nearest-neighbour term: no averaging choice to make, no synthetic defect scored."""
+    from anomalib_resad import torch_model
+
+    def no_defects(*args: object, **kwargs: object) -> None:
+        raise AssertionError("synthetic defects were made for a scoring that reads no nearest-neighbour map")
+
+    monkeypatch.setattr(torch_model, "synthetic_defects", no_defects)
     model = ResADModel("resnet18", ["layer1", "layer2"], pre_trained=False, coupling_layers=2, pos_embed_dim=16,
-                       nearest_score=False).eval()  # fmt: skip
-    references = torch.rand(2, 3, 64, 64)
-    calibration = model.calibrate(model.reference_features(references), (64, 64))  # no images needed
-    assert float(calibration[-1]) == 0.0
+                       scoring="paper").eval()  # fmt: skip
+    bank = model.make_reference_bank(torch.rand(2, 3, 64, 64))
+    assert float(bank.scoring.averaging) == 0.0

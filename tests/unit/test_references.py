@@ -3,6 +3,7 @@
 """Reference selection and image reading."""
 
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,8 @@ def write_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (20, 16))
     path.parent.mkdir(parents=True, exist_ok=True)
     channels = {"RGB": 3, "RGBA": 4}.get(mode)
     shape = (size[1], size[0], channels) if channels else (size[1], size[0])
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, shape, dtype=np.uint8), mode=mode).save(path)
+    seed = zlib.crc32(path.name.encode())  # images of different names differ (identical references are refused)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8), mode=mode).save(path)
     return path
 
 

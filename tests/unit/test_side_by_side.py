@@ -13,11 +13,11 @@ import pytest
 import timm
 import torch
 
-import anomalib_resad.protocol as protocol
-from anomalib_resad.baselines import FewShotAnomalyDINO, FewShotPatchcore
+import anomalib_resad.experiments.protocol as protocol
 from anomalib_resad.errors import ResADConfigurationError
+from anomalib_resad.experiments.baselines import FewShotAnomalyDINO, FewShotPatchcore
+from anomalib_resad.experiments.protocol import run_protocol
 from anomalib_resad.lightning_model import ResAD
-from anomalib_resad.protocol import run_protocol
 from tests.helpers.models import TINY_SETTINGS
 
 TRAINER = {"max_epochs": 1, "accelerator": "cpu", "enable_progress_bar": False}
@@ -89,7 +89,7 @@ def grid(texture_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             return {"openvino_ms_per_image_b1": 2.0 * len(exported), "openvino_images_per_s_b16": 100.0}
 
         patch.setattr(protocol, "measure_openvino_cost", openvino_cost)
-        loggers = [logging.getLogger(name) for name in ("anomalib_resad.baselines", "anomalib_resad.grid")]
+        loggers = [logging.getLogger(f"anomalib_resad.experiments.{name}") for name in ("baselines", "grid")]
         levels = [logger.level for logger in loggers]
         for logger in loggers:
             logger.addHandler(records)
