@@ -9,7 +9,8 @@ Training, testing and exporting go through anomalib (``anomalib train --model Re
   evaluate unseen classes for several k and reference draws, write CSV / markdown tables and anomaly maps;
 * ``resad export``: an OpenVINO/ONNX model that takes a class's references as inputs (new classes without re-export),
   or a standard anomalib export with another class's references baked in (:mod:`anomalib_resad.deploy`);
-* ``resad references``: a references file from a folder of k normal images of a class.
+* ``resad references``: a references file from a folder of k normal images of a class;
+* ``resad serve``: an HTTP inspection server for such a deployment (LitServe; :mod:`anomalib_resad.serve`).
 
 Every sub-command takes ``--config file.yaml`` and ``--print_config``, as anomalib's do (jsonargparse).
 
@@ -27,6 +28,7 @@ from .demo import run_demo
 from .deploy import export_model, make_references
 from .errors import install_cli_excepthook
 from .protocol import run_protocol
+from .serve import serve
 
 
 def main() -> None:
@@ -37,6 +39,7 @@ def main() -> None:
         logging.getLogger("anomalib_resad.grid").setLevel(logging.INFO)  # and what a resumed run reuses or measures
         logging.getLogger("anomalib_resad.protocol").setLevel(logging.INFO)
     commands = {"demo": run_demo, "evaluate": run_protocol, "export": export_model, "references": make_references}
+    commands["serve"] = serve  # resad serve: the inspection server (anomalib_resad/serve.py)
     CLI(commands, as_positional=False)
 
 
