@@ -9,9 +9,9 @@ processes); nothing here speaks HTTP itself. Endpoints:
 * ``POST /classes`` (multipart): add a class from k uploaded images (``images``) or from a folder on the server
   (``folder``, inside ``--image_root``); ``name``, optional ``k`` (the first k) and ``replace``;
 * ``GET /classes``: the classes with their k and reference images; ``DELETE /classes/{name}``: remove one;
-* ``POST /predict`` (multipart): ``class_name`` and one or more ``image`` files -> per image the score (in units of
-  the class's threshold before anomalib's normalisation: ``label`` is ``score >= 0.5``), the label, the class and the
-  anomaly map as a 16-bit grayscale PNG (base64; pixel / 65535 = the normalised map, 0.5 = the class's threshold).
+* ``POST /predict`` (multipart): ``class_name`` and one or more ``image`` files -> per image the score and label as
+  :class:`~anomalib_resad.deploy.ReferenceConditionedInferencer` gives them (normalised: 0.5 is the class's own
+  threshold), the class, and the anomaly map as a 16-bit grayscale PNG (base64; pixel / 65535 = the normalised map).
 
 Each class is one references file, ``<classes_dir>/<name>.npz`` - the file ``resad references --output`` writes, so
 files made elsewhere can be dropped in. Files are written atomically (a temporary file, then a rename); the predict
@@ -301,8 +301,14 @@ def add_class_routes(app: Any, store: ClassStore) -> None:
     """``GET /classes`` and ``DELETE /classes/{name}`` on LitServe's FastAPI app (files only, no model)."""
     from fastapi import HTTPException
 
+    def describe(name: str) -> dict[str, Any] | None:
+        try:
+            return store.describe(name)
+        except ServeError:  # removed while listing
+            return None
+
     def list_classes() -> dict[str, Any]:
-        return {"classes": [store.describe(name) for name in store.names()]}
+        return {"classes": [entry for entry in map(describe, store.names()) if entry is not None]}
 
     def remove_class(name: str) -> dict[str, Any]:
         try:
