@@ -9,7 +9,8 @@ Training, testing and exporting go through anomalib (``anomalib train --model Re
   source classes, evaluate unseen classes for several k and reference draws, write CSV / markdown tables and maps;
 * ``resad export``: an OpenVINO/ONNX model that takes a class's references as inputs (new classes without re-export),
   or a standard anomalib export with another class's references baked in (:mod:`anomalib_resad.deploy`);
-* ``resad references``: a references file from a folder of k normal images of a class.
+* ``resad references``: a references file from a folder of k normal images of a class;
+* ``resad serve``: an HTTP inspection server for such a deployment (LitServe; :mod:`anomalib_resad.serve`).
 
 Every sub-command takes ``--config file.yaml`` and ``--print_config``, as anomalib's do (jsonargparse).
 
@@ -27,18 +28,22 @@ from .demo import run_demo
 from .deploy import export_model, make_references
 from .errors import install_cli_excepthook
 from .experiments.protocol import run_protocol
+from .serve import serve
 
 
 def main() -> None:
     """Entry point of the ``resad`` console script."""
     install_cli_excepthook()
     logging.basicConfig(level=os.environ.get("RESAD_LOG_LEVEL", "WARNING"))
-    if "RESAD_LOG_LEVEL" not in os.environ:  # long grids (`resad evaluate`): one progress line per finished cell,
-        logging.getLogger("anomalib_resad.experiments.grid").setLevel(
-            logging.INFO
-        )  # and what a resumed run reuses or measures
-        logging.getLogger("anomalib_resad.experiments.protocol").setLevel(logging.INFO)
-    commands = {"demo": run_demo, "evaluate": run_protocol, "export": export_model, "references": make_references}
+    if "RESAD_LOG_LEVEL" not in os.environ:  # long runs (`resad evaluate`): a line per epoch and per finished cell
+        logging.getLogger("anomalib_resad.experiments").setLevel(logging.INFO)
+    commands = {
+        "demo": run_demo,
+        "evaluate": run_protocol,
+        "export": export_model,
+        "references": make_references,
+        "serve": serve,
+    }
     CLI(commands, as_positional=False)
 
 
