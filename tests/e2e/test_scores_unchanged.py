@@ -25,7 +25,9 @@ from anomalib_resad.offline_weights import LITE0_BACKBONE, LITE0_LAYERS, efficie
 from anomalib_resad.references import select_folder_references
 
 RECORD = Path(__file__).resolve().parents[1] / "data" / "recorded_scores.json"
-TOLERANCE = 1e-5
+# Another CPU (its SIMD kernels sum in another order) moves a score by up to ~2e-5; any real change to the
+# scoring moves scores by far more than 1e-4.
+TOLERANCE = 1e-4
 CLASSES = ("brick", "gravel")  # one class whose references choose precise matching, one averaged (see the record)
 
 

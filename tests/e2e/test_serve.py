@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
 RESAD = Path(sys.executable).parent / "resad"
 CLASS = "pcb_12300"  # never trained on: the model learns pcb_12000 only
 K = 4
-SCORE_TOLERANCE = 1e-5  # the server runs the same compiled f32 graph on the same pixels as the in-process inferencer
+SCORE_TOLERANCE = 1e-4  # the same compiled f32 graph on references made in another process (they agree to ~5e-5)
 MAP_TOLERANCE = 1 / 65535 + 1e-6  # the map travels as a 16-bit PNG
 
 
@@ -184,7 +184,8 @@ def test_a_class_added_from_uploads_scores_as_in_process(
     made, _ = load_references(local)
     served_arrays = [*served.levels, *served.scoring.tensors().values()]
     for a, b in zip(served_arrays, [*made.levels, *made.scoring.tensors().values()], strict=True):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-5)
+        # features of magnitude ~10 made in two processes (thread counts differ) agree to ~5e-5
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
     response = server.predict(CLASS, queries)  # one batch request: normal, defective, black
     assert response.status_code == 200, response.text
     body = response.json()
