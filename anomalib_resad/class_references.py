@@ -45,6 +45,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
+from anomalib.data.transforms.utils import extract_transforms_by_type
+from torchvision.transforms.v2 import Resize
 
 from .calibration import Scoring
 from .errors import ResADInputError
@@ -109,8 +111,17 @@ class FileEncoder:
         self.model = model
         self.transform = transform
 
-    def _images(self, paths: Sequence[str]) -> torch.Tensor:
-        return load_images(paths, self.transform).to(next(self.model.parameters()).device)
+    def _images(self, paths: Sequence[str], references: bool = False) -> torch.Tensor:
+        size = self.input_size() if references else None
+        return load_images(paths, self.transform, references_for=size).to(next(self.model.parameters()).device)
+
+    def input_size(self) -> tuple[int, int] | None:
+        """The pre-processed image size (the transform's resize), ``None`` without one."""
+        resizes = extract_transforms_by_type(self.transform, Resize) if self.transform is not None else []
+        if not resizes:
+            return None
+        size = resizes[0].size
+        return (int(size[0]), int(size[-1])) if isinstance(size, list | tuple) else (int(size), int(size))
 
     @torch.no_grad()
     def __call__(
@@ -120,7 +131,7 @@ class FileEncoder:
 
         ``bank``: each image's views where the model's evaluation banks hold them (:meth:`ResADModel.bank_features`).
         """
-        images = self._images(paths)
+        images = self._images(paths, references=bank)  # an evaluation bank's images are checked as references
         size = (int(images.shape[-2]), int(images.shape[-1]))
         if bank:
             return self.model.bank_features(images), size, tuple(self.model.bank_views(size))
@@ -248,13 +259,6 @@ class ClassReferences:
         """The calibrated bank of a class's selected references (built once per set of files)."""
         key = tuple(selection.paths)
         if key not in self._banks:
-            blank = [path for path in selection.paths if is_blank_image(path)]
-            if blank:
-                msg = (
-                    f"Reference image(s) {blank} of class '{selection.class_name}' are blank (constant) frames: they "
-                    "show nothing to compare against. Use k normal images of the class as references."
-                )
-                raise ResADInputError(msg)
             features = self.features(selection.paths, bank=True)
             views = self._layouts[True]
             scoring = self.calibrate(features, self._image_size, selection.paths, views)

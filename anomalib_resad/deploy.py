@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 from anomalib.data import NumpyImageBatch
-from anomalib.data.utils.image import read_image
 from anomalib.deploy import OpenVINOInferencer
 from PIL.Image import Image as PILImage
 from torch import nn
@@ -49,9 +48,10 @@ from .calibration import ScoreComponents, Scoring, leave_one_out_rows, leave_one
 from .errors import ResADConfigurationError, ResADInputError
 from .export_output import ONNX_OPSET_VERSION, quiet_export, written_files
 from .feature_converter import ReferenceBank, flatten_levels
+from .images import read_rgb
 from .lightning_model import ResAD
 from .reference_views import keep_views, reference_views, views_mode
-from .references import ReferenceSelection, load_images, select_folder_references
+from .references import ReferenceSelection, folder_class_name, load_images, select_folder_references
 from .synthetic_defects import synthetic_defects
 
 logger = logging.getLogger(__name__)
@@ -207,6 +207,10 @@ def _check_shapes(
         problems.append(f"its scoring record lacks {missing}")
     elif tuple(scoring["level_constants"].shape) != (len(levels),):
         problems.append(f"level_constants is {tuple(scoring['level_constants'].shape)}, expected ({len(levels)},)")
+    non_finite = [f"reference_{level}" for level, array in enumerate(levels) if not np.isfinite(array).all()]
+    non_finite += [f"scoring {name}" for name, array in scoring.items() if not np.isfinite(array).all()]
+    if non_finite:
+        problems.append(f"{', '.join(non_finite)} hold non-finite values (NaN or infinity)")
     if problems:
         msg = f"References file '{path}' is damaged: {'; '.join(problems)}. Make it again with: resad references ..."
         raise ResADInputError(msg)
@@ -434,7 +438,7 @@ def make_references(
         Path: ``output``.
     """
     folder = Path(images)
-    class_name = class_name or (folder.parent.parent.name if folder.name == "good" else folder.name)
+    class_name = class_name or folder_class_name(folder)
     selection = select_folder_references(images, k, class_name)
     model_dir = Path(model) if not isinstance(model, ResAD) else None
     if model_dir is not None and model_dir.is_dir():
@@ -443,7 +447,8 @@ def make_references(
         resad = _load_model(model)
         signature = model_signature(resad)
         transform = resad.pre_processor.transform if resad.pre_processor is not None else None
-        bank = resad.model.make_reference_bank(load_images(selection.paths, transform, refuse_blank=True))
+        images = load_images(selection.paths, transform, references_for=resad.input_size)
+        bank = resad.model.make_reference_bank(images)
     path = save_references(output, bank, signature, selection)
     print(f"Wrote {path} (class '{selection.class_name}', k={selection.k}, from {selection.source})")
     return path
@@ -463,7 +468,7 @@ def _openvino_reference_bank(
     calibrator = core.compile_model(core.read_model(model_dir / "openvino" / f"{CALIBRATOR_FILE}.xml"), device, config)
     # images of any size: resize each like the exported pre-processing does (bilinear), then encode as a batch
     resize = Resize(signature["image_size"], antialias=False)
-    images = load_images(selection.paths, transform=resize, refuse_blank=True)
+    images = load_images(selection.paths, transform=resize, references_for=signature["image_size"])
     pixels = images.numpy()
     # the bank holds each image's views (as eager PyTorch's: the same function), calibrated leave-one-out by image
     views = [int(count) for count in metadata["views"]]
@@ -574,7 +579,7 @@ def _read_query_image(path: str | Path) -> np.ndarray:
         msg = f"Image '{path}' does not exist."
         raise ResADInputError(msg)
     try:
-        return read_image(path, as_tensor=False)
+        return read_rgb(path, as_tensor=False)
     except (OSError, ValueError) as error:
         msg = f"Cannot read image '{path}' ({error}): it is corrupt or not an image."
         raise ResADInputError(msg) from error

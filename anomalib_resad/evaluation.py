@@ -27,7 +27,6 @@ import pandas as pd
 import torch
 from anomalib.data import ImageItem
 from anomalib.data.transforms.utils import extract_transforms_by_type
-from anomalib.data.utils.image import read_image
 from anomalib.metrics import AUPRO, AUROC, F1Max
 from anomalib.models.components import AnomalibModule
 from anomalib.visualization.image.item_visualizer import visualize_image_item
@@ -36,6 +35,7 @@ from torchmetrics.functional.classification import binary_precision_recall_curve
 from torchvision.transforms.v2 import Resize
 
 from .data.multi_class import MultiClassDataset
+from .images import read_rgb
 from .post_processor import CalibratedPostProcessor
 
 logger = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ def save_anomaly_maps(
     order = sorted(range(len(scores.paths)), key=lambda index: (-int(scores.labels[index]), scores.paths[index]))
     written = []
     for index in order[:max_images]:
-        image = read_image(scores.paths[index], as_tensor=True)
+        image = read_rgb(scores.paths[index])
         image = Resize(maps.shape[-2:], antialias=True)(image)
         item = ImageItem(
             image=image,

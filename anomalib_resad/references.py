@@ -23,10 +23,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from anomalib.data.utils.image import is_image_file, read_image
+from anomalib.data.utils.image import is_image_file
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ResADInputError
+from .images import read_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -107,29 +108,38 @@ def sample_references(
         k (int): Number of references.
         seed (int): RNG seed.
         where (str): Description of the pool, for error messages.
-        usable (Callable[[str], bool] | None): Images failing this test (e.g. blank frames) are passed over, in the
-            seeded order, with a warning naming them. Defaults to ``None`` (all usable).
+        usable (Callable[[str], bool] | None): Images failing this test (blank frames) are passed over, in the
+            seeded order, with a warning naming them - unless fewer than ``k`` pass it: then the pool is a uniform
+            product and its first ``k`` images are used (with a warning). Defaults to ``None`` (all usable).
 
     Returns:
         list[str]: The chosen paths.
     """
     candidates = sorted(set(map(str, pool)))
     check_k(k, len(candidates), where)
+    order = random.Random(seed).sample(candidates, len(candidates))
     chosen, skipped = [], []
-    for path in random.Random(seed).sample(candidates, len(candidates)):
+    for path in order:
         if len(chosen) == k:
             break
         (chosen if usable is None or usable(path) else skipped).append(path)
+    if len(chosen) < k:  # a uniform product (glass, paper, a painted panel): its frames are its normal images
+        logger.warning(
+            "%s holds fewer than k=%d images with visible structure; using uniform frames as references: %s",
+            where,
+            k,
+            order[:k],
+        )
+        return order[:k]
     if skipped:
-        logger.warning("Passed over blank reference candidate(s) in %s: %s", where, skipped)
-    check_k(k, len(chosen), f"{where} (usable images)")
+        logger.warning("Passed over uniform (blank) reference candidate(s) in %s: %s", where, skipped)
     return chosen
 
 
 def is_blank_image(path: str | Path) -> bool:
     """Whether an image file is a blank frame (see :func:`is_blank`)."""
     try:
-        return is_blank(read_image(str(path), as_tensor=True))
+        return is_blank(read_rgb(path))
     except (OSError, UnidentifiedImageError, ValueError):
         return False  # unreadable files are reported by the loader with their own message
 
@@ -159,6 +169,17 @@ def list_folder_images(folder: str | Path) -> list[str]:
     return images
 
 
+def folder_class_name(folder: str | Path) -> str:
+    """The class a folder of reference images is of: ``<class>/train/good`` -> ``<class>``, else the folder's name.
+
+    Example:
+        >>> folder_class_name("datasets/boards/pcb_12300/train/good"), folder_class_name("refs/new_part")
+        ('pcb_12300', 'new_part')
+    """
+    folder = Path(folder)
+    return folder.parent.parent.name if folder.name == "good" and folder.parent.name == "train" else folder.name
+
+
 def select_folder_references(folder: str | Path, k: int | None, class_name: str) -> ReferenceSelection:
     """References from a folder: all its images, or the first ``k`` in sorted order."""
     images = list_folder_images(folder)
@@ -166,6 +187,46 @@ def select_folder_references(folder: str | Path, k: int | None, class_name: str)
         check_k(k, len(images), f"reference folder '{folder}'")
         images = images[:k]
     return ReferenceSelection(class_name=class_name, paths=images, source=str(Path(folder).expanduser()))
+
+
+def check_reference_images(paths: Sequence[str], images: torch.Tensor, image_size: Sequence[int]) -> None:
+    """Refuse references that carry no signal relative to the class; warn about a uniform class.
+
+    * A blank (constant) frame among references that show structure is a dead-camera or empty frame, not the class:
+      refused, named. When *every* reference is uniform the class is a uniform product (glass, paper, a painted
+      panel): accepted, with a warning.
+    * An image much smaller than the model's input (below a quarter of it on a side) is upscaled into a blur that holds
+      nothing to compare: refused, named.
+
+    Args:
+        paths (Sequence[str]): The reference files.
+        images (torch.Tensor): Their pixels as read, ``(k, 3, H, W)`` in ``[0, 1]``, or a list of ``(3, H_i, W_i)``.
+        image_size (Sequence[int]): The model's input size ``(H, W)``.
+
+    Raises:
+        ResADInputError: Blank frames among structured references, or too small images.
+    """
+    small = [
+        f"{path} ({int(image.shape[-1])}x{int(image.shape[-2])})"
+        for path, image in zip(paths, images, strict=True)
+        if image.shape[-2] * 4 < int(image_size[0]) or image.shape[-1] * 4 < int(image_size[-1])
+    ]
+    if small:
+        msg = (
+            f"Reference image(s) {small} are much smaller than the model's input {int(image_size[-1])}x"
+            f"{int(image_size[0])}: upscaled, they hold no detail to compare against. Use images of at least "
+            f"{(int(image_size[-1]) + 3) // 4}x{(int(image_size[0]) + 3) // 4} pixels."
+        )
+        raise ResADInputError(msg)
+    blank = [path for path, image in zip(paths, images, strict=True) if is_blank(image)]
+    if blank and len(blank) < len(paths):
+        msg = (
+            f"Reference image(s) {blank} are blank (uniform) frames while the other references show the part: they "
+            "carry nothing of the class to compare against. Replace them with normal images of the class."
+        )
+        raise ResADInputError(msg)
+    if blank:
+        logger.warning("All %d reference images are uniform frames: a uniform product is scored as such.", len(blank))
 
 
 def check_image_files(paths: Sequence[str]) -> None:
@@ -192,32 +253,29 @@ def check_image_files(paths: Sequence[str]) -> None:
 def load_images(
     paths: Sequence[str],
     transform: Callable[[torch.Tensor], torch.Tensor] | None,
-    refuse_blank: bool = False,
+    references_for: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Read images as RGB (grayscale and RGBA are converted) and apply ``transform`` to each.
+    """Read images as RGB (grayscale, RGBA and 16-bit are converted: :mod:`.images`) and apply ``transform`` to each.
 
     Args:
         paths (Sequence[str]): Image files.
         transform (Callable | None): e.g. the model's pre-processing transform (resize + normalise).
-        refuse_blank (bool): Raise for blank (constant) frames - reference images must show the part.
+        references_for (Sequence[int] | None): The images are a class's references for a model of this input size
+            ``(H, W)``: check them first (:func:`check_reference_images`). Defaults to ``None``.
 
     Returns:
         torch.Tensor: ``(N, 3, H, W)`` batch.
     """
-    images = []
+    raw = []
     for path in paths:
         try:
-            image = read_image(path, as_tensor=True)
-        except (OSError, UnidentifiedImageError, ValueError) as error:
+            raw.append(read_rgb(path))
+        except (OSError, UnidentifiedImageError, ValueError) as error:  # noqa: PERF203
             msg = f"Cannot read image '{path}' ({error}). Replace it with a valid image file."
             raise ResADInputError(msg) from error
-        if refuse_blank and is_blank(image):
-            msg = (
-                f"Reference image '{path}' is a blank (constant) frame: it shows nothing to compare against. "
-                "Use k normal images of the class as references."
-            )
-            raise ResADInputError(msg)
-        images.append(transform(image) if transform is not None else image)
+    if references_for is not None:
+        check_reference_images(paths, raw, references_for)
+    images = [transform(image) if transform is not None else image for image in raw]
     sizes = {tuple(image.shape[-2:]) for image in images}
     if len(sizes) > 1:
         msg = (

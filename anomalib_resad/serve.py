@@ -48,6 +48,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import ResADConfigurationError, ResADError, ResADInputError
+from .images import pil_to_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def one_line(error: BaseException) -> str:
 
 
 def decode_image(data: bytes, name: str = "image") -> np.ndarray:
-    """Image file bytes -> ``(H, W, 3)`` float array in ``[0, 1]``, exactly as anomalib's ``read_image`` reads a file.
+    """Image file bytes -> ``(H, W, 3)`` float array in ``[0, 1]``, scaled by its bit depth (:mod:`.images`).
 
     Example:
         >>> buffer = io.BytesIO()
@@ -86,7 +87,7 @@ def decode_image(data: bytes, name: str = "image") -> np.ndarray:
     """
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return np.array(image.convert("RGB")) / 255.0
+            return pil_to_rgb(image)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
         reason = type(error).__name__ if isinstance(error, UnidentifiedImageError) else one_line(error)
         msg = f"'{name}' is not an image file that can be read ({reason})."

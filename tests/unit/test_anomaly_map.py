@@ -311,3 +311,21 @@ def test_copies_of_one_image_cannot_set_a_threshold() -> None:
     with pytest.raises(ResADInputError, match=r"4 reference images are \(near-\)identical"):
         model.make_reference_bank(image.repeat(4, 1, 1, 1))
     model.make_reference_bank(torch.cat([image, image.flip(-1), image.flip(-2), 1 - image]))  # different: accepted
+
+
+def test_a_references_file_holding_nan_is_refused(tmp_path) -> None:
+    from anomalib_resad.deploy import load_references, save_references
+    from anomalib_resad.feature_converter import ReferenceBank
+    from anomalib_resad.references import ReferenceSelection
+
+    signature = {"backbone": "resnet18", "layers": ["layer1"], "image_size": [8, 8], "channels": [4], "grids": [[2, 2]]}
+    bank = ReferenceBank([torch.rand(8, 4)], [(2, 2)], k=2, scoring=record(levels=1))
+    selection = ReferenceSelection("widget", ["a.png", "b.png"])
+    load_references(save_references(tmp_path / "fine.npz", bank, signature, selection))  # the file itself is valid
+    bank.levels[0][3, 1] = float("nan")
+    with pytest.raises(ResADInputError, match=r"damaged: reference_0 hold non-finite values"):
+        load_references(save_references(tmp_path / "nan.npz", bank, signature, selection))
+    bank.levels[0][3, 1] = 0.0
+    bank.scoring.map_max = torch.tensor(float("nan"))
+    with pytest.raises(ResADInputError, match=r"scoring map_max hold non-finite"):
+        load_references(save_references(tmp_path / "nan_scoring.npz", bank, signature, selection))

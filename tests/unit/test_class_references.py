@@ -74,11 +74,13 @@ def test_selection_from_folder_or_seeded_pool(tmp_path: Path) -> None:
 
 
 def test_blank_reference_frames_are_refused_by_name(tmp_path: Path) -> None:
-    references = ClassReferences(CountingEncoder(), calibrate)
+    references = tiny_resad().references  # the model's encoder checks a bank's images as references
     blank = str(write_constant(tmp_path / "white.png", 255))
-    good = str(write_image(tmp_path / "good.png"))
+    good = [str(write_image(tmp_path / f"good{index}.png", size=(64, 64))) for index in range(2)]
     with pytest.raises(ResADInputError, match=r"white\.png.*blank"):
-        references.bank(ReferenceSelection("widget", [good, blank]))
+        references.bank(ReferenceSelection("widget", [*good, blank]))
+    references.set_pools({"widget": [*good, blank]})
+    assert references.training_bank("widget", 3, random.Random(0)).k == 3  # training draws are not checked
 
 
 def test_calibration_reads_only_the_reference_images(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from anomalib_resad import ResADInputError
@@ -116,15 +117,40 @@ def test_blank_frames_are_recognised(tmp_path: Path) -> None:
     assert not is_blank_image(write_image(tmp_path / "noise.png"))
 
 
-def test_blank_references_are_refused_from_folders_and_passed_over_in_draws(tmp_path: Path) -> None:
-    good = [str(write_image(tmp_path / "pool" / f"{index}.png")) for index in range(3)]
-    blank = str(write_constant(tmp_path / "pool" / "9_blank.png", 255))
-    with pytest.raises(ResADInputError, match="blank"):
-        load_images([good[0], blank], transform=None, refuse_blank=True)
+def test_blank_references_are_refused_only_beside_references_that_show_the_part(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from anomalib_resad.references import is_blank_image
 
+    good = [str(write_image(tmp_path / "pool" / f"{index}.png", size=(32, 32))) for index in range(3)]
+    blank = str(write_constant(tmp_path / "pool" / "9_blank.png", 255))
+    with pytest.raises(ResADInputError, match=r"9_blank\.png.*blank \(uniform\) frames while the other"):
+        load_images([good[0], blank], transform=None, references_for=(64, 64))
+    uniform = [str(write_constant(tmp_path / "glass" / f"{index}.png", 200 + index)) for index in range(2)]
+    with caplog.at_level("WARNING"):  # a uniform product: accepted, and said
+        assert load_images(uniform, transform=None, references_for=(64, 64)).shape == (2, 3, 32, 32)
+    assert "uniform product" in caplog.text
     for seed in range(10):  # whatever the seed, the blank frame is never drawn, and the draw is still seeded
         drawn = sample_references([*good, blank], 3, seed, usable=lambda path: not is_blank_image(path))
         assert sorted(drawn) == sorted(good)
-    with pytest.raises(ResADInputError, match="usable"):
-        sample_references([good[0], blank], 2, 0, usable=lambda path: not is_blank_image(path))
+    # a pool without k structured images is a uniform product: drawn all the same (anomalib's plain dummy data)
+    assert len(sample_references([good[0], blank], 2, 0, usable=lambda path: not is_blank_image(path))) == 2
+
+
+def test_references_much_smaller_than_the_input_are_refused(tmp_path: Path) -> None:
+    tiny = [str(write_image(tmp_path / f"{index}.png", size=(16, 16))) for index in range(2)]
+    with pytest.raises(ResADInputError, match=r"16x16\).*much smaller than the model's input 224x224.*56x56"):
+        load_images(tiny, transform=None, references_for=(224, 224))
+    assert load_images(tiny, transform=None, references_for=(64, 64)).shape == (2, 3, 16, 16)  # a quarter: fine
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    from anomalib_resad.images import is_high_bit_depth, read_rgb
+
+    ramp = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    image = read_rgb(tmp_path / "deep.png")
+    assert image.shape == (3, 32, 32) and is_high_bit_depth(tmp_path / "deep.png")
+    torch.testing.assert_close(image[0], torch.from_numpy(ramp / 65535.0).float())
+    assert float(image.mean()) == pytest.approx(0.5, abs=0.01)  # clipped to 8 bits it would be nearly all white
+    assert not is_high_bit_depth(write_image(tmp_path / "plain.png"))
