@@ -43,6 +43,7 @@ from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
@@ -56,9 +57,11 @@ from .data.checks import check_folder_paths
 from .errors import ResADConfigurationError, ResADInputError, check_choice
 from .export_output import ONNX_OPSET_VERSION, announce_written, quiet_export
 from .feature_extractor import backbone_normalization
+from .images import is_high_bit_depth
 from .loss import ResADLoss
 from .post_processor import CalibratedPostProcessor
-from .references import ReferenceSelection, check_image_files, check_k
+from .predictions import PredictionsCsv, VerdictVisualizer
+from .references import ReferenceSelection, check_image_files, check_k, folder_class_name
 from .torch_model import ResADModel
 
 logger = logging.getLogger(__name__)
@@ -210,6 +213,16 @@ class ResAD(AnomalibModule):
         """Thresholds from each class's own references (:class:`CalibratedPostProcessor`), not from validation."""
         return CalibratedPostProcessor()
 
+    @classmethod
+    def configure_visualizer(cls) -> VerdictVisualizer:
+        """Anomalib's image visualizer, each picture captioned with its score, verdict and class."""
+        return VerdictVisualizer()
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Anomalib's components, then ``predictions.csv`` of predict and test runs (after the verdicts are set)."""
+        callbacks = super().configure_callbacks()
+        return [*(callbacks if isinstance(callbacks, list | tuple) else [callbacks]), PredictionsCsv()]
+
     def _build_model(self, pre_trained: bool | str) -> ResADModel:
         """The network these hyper-parameters describe (``pre_trained=False`` where a checkpoint fills it)."""
         hparams = self.hparams
@@ -266,6 +279,14 @@ class ResAD(AnomalibModule):
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     # ------------------------------------------------------------------ export
+    def _announce_exported_class(self) -> None:
+        """Say which class's references an anomalib export bakes into the graph."""
+        stored = self.references.stored
+        if stored is not None:
+            print(f"Exporting ResAD with the references of class '{stored.class_name}' baked in (k={stored.k}).")
+        elif self.model.feature_converter.has_references:
+            print("Exporting ResAD with the references stored in the model baked in (their class is not recorded).")
+
     def to_onnx(
         self,
         export_root: Path | str,
@@ -288,6 +309,8 @@ class ResAD(AnomalibModule):
         kwargs.setdefault("opset_version", ONNX_OPSET_VERSION)
         kwargs.setdefault("verbose", False)
         with quiet_export() as outermost:
+            if outermost:
+                self._announce_exported_class()
             path = super().to_onnx(export_root, model_file_name, input_size, **kwargs)
         if outermost:
             announce_written("ONNX", path)
@@ -305,6 +328,8 @@ class ResAD(AnomalibModule):
             Path: The OpenVINO ``.xml`` file.
         """
         with quiet_export() as outermost:
+            if outermost:
+                self._announce_exported_class()
             path = super().to_openvino(export_root, *args, **kwargs)
         if outermost:
             announce_written("OpenVINO", path)
@@ -321,6 +346,7 @@ class ResAD(AnomalibModule):
         Returns:
             Path: The ``.pt`` file.
         """
+        self._announce_exported_class()
         path = super().to_torch(export_root, *args, **kwargs)
         announce_written("Torch", path)
         return path
@@ -349,6 +375,15 @@ class ResAD(AnomalibModule):
                 paths.extend(samples.image_path.astype(str))
         unchecked = [path for path in paths if path not in self._checked_paths]
         check_image_files(unchecked)
+        deep = [path for path in unchecked if is_high_bit_depth(path)]
+        if deep:  # anomalib's datasets read them with PIL's convert("RGB"): clipped to 8 bits
+            logger.warning(
+                "%d image(s) hold more than 8 bits per pixel (e.g. %s): anomalib's datamodules read them clipped to "
+                "8 bits (mostly white). ResAD's own readers scale them (references, resad references / serve); for "
+                "training and testing through a datamodule, convert them to 8-bit images first.",
+                len(deep),
+                deep[0],
+            )
         self._checked_paths.update(unchecked)
         pools = self._normal_pools(datamodule)
         self.references.set_pools(pools)
@@ -415,11 +450,19 @@ class ResAD(AnomalibModule):
         if subset is None:  # e.g. predict on a folder of images: the stored bank, or reference_dir's
             stored = self.references.stored
             if self.reference_dir:
-                name = stored.class_name if stored is not None else self._default_class
-                self.set_references(self.select_references(name), pinned=False)
+                self.set_references(self.select_references(folder_class_name(self.reference_dir)), pinned=False)
             elif not self.model.feature_converter.has_references:
                 msg = "This ResAD model holds no references: give --model.reference_dir or a trained checkpoint."
                 raise ResADInputError(msg)
+            else:
+                logger.warning(
+                    "ResAD: no --model.reference_dir given: the images are scored as class '%s', against the "
+                    "references stored in the model (%s). For another product, give --model.reference_dir <folder of "
+                    "k normal images of it>.",
+                    stored.class_name if stored is not None else "unknown",
+                    stored.source if stored is not None and stored.source else "the checkpoint",
+                )
+            self._default_class = self.references.stored.class_name if self.references.stored else self._default_class
             return
         classes = [self.class_of(path) for path in subset.samples.image_path.astype(str)]
         to_store = self.references.prepare_evaluation(classes, self.select_references, bool(self.reference_dir))

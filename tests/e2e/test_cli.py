@@ -2,6 +2,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """`anomalib train --model ResAD` through the real command line, on real images from ../shared/data."""
 
+import csv
 import os
 import re
 import shutil
@@ -195,6 +196,21 @@ def test_checkpoint_alone_is_enough_to_predict_and_reference_dir_is_used(
     assert "the checkpoint holds a model trained with" in output  # backbone, levels, size: rebuilt on restore
     first_reference = sorted(references.glob("*.png"))[0]
     assert str(first_reference) in output  # the reference files actually used are logged
+    assert "references of class 'pcb_12300'" in output  # named after the folder's class, not the stored one
+    table = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
+    assert [Path(row["image_path"]).name for row in table] == sorted(path.name for path in queries.iterdir())
+    assert {row["class"] for row in table} == {"pcb_12300"}
+    assert all(0.0 <= float(row["score"]) <= 1.0 and row["label"] in {"0", "1"} for row in table)
+    # without reference_dir the stored class is used - and said
+    stored = anomalib(
+        "predict", "--model", "ResAD", "--ckpt_path", str(trained[0]), "--data", str(queries),
+        "--trainer.accelerator", "cpu", "--default_root_dir", str(tmp_path / "stored"),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert stored.returncode == 0, (stored.stdout + stored.stderr)[-3000:]
+    assert "no --model.reference_dir given: the images are scored as class 'pcb_12000'" in stored.stderr
+    rows = list(csv.DictReader((tmp_path / "stored" / "predictions.csv").open()))
+    assert {row["class"] for row in rows} == {"pcb_12000"}
     missing = anomalib(
         "predict", "--model", "ResAD", "--ckpt_path", str(trained[0]), "--data", str(queries),
         "--model.reference_dir", str(tmp_path / "no_such_folder"), "--trainer.accelerator", "cpu",

@@ -158,6 +158,8 @@ def test_anomalib_export_is_quiet_and_names_the_files_it_wrote(
     files = [str((root / path).resolve()) for path in EXPORTED_FILES[export_type]]
     assert announced[0].endswith(" export wrote " + ", ".join(files))  # every file, each path unbroken
     assert all(Path(file).is_file() for file in files)
+    # which class it bakes in: the checkpoint's stored references (the first class validated in training)
+    assert result.stdout.count("Exporting ResAD with the references of class 'grass' baked in (k=4)") == 1
 
 
 def test_openvino_inferencer_matches_eager(exported: Path, checkpoint: Path, texture_root: Path) -> None:
