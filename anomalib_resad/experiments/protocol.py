@@ -55,7 +55,7 @@ from ..errors import ResADConfigurationError, check_choice
 from ..evaluation import METRIC_NAMES, ORACLE_NAMES, VERDICT_NAMES, category_metrics, save_anomaly_maps, score_samples
 from ..lightning_model import ResAD
 from ..reference_views import views_mode
-from ..references import ReferenceSelection
+from ..references import ReferenceSelection, list_folder_images
 from .baselines import BASELINES, SKIPPED_STATUS, FewShotPatchcore, build_baselines
 from .cost import COST_COLUMNS, OPENVINO_COST_COLUMNS, measure_cost, measure_openvino_cost
 from .grid import CELL_KEYS, CsvStore, EpochProgress, Progress, check_run_config, plot_auroc_vs_k
@@ -315,9 +315,24 @@ def run_protocol(
     if split not in SPLITS:
         msg = f"split must be one of {list(SPLITS)}, got {split!r}."
         raise ResADConfigurationError(msg)
+    sources, targets = _with_root(sources, source_root), _with_root(targets, target_root)
+    # an impossible run is refused before it writes anything or trains
+    seed_everything(seed, workers=True)
+    datamodule = MultiClassDataModule(
+        sources=sources,
+        targets=targets,
+        include_test=include_test,
+        allow_overlap=allow_overlap,
+        train_batch_size=batch_size,
+        eval_batch_size=batch_size,
+        num_workers=num_workers,
+        seed=seed,
+        name="protocol",
+    )
+    categories = datamodule.target_categories if split == "targets" else datamodule.source_categories
+    check_before_training(datamodule, categories, shots, reference_dirs)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    sources, targets = _with_root(sources, source_root), _with_root(targets, target_root)
     check_run_config(
         output / "run_config.json",
         {
@@ -341,18 +356,6 @@ def run_protocol(
     # every image's score (ResAD's in units of the class's threshold): verdict rules can be studied without rescoring
     image_scores = CsvStore(output / "image_scores.csv", (*CELL_KEYS, "image"), resume=resume)
     costs = CsvStore(output / "cost.csv", COST_KEYS, resume=resume)
-    seed_everything(seed, workers=True)
-    datamodule = MultiClassDataModule(
-        sources=sources,
-        targets=targets,
-        include_test=include_test,
-        allow_overlap=allow_overlap,
-        train_batch_size=batch_size,
-        eval_batch_size=batch_size,
-        num_workers=num_workers,
-        seed=seed,
-        name="protocol",
-    )
     resad, checkpoint, train_s = _trained_resad(datamodule, output, model, trainer, checkpoint, resume)
 
     evaluated = {"ResAD": _Evaluated(resad, resad.set_references)}
@@ -369,10 +372,7 @@ def run_protocol(
         baseline.model.to(resad.device)
         evaluated[name] = _Evaluated(baseline.model, baseline.set_references)
 
-    if split == "targets":
-        categories, test_samples = datamodule.target_categories, datamodule.target_samples
-    else:
-        categories, test_samples = datamodule.source_categories, datamodule.validation_samples
+    test_samples = datamodule.target_samples if split == "targets" else datamodule.validation_samples
     resad.references.set_pools({name: datamodule.reference_pool(name) for name in categories})
     cells = [
         (category, k, draw)
@@ -448,6 +448,48 @@ def run_protocol(
     if plot is not None:
         print(f"plot: {plot}")
     return summary
+
+
+def check_before_training(
+    datamodule: MultiClassDataModule,
+    categories: Sequence[str],
+    shots: Sequence[int],
+    reference_dirs: dict[str, str] | None = None,
+) -> None:
+    """Check what would otherwise fail hours later, before anything is trained.
+
+    Every dataset root must exist (anomalib would otherwise try to download its dataset into a mistyped path and
+    create the folder), every category must be readable, and every evaluated category must have ``max(shots)`` normal
+    images to draw references from (or that many in its reference folder); k must be at least 2.
+
+    Raises:
+        ResADConfigurationError: A missing root or an impossible k, named with the fix.
+    """
+    for entry in [*datamodule.sources, *datamodule.targets]:
+        root = entry.arguments.get("root")
+        if root is not None and not Path(root).is_dir():
+            msg = (
+                f"Dataset root '{root}' ({entry.datamodule}, categories {entry.categories}) does not exist. Fix the "
+                "path (source_root / target_root, or 'root' in the config); a dataset anomalib can download must be "
+                "downloaded there first."
+            )
+            raise ResADConfigurationError(msg)
+    if min(shots) < 2:
+        msg = f"shots {list(shots)}: each class's threshold is set from its k references by leave-one-out, k >= 2."
+        raise ResADConfigurationError(msg)
+    datamodule.setup()
+    short = []
+    for category in categories:
+        folder = (reference_dirs or {}).get(category)
+        available = len(list_folder_images(folder)) if folder else len(datamodule.reference_pool(category))
+        if available < max(shots):
+            short.append(f"{category} ({available})")
+    if short:
+        msg = (
+            f"shots {list(shots)} need {max(shots)} normal reference images per class; these have fewer: "
+            f"{', '.join(short)}. Lower shots or give more normal training images."
+        )
+        raise ResADConfigurationError(msg)
 
 
 def patchcore_baseline(

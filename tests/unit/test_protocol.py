@@ -155,3 +155,26 @@ def test_training_logs_one_line_per_epoch_to_a_file(caplog: pytest.LogCaptureFix
     lines = [record.getMessage() for record in caplog.records]
     assert lines[0].startswith("Training epoch 1/3: train_loss 0.5 (") and "s left" in lines[0]
     assert lines[1].startswith("Training epoch 2/3: train_loss -0.5 (")
+
+
+def test_impossible_settings_are_refused_before_any_training(texture_root: Path, tmp_path: Path) -> None:
+    from anomalib_resad.errors import ResADConfigurationError
+
+    def run(**overrides: object) -> None:
+        settings = {
+            "sources": [{"datamodule": "MVTecAD", "root": str(texture_root), "categories": ["grass"]}],
+            "targets": [{"datamodule": "MVTecAD", "root": str(texture_root), "categories": ["brick"]}],
+            "output_dir": str(tmp_path / "run"), "model": TINY_MODEL, "trainer": TRAINER, "shots": [2],
+            "draws": 1, "num_workers": 0, "cost": False, **overrides,
+        }  # fmt: skip
+        run_protocol(**settings)
+
+    mistyped = tmp_path / "datasets" / "MVTecAd"
+    with pytest.raises(ResADConfigurationError, match=r"Dataset root '.*MVTecAd' .* does not exist"):
+        run(target_root=str(mistyped))
+    assert not mistyped.exists()  # nothing downloaded into it, not even the folder
+    with pytest.raises(ResADConfigurationError, match=r"k >= 2"):
+        run(shots=[1])
+    with pytest.raises(ResADConfigurationError, match=r"need 100 normal reference images per class; .*brick \(8\)"):
+        run(shots=[2, 100])
+    assert not (tmp_path / "run" / "train").exists()  # refused before training
