@@ -101,3 +101,20 @@ def install() -> None:
         return
     if not any(type(finder).__name__ == AnomalibModelsFinder.__name__ for finder in sys.meta_path):
         sys.meta_path.insert(0, AnomalibModelsFinder())
+
+
+def resad_main() -> None:
+    """Entry point of the ``resad`` console script: :func:`anomalib_resad.cli.main` without two known FutureWarnings.
+
+    Importing ``anomalib.models`` imports a deprecated module of timm's and one of anomalib's own; a user can do
+    nothing about either. The filter has to be set before ``anomalib_resad`` is imported (the package imports
+    anomalib), so it lives here, outside the package, and applies to the ``resad`` command only: anomalib's own CLI
+    and library use of ``anomalib_resad`` keep every warning.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message="Importing from timm.models.layers is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="The anomalib.models.components.dinov2 package", category=FutureWarning)
+    from anomalib_resad.cli import main
+
+    main()

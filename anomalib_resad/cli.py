@@ -32,7 +32,7 @@ from .serve import serve
 
 
 def main() -> None:
-    """Entry point of the ``resad`` console script."""
+    """The ``resad`` command (the console script enters through :func:`anomalib_resad_hook.resad_main`)."""
     install_cli_excepthook()
     logging.basicConfig(level=os.environ.get("RESAD_LOG_LEVEL", "WARNING"))
     if "RESAD_LOG_LEVEL" not in os.environ:  # long runs (`resad evaluate`): a line per epoch and per finished cell
