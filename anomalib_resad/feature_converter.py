@@ -45,7 +45,7 @@ RESIDUAL_TYPES = ("squared", "difference")
 # k and batch size. On a 2-core AMD EPYC (one thread, interleaved), 16 MiB blocks matched the stride-4 level 1.2-1.8x
 # faster than 64 MiB blocks (the previous size) for both Lite0 (24 channels) and wide_resnet50_2 (256): the row
 # maximum then re-reads a block still partly in cache; 1 MiB blocks were up to 2x slower for wide channels (an
-# interleaved comparison of block sizes, docs/benchmark.md "Cheaper smoothing and matching blocks").
+# interleaved comparison of block sizes, docs/history.md "Cheaper smoothing and matching blocks").
 _MATCH_BLOCK_ELEMENTS = 1 << 22
 
 
@@ -392,7 +392,7 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
         references are averaged within each reference image, whose grid is the query's (the bank holds ``k`` images
         of the query's feature size, row-major - checked in eager for the stored bank). The distance is Euclidean, as
         PatchCore's, not ResAD's cosine: on magnetic tile the Euclidean maps localise 6-7 points of pixel AUROC better
-        than the cosine ones, and on CrackForest within 1 (docs/benchmark.md, "Which nearest-neighbour map"). Used by
+        than the cosine ones, and on CrackForest within 1 (docs/history.md, "Which nearest-neighbour map"). Used by
         the nearest-neighbour score and map of classes that need it (:mod:`~anomalib_resad.anomaly_map`); written here
         because it needs the bank.
 

@@ -36,10 +36,11 @@ RANK_SEED_STRIDE = 7919  # ResAD.on_fit_start: rank r draws with random.Random(r
 # Largest |difference| of the unseen group's AUROC between the 2-process and the 1-process run (same seed, same
 # effective batch). The runs differ as two seeds of one process do - sample order (DistributedSampler), training
 # reference draws (one stream per rank), BatchNorm statistics over 4 instead of 8 images - so the bound is the spread
-# of such runs, measured on this very setting (docs/serving_section.md, "Several processes"): over seeds 0-4 x {1, 2}
-# processes image AUROC spread over 0.582-0.616 and pixel AUROC over 0.740-0.759 (any two runs: at most 0.034 /
-# 0.019 apart); a 2-process run differed from the 1-process run of its seed by at most 0.016 / 0.016. The bounds
-# are the all-runs spread rounded up: the DDP model must score like another seed of the 1-process model, no worse.
+# of such runs, measured on this very setting (docs/benchmark.md, "Training with several processes (DDP)"): over seeds
+# 0-4 x {1, 2} processes image AUROC spread over 0.582-0.616 and pixel AUROC over 0.740-0.759 (any two runs: at most
+# 0.034 / 0.019 apart); a 2-process run differed from the 1-process run of its seed by at most 0.016 / 0.016. The
+# bounds are the all-runs spread rounded up: the DDP model must score like another seed of the 1-process model, no
+# worse.
 IMAGE_AUROC_TOLERANCE = 0.04
 PIXEL_AUROC_TOLERANCE = 0.03
 
