@@ -74,9 +74,10 @@ class VerdictVisualizer(ImageVisualizer):
             )
             if image is None:
                 continue
-            if item.pred_score is not None and item.pred_label is not None:
+            text_config = {name: value for name, value in self.text_config.items() if name != "enable"}
+            if self.text_config.get("enable", True) and item.pred_score is not None and item.pred_label is not None:
                 text = caption(item, _class_of(pl_module, str(item.image_path)))
-                image = add_text_to_image(image, text, **{**self.text_config, "position": (10, image.height - 30)})
+                image = add_text_to_image(image, text, **{**text_config, "position": (10, image.height - 30)})
             filename = generate_output_filename(
                 input_path=item.image_path or "",
                 output_path=self.output_dir,

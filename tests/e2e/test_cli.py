@@ -197,7 +197,9 @@ def test_checkpoint_alone_is_enough_to_predict_and_reference_dir_is_used(
     first_reference = sorted(references.glob("*.png"))[0]
     assert str(first_reference) in output  # the reference files actually used are logged
     assert "references of class 'pcb_12300'" in output  # named after the folder's class, not the stored one
-    table = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
+    written = list((tmp_path / "out").rglob("predictions.csv"))  # in anomalib's run folder, beside the images
+    assert len(written) == 1, written
+    table = list(csv.DictReader(written[0].open()))
     assert [Path(row["image_path"]).name for row in table] == sorted(path.name for path in queries.iterdir())
     assert {row["class"] for row in table} == {"pcb_12300"}
     assert all(0.0 <= float(row["score"]) <= 1.0 and row["label"] in {"0", "1"} for row in table)
@@ -209,7 +211,7 @@ def test_checkpoint_alone_is_enough_to_predict_and_reference_dir_is_used(
     )  # fmt: skip
     assert stored.returncode == 0, (stored.stdout + stored.stderr)[-3000:]
     assert "no --model.reference_dir given: the images are scored as class 'pcb_12000'" in stored.stderr
-    rows = list(csv.DictReader((tmp_path / "stored" / "predictions.csv").open()))
+    rows = list(csv.DictReader(next((tmp_path / "stored").rglob("predictions.csv")).open()))
     assert {row["class"] for row in rows} == {"pcb_12000"}
     missing = anomalib(
         "predict", "--model", "ResAD", "--ckpt_path", str(trained[0]), "--data", str(queries),

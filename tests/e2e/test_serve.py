@@ -225,9 +225,8 @@ def test_bad_input_gets_a_4xx_with_one_line_and_the_server_keeps_serving(
     before = scores_of(server.predict(CLASS, queries[:1]))
     good = sorted((shared_data / "deeppcb" / "pcb_12000" / "train" / "good").glob("*.png"))
     (tmp_path / "notes.png").write_text("not an image")
-    black = [tmp_path / "black_0.png", tmp_path / "black_1.png"]
-    for path in black:
-        path.write_bytes(BLACK)
+    black = tmp_path / "black.png"
+    black.write_bytes(BLACK)
     refused = {
         "not an image": (server.predict(CLASS, [("notes.png", b"not an image")]), 400, "'notes.png' is not an image"),
         "unknown class": (server.predict("no_such_class", queries[:1]), 404, "Unknown class 'no_such_class'"),
@@ -235,7 +234,8 @@ def test_bad_input_gets_a_4xx_with_one_line_and_the_server_keeps_serving(
         "one image": (server.add_class("tiny", good[:1]), 400, "1 image(s) uploaded"),
         "text for an image": (server.add_class("x", [tmp_path / "notes.png", good[0]]), 400, "is not an image"),
         "duplicates": (server.add_class("twins", [good[0], good[0]]), 422, "identical"),
-        "blank frames": (server.add_class("dark", black), 422, "blank"),
+        # a blank frame beside references that show the part (an all-uniform class is a uniform product: accepted)
+        "blank frame": (server.add_class("dark", [black, *good[:2]]), 422, "blank"),
         "bad name": (server.add_class("../escape", good[:2]), 400, "is not allowed"),
         "exists": (server.add_class(CLASS, good[:2]), 409, "exists"),
         "outside root": (server.add_class("etc", folder="../../etc"), 400, "outside"),
