@@ -23,7 +23,7 @@ def quick_protocol(tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("quick_protocol")
     result = subprocess.run(
         [str(RESAD), "evaluate", "--config", "configs/settings/shared_pcb_quick.yaml", "--output_dir", str(output),
-         "--baselines", "[patchcore]"],
+         "--baselines", "[patchcore]", "--cost", "false"],  # cost.csv: tests/unit/test_side_by_side.py
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=1800, check=False,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
@@ -41,16 +41,6 @@ def test_resad_beats_chance_and_few_shot_patchcore_on_unseen_board_groups(quick_
     assert (resad.image_AUROC > 0.55).all() and resad.image_AUROC.mean() > 0.6, resad
     assert resad.pixel_AUROC.mean() > patchcore.pixel_AUROC.mean()
     assert resad.image_AUROC.mean() > patchcore.image_AUROC.mean()
-
-
-def test_cost_of_both_models_eager_and_openvino(quick_protocol: Path) -> None:
-    cost = pd.read_csv(quick_protocol / "cost.csv").set_index("model")
-    assert sorted(cost.index) == ["PatchCore", "ResAD"]
-    # ResAD exported (references baked in) and timed in OpenVINO f32, next to eager PyTorch; anomalib 2.7's PatchCore
-    # export fixes its traced batch and cannot be reshaped: NaN (logged), not a failed run
-    assert cost.loc["ResAD", "openvino_ms_per_image_b1"] > 0 and cost.loc["ResAD", "openvino_images_per_s_b16"] > 0
-    assert cost.loc["PatchCore", ["openvino_ms_per_image_b1", "openvino_images_per_s_b16"]].isna().all(), cost
-    assert (cost.ms_per_image_b1 > 0).all() and (cost.GMACs_per_image > 0).all(), cost
 
 
 def test_outputs_for_reproduction(quick_protocol: Path) -> None:
