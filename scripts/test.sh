@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 # The suite trains many models in one process: keep glibc malloc from ballooning (costs about 2x CPU time in
 # training through page faults, measured on the demo; the short demo does not set it).
 export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-65536}"
-python -m pytest "$@"
+# Two workers (pytest-xdist), each test module whole on one of them so its module-scoped trained models are built once.
+python -m pytest -n "${RESAD_TEST_WORKERS:-2}" --dist loadfile "$@"

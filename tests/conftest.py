@@ -9,6 +9,15 @@ import pytest
 
 # Never reach for a model hub: a mistake must fail at once, not retry for a minute.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Under pytest-xdist (scripts/test.sh runs `-n 2 --dist loadfile` on CI's two cores) each worker gets its share of
+# the cores: two workers each running torch on every core would only fight over them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ.setdefault("OMP_NUM_THREADS", _threads)
+    os.environ.setdefault("MKL_NUM_THREADS", _threads)
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RESAD_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
