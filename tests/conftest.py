@@ -21,6 +21,29 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RESAD_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+# The modules that take minutes on one core, longest first. With `--dist loadfile` each module runs whole on one
+# worker, in collection order: started last, a ten-minute module would leave the other worker idle at the end.
+LONGEST_FIRST = (
+    "tests/e2e/test_notebook.py",
+    "tests/e2e/test_generalization.py",
+    "tests/e2e/test_odd_frames.py",
+    "tests/e2e/test_export.py",
+    "tests/e2e/test_cli.py",
+    "tests/e2e/test_serve.py",
+    "tests/e2e/test_ddp.py",
+    "tests/e2e/test_scores_unchanged.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the longest modules first; everything else keeps its collection order (the sort is stable)."""
+
+    def rank(item: pytest.Item) -> int:
+        path = Path(str(item.fspath)).resolve()
+        module = path.relative_to(REPO_ROOT).as_posix() if path.is_relative_to(REPO_ROOT) else ""
+        return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")

@@ -328,13 +328,13 @@ def test_damaged_references_file_and_unreadable_image_are_named(deployment: Path
 
 
 def test_references_made_in_openvino_equal_eagers_and_score_alike(
-    checkpoint: Path, texture_root: Path, tmp_path: Path
+    checkpoint: Path, deployment: Path, texture_root: Path, tmp_path: Path
 ) -> None:
     """The OpenVINO reference encoder and calibrator make the same bank (each image's 8 views on the two deepest
     levels), the same scoring record and the same matching choice (the same synthetic defects) as eager PyTorch; with
     the averaged matching switched on, the exported graph scores like eager too."""
     model = ResAD.load_from_checkpoint(checkpoint).eval()
-    root = export_deployment(model, tmp_path / "deployment")
+    root = deployment  # the checkpoint's export (exporting it again took two minutes)
     folder = texture_root / "brick" / "train" / "good"
     bank, metadata = load_references(make_references(root, folder, tmp_path / "brick.npz", k=2))
     assert (bank.k, bank.views, metadata["views"]) == (2, [1, 8, 8], [1, 8, 8])

@@ -31,6 +31,7 @@ def protocol_run(texture_root: Path, tmp_path_factory: pytest.TempPathFactory) -
         num_workers=0,
         maps_per_category=2,
         baselines=["nearest", "flows", "patchcore"],
+        cost=False,  # cost.csv, with its OpenVINO export (two thirds of this run): tests/unit/test_side_by_side.py
     )
     return output
 
@@ -92,6 +93,7 @@ def test_reference_folder_and_checkpoint_reuse(protocol_run: Path, texture_root:
         reference_dirs={"brick": str(folder)},
         num_workers=0,
         maps_per_category=0,
+        cost=False,
         # a scoring option applies to the given checkpoint; the training recipe's keys are the checkpoint's own
         model={"threshold_margin": 1.5, "coupling_layers": 99},
     )
