@@ -49,7 +49,9 @@ RESIDUAL_TYPES = ("squared", "difference")
 _MATCH_BLOCK_ELEMENTS = 1 << 22
 
 
-def match_features(query: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def match_features(
+    query: torch.Tensor, bank: torch.Tensor, coverage: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Match images' vectors to a bank both ways by cosine similarity.
 
     Forward, for every query vector: the bank vector with the highest cosine similarity, and that similarity (the
@@ -61,10 +63,14 @@ def match_features(query: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tenso
     Args:
         query (torch.Tensor): Query vectors of B images ``(B, N, C)``.
         bank (torch.Tensor): Reference vectors ``(M, C)``.
+        coverage (bool): Also the reverse view. Training and the matching choice read only the forward one, and the
+            reverse maximum is a second pass over the similarity matrix (about a quarter of the matching time on a
+            2-core AMD EPYC, Lite0's stride-4 level against 4 images). Defaults to ``True``.
 
     Returns:
-        tuple[torch.Tensor, torch.Tensor, torch.Tensor]: The matched (un-normalised) bank vectors ``(B, N, C)``,
-        their cosine similarities ``(B, N)`` and each bank vector's best similarity per image ``(B, M)``.
+        tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]: The matched (un-normalised) bank vectors
+        ``(B, N, C)``, their cosine similarities ``(B, N)`` and each bank vector's best similarity per image
+        ``(B, M)`` (``None`` without ``coverage``).
 
     Example:
         >>> bank = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
@@ -85,23 +91,26 @@ def match_features(query: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tenso
     size = max(1, length * bank.shape[0])
     if size <= _MATCH_BLOCK_ELEMENTS:
         blocks = query_normalized.split(_MATCH_BLOCK_ELEMENTS // size)
-        parts = [_match_block(images, bank_normalized) for images in blocks]
+        parts = [_match_block(images, bank_normalized, coverage) for images in blocks]
     else:
         rows = max(1, _MATCH_BLOCK_ELEMENTS // max(1, bank.shape[0]))
         parts = []
         for image in query_normalized:
-            blocks = [_match_block(part.unsqueeze(0), bank_normalized) for part in image.split(rows)]
+            blocks = [_match_block(part.unsqueeze(0), bank_normalized, coverage) for part in image.split(rows)]
             best, indices = (torch.cat([block[i] for block in blocks], dim=1) for i in range(2))
-            parts.append((best, indices, torch.stack([block[2] for block in blocks]).amax(dim=0)))
-    best, indices, coverage = (torch.cat([part[i] for part in parts]) for i in range(3))
-    return bank[indices], best, coverage
+            covered = torch.stack([block[2] for block in blocks]).amax(dim=0) if coverage else None
+            parts.append((best, indices, covered))
+    best, indices = (torch.cat([part[i] for part in parts]) for i in range(2))
+    return bank[indices], best, torch.cat([part[2] for part in parts]) if coverage else None
 
 
-def _match_block(images: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _match_block(
+    images: torch.Tensor, bank: torch.Tensor, coverage: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Best similarity and index per row ``(b, n)`` and per bank row ``(b, M)`` of normalised ``(b, n, C)``."""
     similarity = images @ bank.T
     best, indices = similarity.max(dim=2)
-    return best, indices, similarity.amax(dim=1)
+    return best, indices, similarity.amax(dim=1) if coverage else None
 
 
 def nearest_reference(query: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +131,7 @@ def nearest_reference(query: torch.Tensor, bank: torch.Tensor) -> tuple[torch.Te
         (tensor([[0., 2.],
                 [1., 0.]]), tensor([1., 1.]))
     """
-    matched, similarity, _ = match_features(query.unsqueeze(0), bank)
+    matched, similarity, _ = match_features(query.unsqueeze(0), bank, coverage=False)
     return matched[0], similarity[0]
 
 
@@ -223,7 +232,8 @@ class ResidualMatches(NamedTuple):
     Attributes:
         residuals (list[torch.Tensor]): Residual features ``(B, C_l, H_l, W_l)``.
         similarities (list[torch.Tensor]): Cosine similarity of each query position's match ``(B, H_l, W_l)``.
-        coverage (list[torch.Tensor]): Each reference position's best similarity in each image ``(B, M_l)``.
+        coverage (list[torch.Tensor]): Each reference position's best similarity in each image ``(B, M_l)`` (empty
+            where not asked for).
     """
 
     residuals: list[torch.Tensor]
@@ -343,6 +353,7 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
         self,
         features: Sequence[torch.Tensor],
         bank: Sequence[torch.Tensor] | None = None,
+        coverage: bool = True,
     ) -> "ResidualMatches":
         """Residuals of the query features against their nearest reference features.
 
@@ -350,6 +361,8 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
             features (Sequence[torch.Tensor]): Per-level query features ``(B, C_l, H_l, W_l)``.
             bank (Sequence[torch.Tensor] | None): Per-level reference banks ``(M_l, C_l)``; the stored bank when
                 ``None``.
+            coverage (bool): Also each reference position's best similarity (the odd-frame check's reverse view;
+                :func:`match_features`). Defaults to ``True``; without it, ``coverage`` is empty.
 
         Returns:
             ResidualMatches: Per level, the residual features ``(B, C_l, H_l, W_l)``, the cosine similarity of each
@@ -369,16 +382,17 @@ class FeatureConverter(DynamicBufferMixin, nn.Module):
             # not ``self.bank``: reading ``reference_layout`` (a buffer) into Python ints fails ``torch.export``'s
             # non-strict trace, which then prints the partial graph and retries with the slower strict one
             bank = self.reference_levels
-        residuals, similarities, coverage = [], [], []
+        residuals, similarities, coverages = [], [], []
         for feature, references in zip(features, bank, strict=True):
             batch, _, height, width = feature.shape
             vectors = feature.permute(0, 2, 3, 1).reshape(batch, height * width, -1)
-            matched, similarity, level_coverage = match_features(vectors, references)
+            matched, similarity, level_coverage = match_features(vectors, references, coverage)
             matched = matched.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
             residuals.append(residual_features(feature, matched, self.residual))
             similarities.append(similarity.reshape(batch, height, width))
-            coverage.append(level_coverage)
-        return ResidualMatches(residuals, similarities, coverage)
+            if level_coverage is not None:
+                coverages.append(level_coverage)
+        return ResidualMatches(residuals, similarities, coverages)
 
     def averaged_distances(
         self,

@@ -532,7 +532,7 @@ class ResAD(AnomalibModule):
             index = torch.tensor([i for i, name in enumerate(classes) if name == class_name], device=images.device)
             bank = self.references.training_bank(class_name, self.train_k, self._train_rng)
             class_features = [feature[index] for feature in features]
-            class_residuals = self.model.feature_converter(class_features, bank.levels).residuals
+            class_residuals = self.model.feature_converter(class_features, bank.levels, coverage=False).residuals
             for level, residual in enumerate(class_residuals):
                 residuals[level][index] = residual
         level_masks = [F.interpolate(masks.unsqueeze(1), size=r.shape[-2:], mode="nearest")[:, 0] for r in residuals]

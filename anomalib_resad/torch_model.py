@@ -141,7 +141,7 @@ class ResADModel(nn.Module):
                 # the choice reads the two nearest-neighbour scores only: matching, no constraintor or flows
                 bank = flatten_levels(banks[index][1][-NEAREST_LEVELS:])
                 query = self.feature_extractor(defects[index])[-NEAREST_LEVELS:]
-                similarities = self.feature_converter(query, bank).similarities
+                similarities = self.feature_converter(query, bank, coverage=False).similarities
                 averaged = self.feature_converter.averaged_distances(query, bank, NEAREST_LEVELS)
                 return self.anomaly_map_generator.nearest_components(similarities, averaged, image_size)
 

@@ -64,6 +64,10 @@ def test_coverage_is_each_reference_vectors_best_match_in_each_image(
     torch.testing.assert_close(coverage, cosine.amax(dim=1))  # per image, not over the batch
     torch.testing.assert_close(similarity, cosine.amax(dim=2))
     torch.testing.assert_close(matched, bank[cosine.argmax(dim=2)])
+    forward_only = converter_module.match_features(query, bank, coverage=False)  # training: no reverse pass
+    assert forward_only[2] is None
+    torch.testing.assert_close(forward_only[0], matched, rtol=0, atol=0)
+    torch.testing.assert_close(forward_only[1], similarity, rtol=0, atol=0)
     monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
     exported = converter_module.match_features(query, bank)
     for eager_part, exported_part in zip((matched, similarity, coverage), exported, strict=True):
