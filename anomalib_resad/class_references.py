@@ -11,8 +11,9 @@ every class in every batch. :class:`ClassReferences` owns all of it:
   and evaluation banks never re-run the backbone on an image (evaluation banks cache each image's flipped and
   rotated views as well: :mod:`~anomalib_resad.reference_views`);
 * **banks** - a class's calibrated :class:`~anomalib_resad.feature_converter.ReferenceBank` (features + the class's
-  :class:`~anomalib_resad.calibration.Scoring`), built once per set of files (:meth:`ClassReferences.bank`);
-  training banks (:meth:`ClassReferences.training_bank`) skip the calibration;
+  :class:`~anomalib_resad.calibration.Scoring`), built once per set of files (:meth:`ClassReferences.bank`) and
+  measured again once the trained part changed (:meth:`ClassReferences.forget_scoring`, after every training
+  epoch); training banks (:meth:`ClassReferences.training_bank`) skip the calibration;
 * **routing** - which class's bank is the stored one (saved in checkpoints, baked into exports), whether it is pinned
   (kept in later evaluations instead of drawn again), and the banks of the other classes of a multi-class
   evaluation set (:meth:`ClassReferences.prepare_evaluation`, :meth:`ClassReferences.bank_of`).
@@ -27,7 +28,7 @@ Example:
     >>> def encode(paths, bank=False):  # features of each file (x 4 views in a bank), image size, views per level
     ...     views = 4 if bank else 1
     ...     return [torch.rand(len(paths) * views, 4, 3, 3)], (12, 12), (views,)
-    >>> def calibrate(features, image_size, paths, views):
+    >>> def calibrate(features, image_size, paths, views, averaging=None):
     ...     return Scoring.neutral(num_levels=1)
     >>> references = ClassReferences(encode, calibrate)
     >>> references.set_pools({"widget": ["a.png", "b.png", "c.png"]})
@@ -59,8 +60,11 @@ logger = logging.getLogger(__name__)
 # (files, whether for an evaluation bank) -> per-level features of every file (and its views in a bank), file by
 # file, the pre-processed image size and the views per file in each level
 Encoder = Callable[[Sequence[str], bool], tuple[list[torch.Tensor], tuple[int, int], tuple[int, ...]]]
-# (per-level bank features of k files, image size, their files, views per level) -> the class's scoring record
-Calibrator = Callable[[Sequence[torch.Tensor], tuple[int, int], Sequence[str], Sequence[int]], Scoring]
+# (per-level bank features of k files, image size, their files, views per level, the class's matching choice when
+# already known, else None) -> the class's scoring record
+Calibrator = Callable[
+    [Sequence[torch.Tensor], tuple[int, int], Sequence[str], Sequence[int], torch.Tensor | None], Scoring
+]
 CACHE_BYTES = 1 << 30  # cached reference features: 1 GiB
 
 
@@ -144,9 +148,13 @@ class FileEncoder:
         image_size: tuple[int, int],
         paths: Sequence[str],
         views: Sequence[int],
+        averaging: torch.Tensor | None = None,
     ) -> Scoring:
-        """The class's scoring record from its k references' bank features (the files give their synthetic defects)."""
-        return self.model.calibrate(features, image_size, self._images(paths), views)
+        """The class's scoring record from its k references' bank features.
+
+        The files give their synthetic defects, read only where the matching choice ``averaging`` is not known yet.
+        """
+        return self.model.calibrate(features, image_size, self._images(paths), views, averaging)
 
 
 class ClassReferences:
@@ -177,6 +185,9 @@ class ClassReferences:
         self.pinned = False
         self.eval_banks: dict[str, ReferenceBank] = {}
         self._banks: dict[tuple[str, ...], ReferenceBank] = {}
+        # each set of files' matching choice: the backbone's alone (frozen), so it outlives the trained part's changes
+        self._averaging: dict[tuple[str, ...], torch.Tensor] = {}
+        self._stale = False  # the stored bank's scoring was measured with trained weights that have changed since
         self._image_size: tuple[int, int] | None = None
         self._layouts: dict[bool, tuple[int, ...]] = {}  # views per level of plain and of bank features
 
@@ -194,9 +205,31 @@ class ClassReferences:
     def clear(self) -> None:
         """Forget cached features and banks (the model changed: new training, new weights)."""
         self.cache.clear()
-        self._banks.clear()
+        self._averaging.clear()
         self._layouts.clear()
+        self.forget_scoring()
+
+    def forget_scoring(self) -> None:
+        """Measure every class's scoring again where it is next needed: the trained part changed (a training epoch).
+
+        A scoring record holds the flows' constants and maxima, so one measured before an epoch of training no longer
+        fits the model after it; the stored bank is calibrated again at the next evaluation, before a checkpoint is
+        saved, or before a prediction (:attr:`stale`). Features and matching choices stay: the backbone is frozen.
+        """
+        self._banks.clear()
         self.eval_banks = {}
+        self._stale = True
+
+    def store(self, selection: ReferenceSelection, pinned: bool) -> None:
+        """Record ``selection`` as the stored bank's references, just calibrated with the current weights."""
+        self.stored = selection
+        self.pinned = pinned
+        self._stale = False
+
+    @property
+    def stale(self) -> bool:
+        """Whether the stored bank's scoring predates the trained part's last change (:meth:`forget_scoring`)."""
+        return self._stale and self.stored is not None
 
     def set_pools(self, pools: Mapping[str, Sequence[str]]) -> None:
         """The normal images each class's references may be drawn from (e.g. its training split)."""
@@ -261,7 +294,8 @@ class ClassReferences:
         if key not in self._banks:
             features = self.features(selection.paths, bank=True)
             views = self._layouts[True]
-            scoring = self.calibrate(features, self._image_size, selection.paths, views)
+            scoring = self.calibrate(features, self._image_size, selection.paths, views, self._averaging.get(key))
+            self._averaging[key] = scoring.averaging
             self._banks[key] = ReferenceBank.from_features(features, views, scoring)
             logger.info(
                 "ResAD references of class '%s' (k=%d, %s): %s",
@@ -289,7 +323,7 @@ class ClassReferences:
 
         The stored references stay where they are pinned to a class being evaluated (and no folder overrides them);
         otherwise the stored bank becomes the stored class's (or the first class's) fresh selection. The other classes'
-        banks go to :attr:`eval_banks`.
+        banks go to :attr:`eval_banks`. A :attr:`stale` stored bank is always returned, to be calibrated again.
 
         Args:
             classes (Sequence[str]): The classes of the data to evaluate.
@@ -312,8 +346,10 @@ class ClassReferences:
         to_store = None
         if not keep:
             primary = stored.class_name if stored is not None and stored.class_name in classes else classes[0]
-            if stored is None or stored.paths != selections[primary].paths:
+            if stored is None or stored.paths != selections[primary].paths or self.stale:
                 to_store = selections[primary]
+        elif self.stale:
+            to_store = stored
         stored_class = (to_store or stored).class_name
         self.eval_banks = {name: self.bank(choice) for name, choice in selections.items() if name != stored_class}
         return to_store

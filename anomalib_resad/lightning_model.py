@@ -431,8 +431,12 @@ class ResAD(AnomalibModule):
                 them from the datamodule. Defaults to ``True``.
         """
         self.model.set_references(self.references.bank(selection))
-        self.references.stored = selection
-        self.references.pinned = pinned
+        self.references.store(selection, pinned)
+
+    def _refresh_stored_scoring(self) -> None:
+        """Calibrate the stored bank again where training changed the flows since it was calibrated."""
+        if self.references.stale:
+            self.set_references(self.references.stored, pinned=self.references.pinned)
 
     def select_references(self, class_name: str) -> ReferenceSelection:
         """The reference images of a class: the first ``k`` of ``reference_dir``, else a seeded draw from its pool."""
@@ -455,6 +459,7 @@ class ResAD(AnomalibModule):
                 msg = "This ResAD model holds no references: give --model.reference_dir or a trained checkpoint."
                 raise ResADInputError(msg)
             else:
+                self._refresh_stored_scoring()
                 logger.warning(
                     "ResAD: no --model.reference_dir given: the images are scored as class '%s', against the "
                     "references stored in the model (%s). For another product, give --model.reference_dir <folder of "
@@ -466,8 +471,8 @@ class ResAD(AnomalibModule):
             return
         classes = [self.class_of(path) for path in subset.samples.image_path.astype(str)]
         to_store = self.references.prepare_evaluation(classes, self.select_references, bool(self.reference_dir))
-        if to_store is not None:
-            self.set_references(to_store, pinned=False)
+        if to_store is not None:  # a new selection, or the pinned one calibrated again after training
+            self.set_references(to_store, pinned=self.references.pinned and to_store is self.references.stored)
 
     def on_validation_start(self) -> None:
         """Prepare the calibrated reference banks of the validation classes."""
@@ -482,6 +487,10 @@ class ResAD(AnomalibModule):
         self._prepare_eval_references(None)
 
     # ------------------------------------------------------------------ training
+    def on_train_epoch_start(self) -> None:
+        """The flows are about to change: every class's scoring record is measured again where next needed."""
+        self.references.forget_scoring()
+
     def on_fit_start(self) -> None:
         """Start with fresh reference features (the datamodule's pools are known from :meth:`setup`)."""
         self.references.clear()
@@ -595,8 +604,17 @@ class ResAD(AnomalibModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the reference files next to the bank (the bank and its scoring record are in the state dict)."""
+        """Store the reference files next to the bank (the bank and its scoring record are in the state dict).
+
+        A checkpoint saved right after training epochs with no evaluation since (no validation data) would hold a
+        scoring record measured before them: the stored class is calibrated again with the weights being saved, and
+        its buffers replace those Lightning already put in the state dict.
+        """
         super().on_save_checkpoint(checkpoint)
+        if self.references.stale and "state_dict" in checkpoint:
+            self._refresh_stored_scoring()
+            fresh = self.state_dict()
+            checkpoint["state_dict"].update({name: fresh[name] for name in checkpoint["state_dict"] if name in fresh})
         if self.references.stored is not None:
             checkpoint["resad_references"] = self.references.stored.to_dict()
 

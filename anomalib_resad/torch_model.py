@@ -20,6 +20,7 @@ Example:
 """
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -108,6 +109,7 @@ class ResADModel(nn.Module):
         image_size: tuple[int, int],
         images: torch.Tensor,
         views: Sequence[int],
+        averaging: torch.Tensor | None = None,
     ) -> Scoring:
         """A class's :class:`~anomalib_resad.calibration.Scoring` from its k references' bank features.
 
@@ -120,6 +122,8 @@ class ResADModel(nn.Module):
             image_size (tuple[int, int]): Size of the pre-processed images (the maps' resolution).
             images (torch.Tensor): The pre-processed reference images ``(k, 3, H, W)`` (their synthetic defects).
             views (Sequence[int]): Views per image in each level of ``features``.
+            averaging (torch.Tensor | None): The class's matching choice where it was made before on the same images
+                (it reads the frozen backbone alone, so training does not change it); ``None``: make it here.
 
         Returns:
             Scoring: The class's record.
@@ -134,7 +138,7 @@ class ResADModel(nn.Module):
             return self.score_components(query, flatten_levels(others), constants, image_size)
 
         score_defects = None
-        if self.anomaly_map_generator.uses_nearest:
+        if self.anomaly_map_generator.uses_nearest and averaging is None:
             defects = synthetic_defects(images)
 
             def score_defects(index: int) -> ScoreComponents:
@@ -146,6 +150,8 @@ class ResADModel(nn.Module):
                 return self.anomaly_map_generator.nearest_components(similarities, averaged, image_size)
 
         scoring = leave_one_out_scoring(score_reference, len(banks), self.num_levels, score_defects)
+        if averaging is not None:
+            scoring = replace(scoring, averaging=averaging.clone())
         self.train(was_training)
         return scoring
 

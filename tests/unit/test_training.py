@@ -12,8 +12,10 @@ from anomalib.engine import Engine
 from PIL import Image
 
 from anomalib_resad import ResAD
+from anomalib_resad.calibration import Scoring
 from anomalib_resad.data import MultiClassDataModule
 from anomalib_resad.loss import ResADLoss
+from anomalib_resad.references import ReferenceSelection, load_images
 from tests.helpers.models import tiny_resad as helper_tiny_resad
 
 
@@ -85,3 +87,62 @@ def test_grayscale_training_images_are_converted(texture_root: Path, tmp_path: P
     results = engine.test(model, datamodule=datamodule)
     assert model.reference_selection is not None and model.reference_selection.class_name == "gray_gravel"
     assert results and "image_AUROC" not in results[0]  # evaluator disabled: the run itself is the check
+
+
+def fresh_scoring(model: ResAD) -> Scoring:
+    """The stored class's record measured now, with the model's current weights, from the same reference files."""
+    selection = model.references.stored
+    size = (64, 64)
+    features = model.references.features(selection.paths, bank=True)
+    images = load_images(selection.paths, model.pre_processor.transform)
+    return model.model.calibrate(features, size, images, model.model.bank_views(size))
+
+
+def assert_same_scoring(held: dict[str, torch.Tensor], fresh: Scoring) -> None:
+    for name, value in fresh.tensors().items():
+        torch.testing.assert_close(held[name], value, rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_the_stored_scoring_is_measured_with_the_final_weights(texture_root: Path, tmp_path: Path) -> None:
+    """The flows' constants and maxima of the stored class fit the weights that score with them - after training, in
+    the model and in its checkpoint - not the weights of the first epoch's validation (where they were once kept)."""
+    datamodule = MVTecAD(root=texture_root, category="grass", train_batch_size=8, eval_batch_size=8, num_workers=0)
+    model = tiny_resad(first_stage_epochs=0, lr=1e-2)  # a large step: each epoch moves the flows' maxima visibly
+    seen: list[float] = []
+    original = ResAD.on_validation_epoch_start
+
+    def spy(self: ResAD) -> None:
+        seen.append(float(self.model.anomaly_map_generator.stored.get().map_max))
+        original(self)
+
+    ResAD.on_validation_epoch_start = spy
+    try:
+        engine = fit(model, datamodule, tmp_path, epochs=3)
+    finally:
+        ResAD.on_validation_epoch_start = original
+    assert len(seen) == 3 and len(set(seen)) == 3, seen  # every validation scored with that epoch's own record
+    stored = model.model.anomaly_map_generator.stored.get()
+    assert_same_scoring(stored.tensors(), fresh_scoring(model))
+    state = torch.load(engine.trainer.checkpoint_callback.best_model_path, weights_only=True)["state_dict"]
+    prefix = "model.anomaly_map_generator.stored."
+    assert_same_scoring({name[len(prefix) :]: value for name, value in state.items() if name.startswith(prefix)},
+                        stored)  # fmt: skip
+
+
+def test_a_checkpoint_saved_without_validation_holds_the_final_scoring(texture_root: Path, tmp_path: Path) -> None:
+    """Fine-tuning a model whose references were set, with no validation data: the saved record is measured again."""
+    datamodule = MVTecAD(root=texture_root, category="grass", train_batch_size=8, eval_batch_size=8, num_workers=0)
+    model = tiny_resad(first_stage_epochs=0, lr=1e-2)
+    datamodule.setup()
+    paths = sorted(datamodule.train_data.samples.image_path.astype(str))[:2]
+    model.set_references(ReferenceSelection("grass", paths))
+    before = float(model.model.anomaly_map_generator.stored.get().map_max)
+    engine = Engine(max_epochs=2, accelerator="cpu", default_root_dir=tmp_path, logger=False,
+                    enable_progress_bar=False, limit_val_batches=0)  # fmt: skip
+    engine.fit(model, datamodule=datamodule)
+    state = torch.load(engine.trainer.checkpoint_callback.best_model_path, weights_only=True)["state_dict"]
+    prefix = "model.anomaly_map_generator.stored."
+    saved = {name[len(prefix) :]: value for name, value in state.items() if name.startswith(prefix)}
+    assert float(saved["map_max"]) != before
+    assert_same_scoring(saved, fresh_scoring(model))
+    assert model.references.pinned  # calibrated again, still the references the user set
