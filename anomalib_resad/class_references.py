@@ -210,11 +210,11 @@ class ClassReferences:
         self.forget_scoring()
 
     def forget_scoring(self) -> None:
-        """Measure every class's scoring again where it is next needed: the trained part changed (a training epoch).
+        """Measure every class's scoring again where it is next needed: the trained part changed (a training step).
 
-        A scoring record holds the flows' constants and maxima, so one measured before an epoch of training no longer
-        fits the model after it; the stored bank is calibrated again at the next evaluation, before a checkpoint is
-        saved, or before a prediction (:attr:`stale`). Features and matching choices stay: the backbone is frozen.
+        A scoring record holds the flows' constants and maxima, so one measured before a training step no longer fits
+        the model after it; the stored bank is calibrated again at the next evaluation, before a checkpoint is saved,
+        before an export or a prediction (:attr:`stale`). Features and matching choices stay: the backbone is frozen.
         """
         self._banks.clear()
         self.eval_banks = {}
@@ -228,8 +228,25 @@ class ClassReferences:
 
     @property
     def stale(self) -> bool:
-        """Whether the stored bank's scoring predates the trained part's last change (:meth:`forget_scoring`)."""
-        return self._stale and self.stored is not None
+        """Whether the stored bank's scoring predates the trained part's last change (:meth:`forget_scoring`).
+
+        A stored bank whose reference files are not on this machine (a checkpoint made elsewhere, trained further
+        here) cannot be measured again: it keeps the record it holds, with a warning naming the fix.
+        """
+        if not self._stale or self.stored is None:
+            return False
+        missing = [path for path in self.stored.paths if not Path(path).is_file()]
+        if missing:
+            logger.warning(
+                "ResAD: the stored references of class '%s' are not on this machine (%s): the class keeps the scoring "
+                "measured with earlier weights. Give --model.reference_dir <folder of k normal images of it> to "
+                "calibrate it with these weights.",
+                self.stored.class_name,
+                missing[0] if len(missing) == 1 else f"{missing[0]} and {len(missing) - 1} more",
+            )
+            self._stale = False
+            return False
+        return True
 
     def set_pools(self, pools: Mapping[str, Sequence[str]]) -> None:
         """The normal images each class's references may be drawn from (e.g. its training split)."""

@@ -280,7 +280,8 @@ class ResAD(AnomalibModule):
 
     # ------------------------------------------------------------------ export
     def _announce_exported_class(self) -> None:
-        """Say which class's references an anomalib export bakes into the graph."""
+        """Calibrate a stale stored bank again; say which class's references an anomalib export bakes in."""
+        self._refresh_stored_scoring()  # e.g. exported in memory right after a fit with no evaluation since
         stored = self.references.stored
         if stored is not None:
             print(f"Exporting ResAD with the references of class '{stored.class_name}' baked in (k={stored.k}).")
@@ -487,8 +488,9 @@ class ResAD(AnomalibModule):
         self._prepare_eval_references(None)
 
     # ------------------------------------------------------------------ training
-    def on_train_epoch_start(self) -> None:
-        """The flows are about to change: every class's scoring record is measured again where next needed."""
+    def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
+        """The flows changed: every class's scoring record is measured again where next needed (also mid-epoch)."""
+        del args, kwargs
         self.references.forget_scoring()
 
     def on_fit_start(self) -> None:

@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 # training through page faults, measured on the demo; the short demo does not set it).
 export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-65536}"
 # Two workers (pytest-xdist), each test module whole on one of them so its module-scoped trained models are built once.
-python -m pytest -n "${RESAD_TEST_WORKERS:-2}" --dist loadfile "$@"
+python -m pytest -n "${RESAD_TEST_WORKERS:-2}" --dist loadfile --durations=30 "$@"  # durations: balance the modules

@@ -127,3 +127,22 @@ def test_the_stored_class_is_kept_where_pinned_and_other_classes_get_their_own_b
     assert references.prepare_evaluation(["c"], select, folder=True).paths == select("c").paths
     with pytest.raises(ResADInputError, match="one class"):
         references.prepare_evaluation(["a", "c"], select, folder=True)
+
+
+def test_after_training_the_pinned_class_is_calibrated_again_unless_its_files_are_gone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    references = ClassReferences(CountingEncoder(), calibrate)
+    paths = [str(write_image(tmp_path / f"{index}.png")) for index in range(2)]
+    selection = ReferenceSelection("widget", paths)
+    references.store(selection, pinned=True)
+    assert not references.stale
+    references.forget_scoring()  # a training step changed the flows
+    assert references.stale
+    assert references.prepare_evaluation(["widget"], lambda name: selection, folder=False) is selection
+    references.store(selection, pinned=True)
+    references.forget_scoring()
+    Path(paths[1]).unlink()  # a checkpoint made on another machine, trained further here
+    assert not references.stale  # its record is kept: nothing to measure it again from
+    assert "not on this machine" in caplog.text and paths[1] in caplog.text
+    assert references.prepare_evaluation(["widget"], lambda name: selection, folder=False) is None

@@ -17,6 +17,7 @@ from anomalib_resad.data import MultiClassDataModule
 from anomalib_resad.loss import ResADLoss
 from anomalib_resad.references import ReferenceSelection, load_images
 from tests.helpers.models import tiny_resad as helper_tiny_resad
+from tests.unit.test_references import write_image
 
 
 def tiny_resad(**overrides: object) -> ResAD:
@@ -146,3 +147,22 @@ def test_a_checkpoint_saved_without_validation_holds_the_final_scoring(texture_r
     assert float(saved["map_max"]) != before
     assert_same_scoring(saved, fresh_scoring(model))
     assert model.references.pinned  # calibrated again, still the references the user set
+
+
+def test_an_export_after_a_training_step_bakes_in_the_final_scoring(tmp_path: Path) -> None:
+    """Weights changed since the last calibration (a step after the last evaluation or save, e.g. exported in
+    memory): the export itself measures the stored class again before baking it in."""
+    model = tiny_resad()
+    paths = [str(write_image(tmp_path / f"ref{index}.png", size=(64, 64))) for index in range(2)]
+    model.set_references(ReferenceSelection("widget", paths))
+    before = float(model.model.anomaly_map_generator.stored.get().map_max)
+    with torch.no_grad():  # what an optimizer step does to the flows
+        for parameter in model.model.residual_flow.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    model.on_train_batch_end()
+    assert model.references.stale
+    model.to_torch(tmp_path / "export")
+    assert not model.references.stale
+    stored = model.model.anomaly_map_generator.stored.get()
+    assert float(stored.map_max) != before
+    assert_same_scoring(stored.tensors(), fresh_scoring(model))
