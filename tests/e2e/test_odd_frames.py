@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from anomalib_resad import ResAD
-from anomalib_resad.calibration import DISSIMILARITY_MARGIN, REVERSE_DISSIMILARITY_MARGIN
+from anomalib_resad.calibration import DISSIMILARITY_MARGIN, REVERSE_DISSIMILARITY_MARGIN, odd_frame_statistics
 from anomalib_resad.offline_weights import LITE0_BACKBONE, LITE0_LAYERS
 from anomalib_resad.references import select_folder_references
 
@@ -80,11 +80,12 @@ def verdicts_per_group(untrained: ResAD, board_groups: list[Path]) -> dict[str, 
                               for path in paths])  # fmt: skip
         with torch.no_grad():
             labels = untrained(frames).pred_label.tolist()
-            pre = untrained.pre_processor.transform(images)
-            parts = model.score_components(model.feature_extractor(pre), model.feature_converter.reference_levels,
-                                           scoring.level_constants, pre.shape[-2:])  # fmt: skip
-        forward = parts.dissimilarity / (DISSIMILARITY_MARGIN * scoring.dissimilarity_max)
-        reverse = parts.reverse_dissimilarity / (REVERSE_DISSIMILARITY_MARGIN * scoring.reverse_dissimilarity_max)
+            features = model.feature_extractor(untrained.pre_processor.transform(images))
+            # the check reads the matching alone: no flows' or averaged map is computed for it
+            _, similarities, coverage = model.level_outputs(features, model.feature_converter.reference_levels, False)
+        dissimilarity, reverse_dissimilarity = odd_frame_statistics(similarities, coverage)
+        forward = dissimilarity / (DISSIMILARITY_MARGIN * scoring.dissimilarity_max)
+        reverse = reverse_dissimilarity / (REVERSE_DISSIMILARITY_MARGIN * scoring.reverse_dissimilarity_max)
         results[group.name] = {
             "frames": dict(zip(odd_frames(), labels, strict=True)),
             "uniform": nearly_uniform_references(folder, K),
