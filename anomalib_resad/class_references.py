@@ -214,7 +214,8 @@ class ClassReferences:
 
         A scoring record holds the flows' constants and maxima, so one measured before a training step no longer fits
         the model after it; the stored bank is calibrated again at the next evaluation, before a checkpoint is saved,
-        before an export or a prediction (:attr:`stale`). Features and matching choices stay: the backbone is frozen.
+        before an export or a prediction (:meth:`needs_recalibration`). Features and matching choices stay: the
+        backbone is frozen.
         """
         self._banks.clear()
         self.eval_banks = {}
@@ -226,12 +227,12 @@ class ClassReferences:
         self.pinned = pinned
         self._stale = False
 
-    @property
-    def stale(self) -> bool:
+    def needs_recalibration(self) -> bool:
         """Whether the stored bank's scoring predates the trained part's last change (:meth:`forget_scoring`).
 
         A stored bank whose reference files are not on this machine (a checkpoint made elsewhere, trained further
-        here) cannot be measured again: it keeps the record it holds, with a warning naming the fix.
+        here) cannot be measured again: it keeps the record it holds, with a warning naming the fix (once: the bank
+        then counts as up to date).
         """
         if not self._stale or self.stored is None:
             return False
@@ -340,7 +341,8 @@ class ClassReferences:
 
         The stored references stay where they are pinned to a class being evaluated (and no folder overrides them);
         otherwise the stored bank becomes the stored class's (or the first class's) fresh selection. The other classes'
-        banks go to :attr:`eval_banks`. A :attr:`stale` stored bank is always returned, to be calibrated again.
+        banks go to :attr:`eval_banks`. A stored bank that :meth:`needs_recalibration` is always returned, to be
+        calibrated again.
 
         Args:
             classes (Sequence[str]): The classes of the data to evaluate.
@@ -363,9 +365,9 @@ class ClassReferences:
         to_store = None
         if not keep:
             primary = stored.class_name if stored is not None and stored.class_name in classes else classes[0]
-            if stored is None or stored.paths != selections[primary].paths or self.stale:
+            if stored is None or stored.paths != selections[primary].paths or self.needs_recalibration():
                 to_store = selections[primary]
-        elif self.stale:
+        elif self.needs_recalibration():
             to_store = stored
         stored_class = (to_store or stored).class_name
         self.eval_banks = {name: self.bank(choice) for name, choice in selections.items() if name != stored_class}

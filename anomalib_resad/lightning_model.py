@@ -436,7 +436,7 @@ class ResAD(AnomalibModule):
 
     def _refresh_stored_scoring(self) -> None:
         """Calibrate the stored bank again where training changed the flows since it was calibrated."""
-        if self.references.stale:
+        if self.references.needs_recalibration():
             self.set_references(self.references.stored, pinned=self.references.pinned)
 
     def select_references(self, class_name: str) -> ReferenceSelection:
@@ -613,7 +613,7 @@ class ResAD(AnomalibModule):
         its buffers replace those Lightning already put in the state dict.
         """
         super().on_save_checkpoint(checkpoint)
-        if self.references.stale and "state_dict" in checkpoint:
+        if "state_dict" in checkpoint and self.references.needs_recalibration():
             self._refresh_stored_scoring()
             fresh = self.state_dict()
             checkpoint["state_dict"].update({name: fresh[name] for name in checkpoint["state_dict"] if name in fresh})

@@ -136,13 +136,13 @@ def test_after_training_the_pinned_class_is_calibrated_again_unless_its_files_ar
     paths = [str(write_image(tmp_path / f"{index}.png")) for index in range(2)]
     selection = ReferenceSelection("widget", paths)
     references.store(selection, pinned=True)
-    assert not references.stale
+    assert not references.needs_recalibration()
     references.forget_scoring()  # a training step changed the flows
-    assert references.stale
+    assert references.needs_recalibration()
     assert references.prepare_evaluation(["widget"], lambda name: selection, folder=False) is selection
     references.store(selection, pinned=True)
     references.forget_scoring()
     Path(paths[1]).unlink()  # a checkpoint made on another machine, trained further here
-    assert not references.stale  # its record is kept: nothing to measure it again from
+    assert not references.needs_recalibration()  # its record is kept: nothing to measure it again from
     assert "not on this machine" in caplog.text and paths[1] in caplog.text
     assert references.prepare_evaluation(["widget"], lambda name: selection, folder=False) is None

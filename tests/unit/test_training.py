@@ -160,9 +160,9 @@ def test_an_export_after_a_training_step_bakes_in_the_final_scoring(tmp_path: Pa
         for parameter in model.model.residual_flow.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
     model.on_train_batch_end()
-    assert model.references.stale
+    assert model.references.needs_recalibration()
     model.to_torch(tmp_path / "export")
-    assert not model.references.stale
+    assert not model.references.needs_recalibration()
     stored = model.model.anomaly_map_generator.stored.get()
     assert float(stored.map_max) != before
     assert_same_scoring(stored.tensors(), fresh_scoring(model))
