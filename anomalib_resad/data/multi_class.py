@@ -283,8 +283,11 @@ class MultiClassDataModule(AnomalibDataModule):
         """The splits are made per category in :meth:`_setup`."""
 
     def domain_of(self, category: str) -> str:
-        """The domain of a source or target category (its entry's ``domain``, else the category itself)."""
-        for entry in [*self.sources, *self.targets]:
+        """The domain of a target or source category (its entry's ``domain``, else the category itself).
+
+        A category that is both (``allow_overlap``) takes its target entry's: results are reported for targets.
+        """
+        for entry in [*self.targets, *self.sources]:
             if category in entry.categories:
                 return entry.domain or category
         return category

@@ -45,11 +45,15 @@ def test_overlapping_target_is_refused_unless_allowed(tmp_path: Path) -> None:
     root = str(make_replica("MVTecAD", tmp_path, ["alpha", "beta"]))
     arguments = {
         "sources": [{"datamodule": "MVTecAD", "root": root, "categories": ["alpha", "beta"]}],
-        "targets": [{"datamodule": "MVTecAD", "root": root, "categories": ["beta"]}],
+        "targets": [{"datamodule": "MVTecAD", "root": root, "categories": ["beta"], "domain": "widgets"}],
     }
     with pytest.raises(ResADConfigurationError, match=r"Target categories \['beta'\] are also source"):
         MultiClassDataModule(**arguments)
-    MultiClassDataModule(**arguments, allow_overlap=True).setup()
+    datamodule = MultiClassDataModule(**arguments, allow_overlap=True)
+    datamodule.setup()
+    # results are reported for targets: an overlapping category takes its target entry's domain
+    assert datamodule.domain_of("beta") == "widgets"
+    assert datamodule.domain_of("alpha") == "alpha"
 
 
 def test_duplicate_and_unknown_entries_are_refused(tmp_path: Path) -> None:
