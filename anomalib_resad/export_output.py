@@ -1,6 +1,6 @@
 # Copyright (C) 2026 anomalib-resad contributors
 # SPDX-License-Identifier: Apache-2.0
-"""Quiet, lean exports that say what they wrote.
+"""Quiet exports that say what they wrote.
 
 ``torch.onnx.export(dynamo=True)`` hands the graph to onnxscript and onnx_ir, whose optimisation passes log one INFO
 line per rewritten node (thousands for ResAD's graph: "Replaced initializer ...", "Skipping constant folding ...").
@@ -9,12 +9,6 @@ each line twice (a plain handler on stderr, rich on stdout). :func:`quiet_export
 WARNING for the duration of one export, so their warnings still show, and restores them afterwards;
 :func:`announce_written` prints the files an export wrote on one line, unwrapped (rich wraps log lines at the
 terminal width, 80 columns when the output is not a terminal, which cut the path in anomalib's own message).
-
-An export also traces the model with ``torch.fx``, which by default records the Python stack of every graph node it
-creates (for error messages about the graph) - a quarter of the time of an export of ResAD on a CPU, measured on the
-deployment's three graphs. :func:`quiet_export` switches that recording off (``torch.fx.config.
-do_not_emit_stack_traces``, torch's own setting for this) for the export and restores it afterwards: the graphs and
-their numbers are the same, only a traced node no longer names the source line it came from.
 
 Example:
     >>> with quiet_export() as outermost:
@@ -28,8 +22,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch.fx.config
-
 # Loggers of the ONNX export pipeline that log per-node INFO/DEBUG progress.
 EXPORT_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
 # torch's dynamo exporter implements opset 18 and up; asking for less (anomalib's default: 14) makes it warn, try a
@@ -41,11 +33,10 @@ _depth = 0
 
 @contextmanager
 def quiet_export(level: int = logging.WARNING) -> Iterator[bool]:
-    """Raise the export libraries' loggers to ``level`` and skip recording traced nodes' stacks, while the block runs.
+    """Raise the export libraries' loggers to ``level`` while the block runs.
 
-    Only loggers whose effective level is below ``level`` are changed; each gets its own level back afterwards, and
-    the stack recording its setting. Nested uses (``to_openvino`` calls ``to_onnx``) leave the settings to the
-    outermost one.
+    Only loggers whose effective level is below ``level`` are changed; each gets its own level back afterwards.
+    Nested uses (``to_openvino`` calls ``to_onnx``) leave the settings to the outermost one.
 
     Args:
         level (int): Least level to let through. Defaults to ``logging.WARNING``.
@@ -62,9 +53,6 @@ def quiet_export(level: int = logging.WARNING) -> Iterator[bool]:
             if library_logger.getEffectiveLevel() < level:
                 saved[name] = library_logger.level
                 library_logger.setLevel(level)
-    skipping_stacks = torch.fx.config.do_not_emit_stack_traces  # the setting to restore
-    if outermost:
-        torch.fx.config.do_not_emit_stack_traces = True
     _depth += 1
     try:
         yield outermost
@@ -72,8 +60,6 @@ def quiet_export(level: int = logging.WARNING) -> Iterator[bool]:
         _depth -= 1
         for name, previous in saved.items():
             logging.getLogger(name).setLevel(previous)
-        if outermost:
-            torch.fx.config.do_not_emit_stack_traces = skipping_stacks
 
 
 def written_files(path: str | Path) -> list[Path]:

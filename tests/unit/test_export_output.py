@@ -34,24 +34,6 @@ def test_nested_export_leaves_announcing_to_the_outermost() -> None:
     assert not inner
 
 
-def test_export_skips_recording_node_stacks_and_restores_the_setting() -> None:
-    """The graph traced inside is the same, without each node's source stack (a quarter of an export's time)."""
-    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
-    example = torch.rand(1, 3, 8, 8)
-
-    def traced() -> list[tuple[str, bool]]:
-        graph = torch.export.export(module, (example,)).graph
-        return [(str(node.target), "stack_trace" in node.meta) for node in graph.nodes if node.op == "call_function"]
-
-    before = traced()
-    with quiet_export():
-        inside = traced()
-    assert [target for target, _ in inside] == [target for target, _ in before]
-    assert all(has_stack for _, has_stack in before)
-    assert not any(has_stack for _, has_stack in inside)
-    assert traced() == before
-
-
 def test_written_files_include_external_data_and_weights(tmp_path: Path) -> None:
     for name in ("model.onnx", "model.onnx.data", "reference_encoder.onnx", "model.xml", "model.bin"):
         (tmp_path / name).write_text("x")
