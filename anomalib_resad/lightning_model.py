@@ -434,10 +434,12 @@ class ResAD(AnomalibModule):
         self.model.set_references(self.references.bank(selection))
         self.references.store(selection, pinned)
 
-    def _refresh_stored_scoring(self) -> None:
-        """Calibrate the stored bank again where training changed the flows since it was calibrated."""
-        if self.references.needs_recalibration():
-            self.set_references(self.references.stored, pinned=self.references.pinned)
+    def _refresh_stored_scoring(self) -> bool:
+        """Calibrate the stored bank again where training changed the flows since it was calibrated (``True``: done)."""
+        if not self.references.needs_recalibration():
+            return False
+        self.set_references(self.references.stored, pinned=self.references.pinned)
+        return True
 
     def select_references(self, class_name: str) -> ReferenceSelection:
         """The reference images of a class: the first ``k`` of ``reference_dir``, else a seeded draw from its pool."""
@@ -613,8 +615,7 @@ class ResAD(AnomalibModule):
         its buffers replace those Lightning already put in the state dict.
         """
         super().on_save_checkpoint(checkpoint)
-        if "state_dict" in checkpoint and self.references.needs_recalibration():
-            self._refresh_stored_scoring()
+        if "state_dict" in checkpoint and self._refresh_stored_scoring():
             fresh = self.state_dict()
             checkpoint["state_dict"].update({name: fresh[name] for name in checkpoint["state_dict"] if name in fresh})
         if self.references.stored is not None:
