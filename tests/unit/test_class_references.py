@@ -12,8 +12,8 @@ from anomalib_resad import ResADInputError
 from anomalib_resad.calibration import Scoring
 from anomalib_resad.class_references import ClassReferences
 from anomalib_resad.references import ReferenceSelection, load_images
+from tests.helpers.images import write_constant, write_image
 from tests.helpers.models import tiny_resad
-from tests.unit.test_references import write_constant, write_image
 
 
 class CountingEncoder:

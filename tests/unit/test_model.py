@@ -11,8 +11,8 @@ from anomalib.data import InferenceBatch
 
 from anomalib_resad import ResAD, ResADConfigurationError, ResADInputError, ResADModel
 from anomalib_resad.references import ReferenceSelection
+from tests.helpers.images import write_image
 from tests.helpers.models import tiny_resad
-from tests.unit.test_references import write_image
 
 
 @pytest.fixture(scope="module")

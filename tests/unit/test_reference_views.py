@@ -12,8 +12,8 @@ from anomalib_resad import ResADConfigurationError, ResADInputError
 from anomalib_resad.feature_converter import flatten_levels
 from anomalib_resad.reference_views import level_views, reference_views, view_count
 from anomalib_resad.references import ReferenceSelection
+from tests.helpers.images import write_image
 from tests.helpers.models import tiny_resad
-from tests.unit.test_references import write_image
 
 
 def test_views_are_the_symmetries_of_each_image_in_turn() -> None:

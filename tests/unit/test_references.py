@@ -3,7 +3,6 @@
 """Reference selection and image reading."""
 
 import json
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +18,7 @@ from anomalib_resad.references import (
     sample_references,
     select_folder_references,
 )
-
-
-def write_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (20, 16)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    channels = {"RGB": 3, "RGBA": 4}.get(mode)
-    shape = (size[1], size[0], channels) if channels else (size[1], size[0])
-    seed = zlib.crc32(path.name.encode())  # images of different names differ (identical references are refused)
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, shape, dtype=np.uint8), mode=mode).save(path)
-    return path
+from tests.helpers.images import write_constant, write_image
 
 
 def test_sampling_is_seeded_and_independent_of_pool_order() -> None:
@@ -98,14 +89,6 @@ def test_selection_is_written_as_json(tmp_path: Path) -> None:
     data = json.loads(selection.save(tmp_path / "refs" / "widget.json").read_text())
     assert data == {"class_name": "widget", "paths": ["a.png", "b.png"], "source": "train split", "seed": 3, "k": 2}
     assert ReferenceSelection.from_dict(data) == selection
-
-
-def write_constant(path: Path, value: int, specks: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.full((32, 32), value, dtype=np.uint8)
-    pixels.flat[:specks] = 255 - value
-    Image.fromarray(pixels, mode="L").save(path)
-    return path
 
 
 def test_blank_frames_are_recognised(tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ from anomalib_resad.calibration import Scoring
 from anomalib_resad.data import MultiClassDataModule
 from anomalib_resad.loss import ResADLoss
 from anomalib_resad.references import ReferenceSelection, load_images
+from tests.helpers.images import write_image
 from tests.helpers.models import tiny_resad as helper_tiny_resad
-from tests.unit.test_references import write_image
 
 
 def tiny_resad(**overrides: object) -> ResAD:
