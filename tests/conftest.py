@@ -21,16 +21,18 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RESAD_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
-# The modules that take minutes on one core, longest first (measured: the suite's --durations on 2 cores, 2026-12-07).
-# With `--dist loadfile --no-loadscope-reorder` (scripts/test.sh) each module runs whole on one worker, handed out in
-# this order: started last, a ten-minute module would leave the other worker idle at the end.
+# The modules that take minutes on one core, longest first (each module's total in the suite's --durations on
+# 2 cores, 2026-12-07, AMD EPYC family 25 model 1: notebook 917 s, odd frames 604, generalization 508, export ~380,
+# serve ~340, cli ~330, ddp ~275, scores unchanged 205). With `--dist loadfile --no-loadscope-reorder`
+# (scripts/test.sh) each module runs whole on one worker, handed out in this order: started last, a ten-minute module
+# would leave the other worker idle at the end.
 LONGEST_FIRST = (
+    "tests/e2e/test_notebook.py",
     "tests/e2e/test_odd_frames.py",
     "tests/e2e/test_generalization.py",
-    "tests/e2e/test_notebook.py",
     "tests/e2e/test_export.py",
-    "tests/e2e/test_cli.py",
     "tests/e2e/test_serve.py",
+    "tests/e2e/test_cli.py",
     "tests/e2e/test_ddp.py",
     "tests/e2e/test_scores_unchanged.py",
     "tests/e2e/test_anomalib_benchmark.py",
