@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="statistics per cell (JSON lines; resumed). Default: in --run")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip_domains", nargs="*", default=[], help="domains left out of the table")
+    parser.add_argument("--shots", type=int, nargs="*", help="score these k only (default: every k of the run)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cache = args.cache or args.run / "verdict_boundaries.jsonl"
@@ -86,7 +87,7 @@ def main() -> None:
     model = ResAD.load_from_checkpoint(args.checkpoint, weights_only=True).eval()
     for path in sorted(args.run.glob("references/*/k*_draw*.json")):
         cell = f"{path.parent.name}/{path.stem}"
-        if cell not in known:
+        if cell not in known and (not args.shots or int(path.stem[1:].split("_")[0]) in args.shots):
             selection = ReferenceSelection.from_dict(json.loads(path.read_text()))
             record = {"cell": cell, "category": selection.class_name, "k": selection.k,
                       "draw": int(path.stem.split("draw")[1]), **reference_statistics(model, selection)}  # fmt: skip
@@ -97,10 +98,12 @@ def main() -> None:
 
 
 def table(run: Path, records: object, skip_domains: list[str]) -> None:
-    """Print the candidates' verdicts per domain (the run's target entries name each category's domain)."""
+    """Print the candidates' verdicts per domain (the entries the run scored name each category's domain)."""
     scores = pd.read_csv(run / "image_scores.csv")
-    targets = json.loads((run / "run_config.json").read_text())["targets"]
-    domains = {name: entry.get("domain") or name for entry in targets for name in entry["categories"]}
+    scores = scores[scores.model == "ResAD"]  # a run's baselines score in other units
+    config = json.loads((run / "run_config.json").read_text())
+    scored = config["sources"] if config.get("split") == "source_validation" else config["targets"]
+    domains = {name: entry.get("domain") or name for entry in scored for name in entry["categories"]}
     stats = {(record["category"], record["k"], record["draw"]): record for record in records}
     rows = []
     for (category, k, draw), cell in scores.groupby(["category", "k", "draw"]):
