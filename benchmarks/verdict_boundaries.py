@@ -87,10 +87,11 @@ def main() -> None:
     model = ResAD.load_from_checkpoint(args.checkpoint, weights_only=True).eval()
     for path in sorted(args.run.glob("references/*/k*_draw*.json")):
         cell = f"{path.parent.name}/{path.stem}"
-        if cell not in known and (not args.shots or int(path.stem[1:].split("_")[0]) in args.shots):
+        k, draw = (int(number) for number in path.stem.removeprefix("k").split("_draw"))  # k<k>_draw<draw>
+        if cell not in known and (not args.shots or k in args.shots):
             selection = ReferenceSelection.from_dict(json.loads(path.read_text()))
-            record = {"cell": cell, "category": selection.class_name, "k": selection.k,
-                      "draw": int(path.stem.split("draw")[1]), **reference_statistics(model, selection)}  # fmt: skip
+            record = {"cell": cell, "category": selection.class_name, "k": k, "draw": draw,
+                      **reference_statistics(model, selection)}  # fmt: skip
             known[cell] = record
             with cache.open("a") as file:
                 file.write(json.dumps(record) + "\n")
