@@ -259,32 +259,58 @@ class AnomalyMapGenerator(nn.Module):
         Returns:
             tuple[torch.Tensor, torch.Tensor]: Anomaly map ``(B, 1, H, W)`` and image score ``(B,)``.
         """
-        if scoring is None:
-            scoring = self.stored.get()
-            if not torch.compiler.is_exporting() and not scoring.is_set:
-                msg = (
-                    "This ResAD model holds no calibrated references for the class it scores. Set them with "
-                    "ResAD.set_references(...), --model.reference_dir <folder of k >= 2 normal images>, or a "
-                    "datamodule with normal training images of the class."
-                )
-                raise ResADInputError(msg)
+        record = self.record(scoring)
         parts = self.components(
-            log_likelihoods, similarities, coverage, image_size, scoring.level_constants, averaged_distances
+            log_likelihoods, similarities, coverage, image_size, record.level_constants, averaged_distances
         )
+        return self.calibrated(parts, record, (self.scoring,))[self.scoring]
+
+    def record(self, scoring: Scoring | None = None) -> Scoring:
+        """``scoring``, or the stored class's record (refused in eager when no class is stored)."""
+        if scoring is not None:
+            return scoring
+        scoring = self.stored.get()
+        if not torch.compiler.is_exporting() and not scoring.is_set:
+            msg = (
+                "This ResAD model holds no calibrated references for the class it scores. Set them with "
+                "ResAD.set_references(...), --model.reference_dir <folder of k >= 2 normal images>, or a "
+                "datamodule with normal training images of the class."
+            )
+            raise ResADInputError(msg)
+        return scoring
+
+    def calibrated(
+        self, parts: ScoreComponents, scoring: Scoring, scorings: Sequence[str]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each of ``scorings``' calibrated map and image score from one set of uncalibrated maps.
+
+        Args:
+            parts (ScoreComponents): :meth:`components` of the images (with the flows' map where a scoring reads it,
+                the averaged map where the class chose averaging and a scoring reads the nearest map).
+            scoring (Scoring): The class's record.
+            scorings (Sequence[str]): Scoring names (:data:`SCORINGS`).
+
+        Returns:
+            dict[str, tuple[torch.Tensor, torch.Tensor]]: Scoring name -> anomaly map ``(B, 1, H, W)`` and image
+            score ``(B,)``, as :meth:`forward` gives them with that ``scoring``.
+        """
         margin = self.threshold_margin
         nearest_map = parts.nearest_map / (margin * scoring.nearest_max).clamp(min=_EPS)
         if parts.averaged_map is not None:
             averaged = parts.averaged_map / (margin * scoring.averaged_max).clamp(min=_EPS)
             nearest_map = torch.where(scoring.averaging > 0, averaged, nearest_map)
         flows_map = parts.anomaly_map / (margin * scoring.map_max).clamp(min=_EPS)
-        anomaly_map = {"fused": (flows_map + nearest_map) / 2, "nearest": nearest_map, "paper": flows_map}[self.scoring]
-        score = anomaly_map.flatten(start_dim=1).amax(dim=1)
         # the odd-frame check takes over only above its own thresholds: below them the images keep the score's
         # ranking (no normal image is ranked up by a mere lighting change)
         dissimilarity = parts.dissimilarity / (DISSIMILARITY_MARGIN * scoring.dissimilarity_max).clamp(min=_EPS)
         reverse_threshold = (REVERSE_DISSIMILARITY_MARGIN * scoring.reverse_dissimilarity_max).clamp(min=_EPS)
         odd = torch.maximum(dissimilarity, parts.reverse_dissimilarity / reverse_threshold)
-        return anomaly_map, torch.where(odd > 1, torch.maximum(score, odd), score)
+        outputs = {}
+        for name in scorings:
+            anomaly_map = {"fused": (flows_map + nearest_map) / 2, "nearest": nearest_map, "paper": flows_map}[name]
+            score = anomaly_map.flatten(start_dim=1).amax(dim=1)
+            outputs[name] = (anomaly_map, torch.where(odd > 1, torch.maximum(score, odd), score))
+        return outputs
 
     def _flows_map(
         self,

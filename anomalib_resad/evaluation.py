@@ -19,13 +19,15 @@ Example:
 """
 
 import logging
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
 import torch
-from anomalib.data import ImageItem
+from anomalib.data import ImageItem, InferenceBatch
 from anomalib.data.transforms.utils import extract_transforms_by_type
 from anomalib.metrics import AUPRO, AUROC, F1Max
 from anomalib.models.components import AnomalibModule
@@ -96,36 +98,81 @@ def score_samples(
     Returns:
         CategoryScores: Raw scores and maps with the ground truth, at the model's input resolution.
     """
+    return _score(model, samples, lambda images: {"": model.model(images)}, batch_size, num_workers)[""]
+
+
+@torch.no_grad()
+def score_samples_scorings(
+    model: AnomalibModule,
+    samples: pd.DataFrame,
+    scorings: Sequence[str],
+    batch_size: int = 8,
+    num_workers: int = 0,
+) -> dict[str, CategoryScores]:
+    """:func:`score_samples` for a ResAD model under several scorings, from one pass over the images.
+
+    Each image goes through the backbone and the matching once
+    (:meth:`~anomalib_resad.torch_model.ResADModel.forward_scorings`); the scores equal those of
+    :func:`score_samples` with the model's ``scoring`` set to each name in turn.
+
+    Args:
+        model (AnomalibModule): A ResAD module, references set.
+        samples (pd.DataFrame): Sample table.
+        scorings (Sequence[str]): Scoring names (``"fused"``, ``"nearest"``, ``"paper"``).
+        batch_size (int): Defaults to ``8``.
+        num_workers (int): Data loader workers. Defaults to ``0``.
+
+    Returns:
+        dict[str, CategoryScores]: Scoring name -> that scoring's raw scores and maps with the ground truth.
+    """
+    return _score(
+        model, samples, lambda images: model.model.forward_scorings(images, scorings), batch_size, num_workers
+    )
+
+
+def _score(
+    model: AnomalibModule,
+    samples: pd.DataFrame,
+    forward: Callable[[torch.Tensor], dict[str, InferenceBatch]],
+    batch_size: int,
+    num_workers: int,
+) -> dict[str, CategoryScores]:
+    """``forward`` (name -> output) over the samples' pre-processed batches: one :class:`CategoryScores` per name."""
     has_masks = bool(samples.mask_path.astype(str).str.len().gt(0).any())
     dataset = MultiClassDataset(samples, "segmentation" if has_masks else "classification", _resize_of(model))
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=dataset.collate_fn)
     was_training = model.training
     model.eval()
     transform = model.pre_processor.transform if model.pre_processor is not None else None
-    paths, scores, maps, labels, masks, verdicts = [], [], [], [], [], []
+    paths, labels, masks = [], [], []
+    scores, maps, verdicts = defaultdict(list), defaultdict(list), defaultdict(list)
     for batch in loader:
         images, gt_masks = batch.image.to(model.device), batch.gt_mask
         if transform is not None:
             images, gt_masks = transform(images, gt_masks)
-        output = model.model(images)
-        anomaly_map = output.anomaly_map.reshape(len(images), *output.anomaly_map.shape[-2:])
+        outputs = forward(images)
         paths.extend(str(path) for path in batch.image_path)
-        scores.append(output.pred_score.reshape(-1).float().cpu())
-        maps.append(anomaly_map.float().cpu())
         labels.append(batch.gt_label.reshape(-1).cpu())
-        if isinstance(model.post_processor, CalibratedPostProcessor):  # the class's own threshold, as deployed
-            verdicts.append(model.post_processor(output).pred_label.reshape(-1).bool().cpu())
+        for name, output in outputs.items():
+            anomaly_map = output.anomaly_map.reshape(len(images), *output.anomaly_map.shape[-2:])
+            scores[name].append(output.pred_score.reshape(-1).float().cpu())
+            maps[name].append(anomaly_map.float().cpu())
+            if isinstance(model.post_processor, CalibratedPostProcessor):  # the class's own threshold, as deployed
+                verdicts[name].append(model.post_processor(output).pred_label.reshape(-1).bool().cpu())
         if has_masks:
-            masks.append(gt_masks.reshape(anomaly_map.shape).cpu().bool())
+            masks.append(gt_masks.reshape(len(images), *gt_masks.shape[-2:]).cpu().bool())
     model.train(was_training)
-    return CategoryScores(
-        paths=paths,
-        pred_scores=torch.cat(scores),
-        anomaly_maps=torch.cat(maps),
-        labels=torch.cat(labels).long(),
-        masks=torch.cat(masks) if masks else None,
-        pred_labels=torch.cat(verdicts) if verdicts else None,
-    )
+    return {
+        name: CategoryScores(
+            paths=paths,
+            pred_scores=torch.cat(scores[name]),
+            anomaly_maps=torch.cat(maps[name]),
+            labels=torch.cat(labels).long(),
+            masks=torch.cat(masks) if masks else None,
+            pred_labels=torch.cat(verdicts[name]) if verdicts[name] else None,
+        )
+        for name in scores
+    }
 
 
 def _rescale(values: torch.Tensor) -> torch.Tensor:

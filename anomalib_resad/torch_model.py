@@ -27,8 +27,9 @@ import torch
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from .anomaly_map import AnomalyMapGenerator
+from .anomaly_map import SCORINGS, AnomalyMapGenerator
 from .calibration import NEAREST_LEVELS, ScoreComponents, Scoring, leave_one_out_banks, leave_one_out_scoring
+from .errors import check_choice
 from .feature_constraintor import FeatureConstraintor
 from .feature_converter import FeatureConverter, ReferenceBank, flatten_levels
 from .feature_extractor import ResADFeatureExtractor
@@ -223,18 +224,62 @@ class ResADModel(nn.Module):
         Returns:
             InferenceBatch: ``pred_score`` ``(B,)`` and ``anomaly_map`` ``(B, 1, H, W)``.
         """
-        generator = self.anomaly_map_generator
-        features = self.feature_extractor(images)
-        log_likelihoods, similarities, coverage = self.level_outputs(features, reference_bank, generator.uses_flows)
-        averaged = None
-        if generator.uses_nearest and self._averaging(scoring):
-            averaged = self.feature_converter.averaged_distances(features, reference_bank, NEAREST_LEVELS)
-        anomaly_map, pred_score = generator(
-            log_likelihoods, similarities, coverage, images.shape[-2:], scoring, averaged
-        )
+        name = self.anomaly_map_generator.scoring
+        anomaly_map, pred_score = self._scored(images, (name,), reference_bank, scoring)[name]
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
 
-    def _averaging(self, scoring: Scoring | None) -> bool:
+    @torch.no_grad()
+    def forward_scorings(self, images: torch.Tensor, scorings: Sequence[str]) -> dict[str, InferenceBatch]:
+        """The stored class's scores under several scorings from one backbone pass and one matching.
+
+        What :meth:`forward` gives with the generator's ``scoring`` set to each name in turn, at the cost of one
+        forward (the flows run where a scoring reads them): the side-by-side protocol scores ResAD and its own
+        ``nearest`` and ``flows`` rows this way.
+
+        Args:
+            images (torch.Tensor): Pre-processed images ``(B, 3, H, W)``.
+            scorings (Sequence[str]): Scoring names (``"fused"``, ``"nearest"``, ``"paper"``).
+
+        Returns:
+            dict[str, InferenceBatch]: Scoring name -> ``pred_score`` ``(B,)`` and ``anomaly_map`` ``(B, 1, H, W)``.
+
+        Example:
+            >>> model = ResADModel("resnet18", ["layer1", "layer2"], pre_trained=False, coupling_layers=2,
+            ...                    pos_embed_dim=16).eval()
+            >>> model.set_references(model.make_reference_bank(torch.rand(2, 3, 64, 64)))
+            >>> sorted(model.forward_scorings(torch.rand(1, 3, 64, 64), ["nearest", "paper"]))
+            ['nearest', 'paper']
+        """
+        for name in scorings:
+            check_choice("scoring", name, SCORINGS)
+        return {
+            name: InferenceBatch(pred_score=score, anomaly_map=anomaly_map)
+            for name, (anomaly_map, score) in self._scored(images, scorings).items()
+        }
+
+    def _scored(
+        self,
+        images: torch.Tensor,
+        scorings: Sequence[str],
+        reference_bank: Sequence[torch.Tensor] | None = None,
+        scoring: Scoring | None = None,
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Calibrated map and score per scoring name; the flows and the averaged matching run only where needed."""
+        generator = self.anomaly_map_generator
+        record = generator.record(scoring)
+        features = self.feature_extractor(images)
+        uses_flows = any(name != "nearest" for name in scorings)
+        log_likelihoods, similarities, coverage = self.level_outputs(features, reference_bank, uses_flows)
+        averaged = None
+        if any(name != "paper" for name in scorings) and self._averaging(record):
+            averaged = self.feature_converter.averaged_distances(features, reference_bank, NEAREST_LEVELS)
+        parts = generator.components(
+            log_likelihoods, similarities, coverage, images.shape[-2:], record.level_constants, averaged
+        )
+        return generator.calibrated(parts, record, scorings)
+
+    @staticmethod
+    def _averaging(record: Scoring) -> bool:
         """Whether the class scored needs the averaged matching.
 
         Always in exported graphs (the scoring record is an input there); in eager only where the class's record
@@ -242,5 +287,4 @@ class ResADModel(nn.Module):
         """
         if torch.compiler.is_exporting():
             return True
-        record = scoring if scoring is not None else self.anomaly_map_generator.stored.get()
         return bool(record.averaging > 0)

@@ -52,7 +52,16 @@ from ..anomaly_map import SCORINGS
 from ..checkpoint_settings import SCORING_OPTIONS
 from ..data.multi_class import CATEGORY_COLUMN, MultiClassDataModule
 from ..errors import ResADConfigurationError, check_choice
-from ..evaluation import METRIC_NAMES, ORACLE_NAMES, VERDICT_NAMES, category_metrics, save_anomaly_maps, score_samples
+from ..evaluation import (
+    METRIC_NAMES,
+    ORACLE_NAMES,
+    VERDICT_NAMES,
+    CategoryScores,
+    category_metrics,
+    save_anomaly_maps,
+    score_samples,
+    score_samples_scorings,
+)
 from ..lightning_model import ResAD
 from ..reference_views import views_mode
 from ..references import ReferenceSelection, list_folder_images
@@ -222,6 +231,29 @@ class _Evaluated:
             yield self.module
         finally:
             generator.scoring = saved
+
+
+def _module_groups(evaluated: dict[str, "_Evaluated"], names: Sequence[str]) -> list[list[str]]:
+    """``names`` grouped by the module they score (first appearance order): each group takes references once."""
+    groups: dict[int, list[str]] = {}
+    for name in names:
+        groups.setdefault(id(evaluated[name].module), []).append(name)
+    return list(groups.values())
+
+
+def _score_rows(
+    evaluated: dict[str, "_Evaluated"], names: Sequence[str], samples: pd.DataFrame, batch_size: int
+) -> dict[str, CategoryScores]:
+    """Scores of rows that share one module: a ResAD module scores all its scorings in one pass."""
+    if not names:
+        return {}
+    module = evaluated[names[0]].module
+    if not isinstance(module, ResAD):
+        return {name: score_samples(module, samples, batch_size=batch_size) for name in names}
+    default = module.model.anomaly_map_generator.scoring
+    scorings = {name: evaluated[name].scoring or default for name in names}
+    scored = score_samples_scorings(module, samples, sorted(set(scorings.values())), batch_size=batch_size)
+    return {name: scored[scoring] for name, scoring in scorings.items()}
 
 
 def _measure_cost(
@@ -395,44 +427,46 @@ def run_protocol(
         folder = reference_dirs.get(category) if reference_dirs else None
         selection = resad.references.select(category, k, seed + draw, folder=folder)
         selection.save(output / "references" / category / f"k{k}_draw{draw}.json")
-        for name, entry in evaluated.items():
-            if name not in pending and name not in unmeasured:
-                continue
+        # the rows scoring one module (ResAD and its own `nearest` / `flows`) take the references once and share
+        # one pass over the images: each row's scores are those it would get alone
+        for group in _module_groups(evaluated, [name for name in evaluated if name in pending or name in unmeasured]):
             fit_start = time.perf_counter()
-            entry.set_references(selection)
+            evaluated[group[0]].set_references(selection)
             fit_s = time.perf_counter() - fit_start
-            if name not in pending:  # finished cell: its references are set for the cost alone
-                logger.info("%s k=%d: cells finished, measuring its cost (%s, draw %d)", name, k, category, draw)
-                _measure_cost(entry, name, category, k, costs, cost_repeats, openvino_cost)
-                continue
-            with entry.scored() as module:
-                scores = score_samples(module, samples, batch_size=batch_size)
-            metrics = category_metrics(scores)
-            image_scores.add_all(
-                {"model": name, "category": category, "k": k, "draw": draw, "image": path, "label": int(label),
-                 "score": float(value)}
-                for path, label, value in zip(scores.paths, scores.labels.tolist(), scores.pred_scores.tolist(),
-                                              strict=True)
-            )  # fmt: skip
-            if draw == 0 and maps_per_category:
-                save_anomaly_maps(scores, output / "anomaly_maps" / name / category / f"k{k}", maps_per_category)
-            row = {
-                "model": name,
-                "domain": datamodule.domain_of(category),
-                "category": category,
-                "k": k,
-                "draw": draw,
-                "seed": selection.seed,
-            }
-            if isinstance(entry.module, ResAD):  # which matching the class's references chose
-                row["averaged"] = float(entry.module.model.anomaly_map_generator.stored.averaging)
-            results.add({**row, "fit_s": fit_s, **metrics})
-            if name in unmeasured:  # once per model and k, with this class's bank
-                _measure_cost(entry, name, category, k, costs, cost_repeats, openvino_cost)
-            progress.finished(
-                f"{name} {category} k={k} draw {draw}: image AUROC {metrics['image_AUROC']:.3f}, "
-                f"pixel AUROC {metrics['pixel_AUROC']:.3f}",
-            )
+            scored = _score_rows(evaluated, [name for name in group if name in pending], samples, batch_size)
+            for name in group:
+                entry = evaluated[name]
+                if name not in pending:  # finished cell: its references are set for the cost alone
+                    logger.info("%s k=%d: cells finished, measuring its cost (%s, draw %d)", name, k, category, draw)
+                    _measure_cost(entry, name, category, k, costs, cost_repeats, openvino_cost)
+                    continue
+                scores = scored[name]
+                metrics = category_metrics(scores)
+                image_scores.add_all(
+                    {"model": name, "category": category, "k": k, "draw": draw, "image": path, "label": int(label),
+                     "score": float(value)}
+                    for path, label, value in zip(scores.paths, scores.labels.tolist(), scores.pred_scores.tolist(),
+                                                  strict=True)
+                )  # fmt: skip
+                if draw == 0 and maps_per_category:
+                    save_anomaly_maps(scores, output / "anomaly_maps" / name / category / f"k{k}", maps_per_category)
+                row = {
+                    "model": name,
+                    "domain": datamodule.domain_of(category),
+                    "category": category,
+                    "k": k,
+                    "draw": draw,
+                    "seed": selection.seed,
+                }
+                if isinstance(entry.module, ResAD):  # which matching the class's references chose
+                    row["averaged"] = float(entry.module.model.anomaly_map_generator.stored.averaging)
+                results.add({**row, "fit_s": fit_s, **metrics})
+                if name in unmeasured:  # once per model and k, with this class's bank
+                    _measure_cost(entry, name, category, k, costs, cost_repeats, openvino_cost)
+                progress.finished(
+                    f"{name} {category} k={k} draw {draw}: image AUROC {metrics['image_AUROC']:.3f}, "
+                    f"pixel AUROC {metrics['pixel_AUROC']:.3f}",
+                )
 
     table = results.frame()
     summary = _with_cost(_summarize(table), table, costs.frame(), train_s, list(skipped), shots)

@@ -72,6 +72,31 @@ def test_nearest_scoring_uses_no_trained_part() -> None:
     assert not torch.allclose(scores(False), fused)
 
 
+@pytest.mark.parametrize("averaging", [0.0, 1.0])
+def test_one_pass_gives_every_scoring_its_own_scores(tiny_model: ResADModel, averaging: float) -> None:
+    """`resad evaluate` scores ResAD, `nearest` and `flows` from one backbone pass: each as the model scores alone."""
+    generator = tiny_model.anomaly_map_generator
+    stored = generator.stored.averaging.clone()
+    generator.stored.averaging.fill_(averaging)  # the class's choice of the precise or the averaged matching
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    try:
+        together = tiny_model.forward_scorings(images, ["fused", "nearest", "paper"])
+        for name in ("fused", "nearest", "paper"):
+            generator.scoring = name
+            with torch.no_grad():
+                alone = tiny_model(images)
+            torch.testing.assert_close(together[name].pred_score, alone.pred_score, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(together[name].anomaly_map, alone.anomaly_map, atol=1e-6, rtol=1e-6)
+    finally:
+        generator.scoring = "fused"
+        generator.stored.averaging.copy_(stored)
+    # the three are different scorings (a mix-up of names would show here)
+    assert not torch.allclose(together["nearest"].pred_score, together["paper"].pred_score)
+    assert not torch.allclose(together["fused"].pred_score, together["paper"].pred_score)
+    with pytest.raises(ResADConfigurationError, match="flows"):
+        tiny_model.forward_scorings(images, ["flows"])
+
+
 def test_scores_of_an_image_do_not_depend_on_the_rest_of_the_batch(tiny_model: ResADModel) -> None:
     torch.manual_seed(1)
     images = torch.rand(4, 3, 64, 64)

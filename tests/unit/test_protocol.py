@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from anomalib_resad.experiments.protocol import run_protocol
 from anomalib_resad.references import sample_references
@@ -52,6 +53,35 @@ def test_one_row_per_model_category_k_and_draw(protocol_run: Path) -> None:
     oracle = results[["oracle_F1_recall", "oracle_F1_FPR", "oracle_recall_at_FPR10"]]
     assert oracle.notna().all().all() and ((oracle >= 0) & (oracle <= 1)).all().all()
     assert ((results.oracle_recall_at_FPR10 <= results.oracle_F1_recall + 1e-6) | (results.oracle_F1_FPR <= 0.1)).all()
+
+
+def test_resad_rows_score_as_each_scoring_alone(protocol_run: Path, texture_root: Path) -> None:
+    # ResAD, `nearest` and `flows` share one pass over the images: each row must hold its own scoring's scores
+    from anomalib_resad import ResAD
+    from anomalib_resad.data.multi_class import CATEGORY_COLUMN, MultiClassDataModule
+    from anomalib_resad.evaluation import score_samples
+    from anomalib_resad.references import ReferenceSelection
+
+    resad = ResAD.load_from_checkpoint(next((protocol_run / "train").rglob("*.ckpt")), weights_only=True)
+    path = protocol_run / "references" / "brick" / "k3_draw1.json"
+    resad.set_references(ReferenceSelection.from_dict(json.loads(path.read_text())))
+    datamodule = MultiClassDataModule(
+        sources=[{"datamodule": "MVTecAD", "root": str(texture_root), "categories": ["grass", "gravel"]}],
+        targets=[{"datamodule": "MVTecAD", "root": str(texture_root), "categories": ["brick"]}],
+        num_workers=0,
+    )
+    datamodule.setup()
+    samples = datamodule.target_samples[datamodule.target_samples[CATEGORY_COLUMN] == "brick"]
+    recorded = pd.read_csv(protocol_run / "image_scores.csv")
+    recorded = recorded[(recorded.k == 3) & (recorded.draw == 1)]
+    generator = resad.model.anomaly_map_generator
+    for row, scoring in (("ResAD", "fused"), ("nearest", "nearest"), ("flows", "paper")):
+        generator.scoring = scoring
+        alone = score_samples(resad, samples)
+        kept = recorded[recorded.model == row].set_index("image").score
+        assert len(kept) == len(alone.paths) > 0
+        expected = torch.tensor([kept[image] for image in alone.paths], dtype=torch.float32)
+        torch.testing.assert_close(alone.pred_scores, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_summary_has_mean_and_std_over_draws(protocol_run: Path) -> None:

@@ -188,16 +188,21 @@ def test_resume_skips_finished_cells_and_training(
     results[~dropped].to_csv(output / "results.csv", index=False)  # as if interrupted before these two cells
 
     scored: list[str] = []
-    original = protocol.score_samples
+    original, original_scorings = protocol.score_samples, protocol.score_samples_scorings
 
     def counting(module: object, samples: pd.DataFrame, **kwargs: object) -> object:
         scored.append(type(module).__name__)
         return original(module, samples, **kwargs)
 
+    def counting_scorings(module: object, samples: pd.DataFrame, *args: object, **kwargs: object) -> object:
+        scored.append(type(module).__name__)
+        return original_scorings(module, samples, *args, **kwargs)
+
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("the finished training must be reused")
 
     monkeypatch.setattr(protocol, "score_samples", counting)
+    monkeypatch.setattr(protocol, "score_samples_scorings", counting_scorings)
     monkeypatch.setattr(protocol, "Engine", no_training)
     monkeypatch.setattr(protocol, "measure_cost", no_training)  # every (model, k) cost is already in cost.csv
     run_protocol(**arguments(texture_root, output, baselines=["patchcore"]))
@@ -297,6 +302,7 @@ def test_resume_with_cost_measures_only_the_missing_costs(
         return original(module, *args, **kwargs)
 
     monkeypatch.setattr(protocol, "score_samples", no_scoring)
+    monkeypatch.setattr(protocol, "score_samples_scorings", no_scoring)
     monkeypatch.setattr(protocol, "measure_cost", counting)
     monkeypatch.setattr(protocol, "measure_openvino_cost", lambda *args, **kwargs: {})  # real one: test_cost.py
     run_protocol(**arguments(texture_root, output, baselines=["patchcore"]))
