@@ -59,13 +59,17 @@ def boundaries(stats: dict[str, list[float]]) -> dict[str, float]:
     """Candidate boundaries of one cell, in the image score's units (the shipped one is 1)."""
     normal, defects = np.array(stats["normal"]), np.array(stats["defects"])
     with_views = np.concatenate([normal, stats["views"]])
-    return {
+    candidates = {
         "default (1.25 x reference max)": 1.0,
         "views max x 1.0": float(with_views.max()),
         "mean + 3 std (views)": float(with_views.mean() + 3 * with_views.std(ddof=1)),
-        "midway, a = 0.5": float(normal.max() + 0.5 * (np.median(defects) - normal.max())),
-        "midway +views, a = 0.5": float(with_views.max() + 0.5 * (np.median(defects) - with_views.max())),
+        "mean + 4 std (views)": float(with_views.mean() + 4 * with_views.std(ddof=1)),
     }
+    # "midway": a fraction a of the way from the largest normal leave-one-out score to the synthetic defects' median
+    for a in (0.5, 0.55, 0.6, 0.65, 0.7):
+        candidates[f"midway, a = {a}"] = float(normal.max() + a * (np.median(defects) - normal.max()))
+        candidates[f"midway +views, a = {a}"] = float(with_views.max() + a * (np.median(defects) - with_views.max()))
+    return candidates
 
 
 def main() -> None:
