@@ -427,12 +427,14 @@ def run_protocol(
         folder = reference_dirs.get(category) if reference_dirs else None
         selection = resad.references.select(category, k, seed + draw, folder=folder)
         selection.save(output / "references" / category / f"k{k}_draw{draw}.json")
-        # the rows scoring one module (ResAD and its own `nearest` / `flows`) take the references once and share
-        # one pass over the images: each row's scores are those it would get alone
+        # the rows scoring one module (ResAD and its own `nearest` / `flows`) share one pass over the images: each
+        # row's scores are those it would get alone
         for group in _module_groups(evaluated, [name for name in evaluated if name in pending or name in unmeasured]):
-            fit_start = time.perf_counter()
-            evaluated[group[0]].set_references(selection)
-            fit_s = time.perf_counter() - fit_start
+            fit_s = {}
+            for name in group:  # each row timed as it takes the references (a bank made once is cached by paths)
+                fit_start = time.perf_counter()
+                evaluated[name].set_references(selection)
+                fit_s[name] = time.perf_counter() - fit_start
             scored = _score_rows(evaluated, [name for name in group if name in pending], samples, batch_size)
             for name in group:
                 entry = evaluated[name]
@@ -460,7 +462,7 @@ def run_protocol(
                 }
                 if isinstance(entry.module, ResAD):  # which matching the class's references chose
                     row["averaged"] = float(entry.module.model.anomaly_map_generator.stored.averaging)
-                results.add({**row, "fit_s": fit_s, **metrics})
+                results.add({**row, "fit_s": fit_s[name], **metrics})
                 if name in unmeasured:  # once per model and k, with this class's bank
                     _measure_cost(entry, name, category, k, costs, cost_repeats, openvino_cost)
                 progress.finished(

@@ -3,6 +3,7 @@
 """The class-generalization protocol on a tiny generated texture set (pipeline behaviour, not accuracy)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -17,23 +18,27 @@ TINY_MODEL = {**TINY_SETTINGS, "first_stage_epochs": 0}
 TRAINER = {"max_epochs": 1, "accelerator": "cpu", "enable_progress_bar": False}
 
 
+def protocol_arguments(texture_root: Path, output: Path) -> dict:
+    return {
+        "sources": [{"datamodule": "MVTecAD", "root": str(texture_root), "categories": ["grass", "gravel"]}],
+        "targets": [{"datamodule": "MVTecAD", "root": str(texture_root), "categories": ["brick"]}],
+        "output_dir": str(output),
+        "model": TINY_MODEL,
+        "trainer": TRAINER,
+        "shots": [2, 3],
+        "draws": 2,
+        "seed": 5,
+        "num_workers": 0,
+        "maps_per_category": 2,
+        "baselines": ["nearest", "flows", "patchcore"],
+        "cost": False,  # cost.csv, with its OpenVINO export (two thirds of this run): tests/unit/test_side_by_side.py
+    }
+
+
 @pytest.fixture(scope="module")
 def protocol_run(texture_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     output = tmp_path_factory.mktemp("protocol")
-    run_protocol(
-        sources=[{"datamodule": "MVTecAD", "root": str(texture_root), "categories": ["grass", "gravel"]}],
-        targets=[{"datamodule": "MVTecAD", "root": str(texture_root), "categories": ["brick"]}],
-        output_dir=str(output),
-        model=TINY_MODEL,
-        trainer=TRAINER,
-        shots=[2, 3],
-        draws=2,
-        seed=5,
-        num_workers=0,
-        maps_per_category=2,
-        baselines=["nearest", "flows", "patchcore"],
-        cost=False,  # cost.csv, with its OpenVINO export (two thirds of this run): tests/unit/test_side_by_side.py
-    )
+    run_protocol(**protocol_arguments(texture_root, output))
     return output
 
 
@@ -82,6 +87,38 @@ def test_resad_rows_score_as_each_scoring_alone(protocol_run: Path, texture_root
         assert len(kept) == len(alone.paths) > 0
         expected = torch.tensor([kept[image] for image in alone.paths], dtype=torch.float32)
         torch.testing.assert_close(alone.pred_scores, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_scores_only_the_missing_row_of_a_shared_pass(
+    protocol_run: Path, texture_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from anomalib_resad.experiments import protocol
+
+    output = tmp_path / "resumed"
+    shutil.copytree(protocol_run, output)
+    results = pd.read_csv(output / "results.csv")
+    dropped = (results.model == "nearest") & (results.k == 3) & (results.draw == 0)
+    results[~dropped].to_csv(output / "results.csv", index=False)  # as if interrupted after ResAD's row of the cell
+    calls: list[list[str]] = []
+    original = protocol.score_samples_scorings
+
+    def recording(module: object, samples: pd.DataFrame, scorings: list[str], **kwargs: object) -> object:
+        calls.append(list(scorings))
+        return original(module, samples, scorings, **kwargs)
+
+    def no_scoring(*args: object, **kwargs: object) -> None:
+        raise AssertionError("PatchCore's cells are finished")
+
+    monkeypatch.setattr(protocol, "score_samples_scorings", recording)
+    monkeypatch.setattr(protocol, "score_samples", no_scoring)
+    run_protocol(**protocol_arguments(texture_root, output))
+    assert calls == [["nearest"]]  # the cell's finished rows are not scored again
+    resumed = pd.read_csv(output / "results.csv")
+    pd.testing.assert_frame_equal(resumed.iloc[: len(results) - 1], results[~dropped].reset_index(drop=True))
+    metrics = ["image_AUROC", "pixel_AUROC", "pixel_AUPRO", "image_F1Max", "normal_FPR", "anomalous_recall"]
+    pd.testing.assert_series_equal(
+        resumed.iloc[-1][metrics], results[dropped].iloc[0][metrics], check_names=False, atol=1e-6
+    )
 
 
 def test_summary_has_mean_and_std_over_draws(protocol_run: Path) -> None:
