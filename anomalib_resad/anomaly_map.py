@@ -55,6 +55,16 @@ SCORINGS = ("fused", "nearest", "paper")
 _EPS = 1e-6
 
 
+def reads_flows(scorings: Sequence[str]) -> bool:
+    """Whether any of ``scorings`` reads the flows' map (``"nearest"`` needs neither constraintor nor flows)."""
+    return any(name != "nearest" for name in scorings)
+
+
+def reads_nearest(scorings: Sequence[str]) -> bool:
+    """Whether any of ``scorings`` reads a nearest-neighbour map (and so the class's averaging choice)."""
+    return any(name != "paper" for name in scorings)
+
+
 class SeparableGaussianBlur(nn.Module):
     """Gaussian smoothing of every channel of ``(B, C, H, W)`` maps as two 1-D convolutions, replicate borders.
 
@@ -147,12 +157,12 @@ class AnomalyMapGenerator(nn.Module):
     @property
     def uses_flows(self) -> bool:
         """Whether the scoring reads the flows' map (``"nearest"`` needs neither constraintor nor flows)."""
-        return self.scoring != "nearest"
+        return reads_flows([self.scoring])
 
     @property
     def uses_nearest(self) -> bool:
         """Whether the scoring reads a nearest-neighbour map (and so the class's averaging choice)."""
-        return self.scoring != "paper"
+        return reads_nearest([self.scoring])
 
     def components(
         self,
@@ -305,11 +315,13 @@ class AnomalyMapGenerator(nn.Module):
         dissimilarity = parts.dissimilarity / (DISSIMILARITY_MARGIN * scoring.dissimilarity_max).clamp(min=_EPS)
         reverse_threshold = (REVERSE_DISSIMILARITY_MARGIN * scoring.reverse_dissimilarity_max).clamp(min=_EPS)
         odd = torch.maximum(dissimilarity, parts.reverse_dissimilarity / reverse_threshold)
+        maps = {"nearest": nearest_map, "paper": flows_map}
+        if "fused" in scorings:
+            maps["fused"] = (flows_map + nearest_map) / 2
         outputs = {}
         for name in scorings:
-            anomaly_map = {"fused": (flows_map + nearest_map) / 2, "nearest": nearest_map, "paper": flows_map}[name]
-            score = anomaly_map.flatten(start_dim=1).amax(dim=1)
-            outputs[name] = (anomaly_map, torch.where(odd > 1, torch.maximum(score, odd), score))
+            score = maps[name].flatten(start_dim=1).amax(dim=1)
+            outputs[name] = (maps[name], torch.where(odd > 1, torch.maximum(score, odd), score))
         return outputs
 
     def _flows_map(

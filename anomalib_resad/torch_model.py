@@ -27,7 +27,7 @@ import torch
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from .anomaly_map import SCORINGS, AnomalyMapGenerator
+from .anomaly_map import SCORINGS, AnomalyMapGenerator, reads_flows, reads_nearest
 from .calibration import NEAREST_LEVELS, ScoreComponents, Scoring, leave_one_out_banks, leave_one_out_scoring
 from .errors import check_choice
 from .feature_constraintor import FeatureConstraintor
@@ -268,10 +268,9 @@ class ResADModel(nn.Module):
         generator = self.anomaly_map_generator
         record = generator.record(scoring)
         features = self.feature_extractor(images)
-        uses_flows = any(name != "nearest" for name in scorings)
-        log_likelihoods, similarities, coverage = self.level_outputs(features, reference_bank, uses_flows)
+        log_likelihoods, similarities, coverage = self.level_outputs(features, reference_bank, reads_flows(scorings))
         averaged = None
-        if any(name != "paper" for name in scorings) and self._averaging(record):
+        if reads_nearest(scorings) and self._averaging(record):
             averaged = self.feature_converter.averaged_distances(features, reference_bank, NEAREST_LEVELS)
         parts = generator.components(
             log_likelihoods, similarities, coverage, images.shape[-2:], record.level_constants, averaged
