@@ -13,8 +13,10 @@ Three maps come out of one matching of an image against a class's references:
 * **PatchCore's averaged map** - the same after 3 x 3 neighbourhood averaging with Euclidean distances, for the
   classes whose references chose it (:mod:`~anomalib_resad.calibration`).
 
-All maps are blurred (Gaussian, sigma 4, as the reference) and divided by ``threshold_margin`` x the class's largest
-leave-one-out value of that map (:class:`~anomalib_resad.calibration.Scoring`), so ``1`` is every class's boundary.
+All maps are blurred (Gaussian, sigma 4, as the reference), divided by the class's largest leave-one-out value of
+that map (:func:`~anomalib_resad.calibration.relative_maps`) and then by the class's boundary
+(:func:`~anomalib_resad.calibration.boundary`: between its references and their synthetic defects, placed by
+``sensitivity``), so ``1`` is every class's boundary.
 
 **Scorings** (``scoring``). ``"fused"`` (default): the mean of the flows' map and the class's nearest-neighbour map
 (precise or averaged), each over its own threshold - a defect must stand out where both see it; ``"nearest"``: the
@@ -45,14 +47,29 @@ from .calibration import (
     DISSIMILARITY_MARGIN,
     NEAREST_LEVELS,
     REVERSE_DISSIMILARITY_MARGIN,
+    SCORINGS,
+    SENSITIVITY,
     ScoreComponents,
     Scoring,
+    boundary,
     odd_frame_statistics,
+    relative_maps,
 )
-from .errors import ResADInputError, check_choice
+from .errors import ResADConfigurationError, ResADInputError, check_choice
 
-SCORINGS = ("fused", "nearest", "paper")
 _EPS = 1e-6
+
+
+def check_sensitivity(sensitivity: float) -> float:
+    """``sensitivity`` if it lies in [0, 1], else a clear error."""
+    if not 0.0 <= sensitivity <= 1.0:
+        msg = (
+            f"sensitivity={sensitivity} is outside [0, 1]: it places each class's boundary between its references' "
+            f"largest score (1: most defects caught, most false alarms) and its synthetic defects' median (0). "
+            f"The default is {SENSITIVITY}."
+        )
+        raise ResADConfigurationError(msg)
+    return float(sensitivity)
 
 
 def reads_flows(scorings: Sequence[str]) -> bool:
@@ -132,8 +149,9 @@ class AnomalyMapGenerator(nn.Module):
         num_levels (int): Number of feature levels.
         sigma (float): Standard deviation of the Gaussian smoothing, in output pixels. Defaults to ``4`` (reference).
         scoring (str): ``"fused"``, ``"nearest"`` or ``"paper"`` (see the module docstring). Defaults to ``"fused"``.
-        threshold_margin (float): Each map's threshold = this x its largest leave-one-out value over the class's
-            references. Defaults to ``1.25``.
+        sensitivity (float): Where each class's boundary sits between its references' largest leave-one-out score
+            (1) and its synthetic defects' median (0) (:func:`~anomalib_resad.calibration.boundary`). Defaults to
+            :data:`~anomalib_resad.calibration.SENSITIVITY`.
 
     Attributes:
         stored (StoredScoring): The stored class's scoring record (zeros: none yet).
@@ -144,25 +162,15 @@ class AnomalyMapGenerator(nn.Module):
         num_levels: int,
         sigma: float = 4.0,
         scoring: str = "fused",
-        threshold_margin: float = 1.25,
+        sensitivity: float = SENSITIVITY,
     ) -> None:
         super().__init__()
         check_choice("scoring", scoring, SCORINGS)
         self.num_levels = num_levels
         self.scoring = scoring
-        self.threshold_margin = threshold_margin
+        self.sensitivity = check_sensitivity(sensitivity)
         self.stored = StoredScoring(num_levels)
         self.blur = SeparableGaussianBlur(sigma)
-
-    @property
-    def uses_flows(self) -> bool:
-        """Whether the scoring reads the flows' map (``"nearest"`` needs neither constraintor nor flows)."""
-        return reads_flows([self.scoring])
-
-    @property
-    def uses_nearest(self) -> bool:
-        """Whether the scoring reads a nearest-neighbour map (and so the class's averaging choice)."""
-        return reads_nearest([self.scoring])
 
     def components(
         self,
@@ -217,33 +225,6 @@ class AnomalyMapGenerator(nn.Module):
             ),
             nearest_map=nearest_map,
             averaged_map=averaged_map,
-        )
-
-    def nearest_components(
-        self,
-        similarities: Sequence[torch.Tensor],
-        averaged_distances: Sequence[torch.Tensor],
-        image_size: tuple[int, int] | torch.Size,
-    ) -> ScoreComponents:
-        """Only the two nearest-neighbour maxima (what the averaging choice reads from synthetic defects).
-
-        The same values as :meth:`components` gives for them (the blur treats each map on its own); the other fields
-        are zeros, and no maps are kept (a calibration scores k x 12 defects).
-
-        Example:
-            >>> generator = AnomalyMapGenerator(num_levels=2)
-            >>> parts = generator.nearest_components([torch.ones(1, 4, 4)] * 2, [torch.zeros(1, 4, 4)] * 2, (8, 8))
-            >>> parts.nearest.tolist(), parts.averaged_nearest.tolist()
-            ([0.0], [0.0])
-        """
-        maps = [
-            self._upsampled_sum([1 - level for level in similarities[-NEAREST_LEVELS:]], image_size),
-            self._upsampled_sum(list(averaged_distances[-NEAREST_LEVELS:]), image_size),
-        ]
-        nearest, averaged = self.blur(torch.cat(maps, dim=1)).flatten(start_dim=2).amax(dim=2).unbind(dim=1)
-        zeros = torch.zeros_like(nearest)
-        return ScoreComponents(
-            None, zeros, zeros, zeros.new_zeros(len(zeros), self.num_levels), nearest, zeros, averaged
         )
 
     def forward(
@@ -304,24 +285,17 @@ class AnomalyMapGenerator(nn.Module):
             dict[str, tuple[torch.Tensor, torch.Tensor]]: Scoring name -> anomaly map ``(B, 1, H, W)`` and image
             score ``(B,)``, as :meth:`forward` gives them with that ``scoring``.
         """
-        margin = self.threshold_margin
-        nearest_map = parts.nearest_map / (margin * scoring.nearest_max).clamp(min=_EPS)
-        if parts.averaged_map is not None:
-            averaged = parts.averaged_map / (margin * scoring.averaged_max).clamp(min=_EPS)
-            nearest_map = torch.where(scoring.averaging > 0, averaged, nearest_map)
-        flows_map = parts.anomaly_map / (margin * scoring.map_max).clamp(min=_EPS)
+        maps = relative_maps(parts, scoring, scorings)
         # the odd-frame check takes over only above its own thresholds: below them the images keep the score's
         # ranking (no normal image is ranked up by a mere lighting change)
         dissimilarity = parts.dissimilarity / (DISSIMILARITY_MARGIN * scoring.dissimilarity_max).clamp(min=_EPS)
         reverse_threshold = (REVERSE_DISSIMILARITY_MARGIN * scoring.reverse_dissimilarity_max).clamp(min=_EPS)
         odd = torch.maximum(dissimilarity, parts.reverse_dissimilarity / reverse_threshold)
-        maps = {"nearest": nearest_map, "paper": flows_map}
-        if "fused" in scorings:
-            maps["fused"] = (flows_map + nearest_map) / 2
         outputs = {}
         for name in scorings:
-            score = maps[name].flatten(start_dim=1).amax(dim=1)
-            outputs[name] = (maps[name], torch.where(odd > 1, torch.maximum(score, odd), score))
+            calibrated_map = maps[name] / boundary(scoring, name, self.sensitivity).clamp(min=_EPS)
+            score = calibrated_map.flatten(start_dim=1).amax(dim=1)
+            outputs[name] = (calibrated_map, torch.where(odd > 1, torch.maximum(score, odd), score))
         return outputs
 
     def _flows_map(

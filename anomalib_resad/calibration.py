@@ -15,12 +15,18 @@ query), and kept in one record, :class:`Scoring`:
   (:func:`odd_frame_statistics`);
 * ``averaging`` - whether the class is scored with PatchCore's averaged matching: synthetic defects pasted into its
   references (:mod:`~anomalib_resad.synthetic_defects`) choose it when they stand out further above its threshold
-  than above the precise one's.
+  than above the precise one's;
+* ``fused_max`` and ``fused_defects``, ``nearest_defects``, ``paper_defects`` - where the class's normal and
+  defective images lie in each scoring's *relative* units (:func:`relative_maps`: each map over its own maximum):
+  the largest leave-one-out image score of the references (1 for ``nearest`` and ``paper`` by construction, at most 1
+  for ``fused``) and the median image score of the references' synthetic defects, scored against the same
+  leave-one-out banks.
 
-The record holds *measurements*, not thresholds: each threshold is a margin times its maximum, applied where the
-class is scored (:class:`~anomalib_resad.anomaly_map.AnomalyMapGenerator`), so a margin set on a trained model
-takes effect on classes stored before. The record is stored wherever a class's references go (the model's buffers,
-a references file, the inputs of the reference-conditioned export) under its field names - never by position.
+The record holds *measurements*, not thresholds. A class's boundary sits between its references and its synthetic
+defects (:func:`boundary`), ``1 - sensitivity`` of the way from the first to the second, applied where the class is
+scored (:class:`~anomalib_resad.anomaly_map.AnomalyMapGenerator`), so a sensitivity set on a trained model takes
+effect on classes stored before. The record is stored wherever a class's references go (the model's buffers, a
+references file, the inputs of the reference-conditioned export) under its field names - never by position.
 
 Leave-one-out banks hold one image fewer than the bank queries meet, so the reference images look a little *less*
 normal here than normal queries will: thresholds err towards fewer false alarms.
@@ -29,13 +35,15 @@ Example:
     >>> scoring = Scoring.neutral(num_levels=2)
     >>> sorted(scoring.tensors())[:3]
     ['averaged_max', 'averaging', 'dissimilarity_max']
+    >>> float(boundary(replace(scoring, nearest_defects=torch.tensor(3.0)), "nearest", sensitivity=0.5))
+    2.0
     >>> list(leave_one_out_rows(3, views=[1, 2], index=1))
     [[0, 2], [0, 1, 4, 5]]
 """
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 import torch
@@ -52,6 +60,12 @@ REVERSE_DISSIMILARITY_MARGIN = 1.5
 # ratio) than above the precise matching's: chosen leave-one-setting-out on the development settings' draws.
 AVERAGING_GAIN = 0.05
 NEAREST_LEVELS = 2  # the nearest-neighbour score reads the deepest levels, as PatchCore does
+# Where a class's boundary sits between its references' largest leave-one-out score (sensitivity 1) and the median of
+# its synthetic defects (0). Chosen on held-out-domain fold 1's source-validation images (6 domains, k = 2 and 4,
+# 3 draws; docs/runs/shared_domains_fold1_verdict_boundaries.md): the one of 0.3-0.5 whose normal false-positive
+# rate stays <= 10 % at both k and whose recall reaches 60 % of the best any threshold with that rate gets.
+SENSITIVITY = 0.35
+SCORINGS = ("fused", "nearest", "paper")
 # References whose leave-one-out matching finds every feature again (1 - cos below this everywhere) are copies of one
 # image: copies give float32 rounding noise (about 1e-7), different photographs of a part far more.
 IDENTICAL_REFERENCES = 1e-4
@@ -99,6 +113,11 @@ class Scoring:
         dissimilarity_max (torch.Tensor): Largest leave-one-out dissimilarity.
         reverse_dissimilarity_max (torch.Tensor): Largest leave-one-out reverse dissimilarity.
         averaging (torch.Tensor): ``1``: the class is scored with the averaged map; ``0``: with the precise one.
+        fused_max (torch.Tensor): Largest leave-one-out image score of the fused scoring, in relative units.
+        fused_defects (torch.Tensor): Median image score of the references' synthetic defects, fused scoring,
+            relative units (0: not measured).
+        nearest_defects (torch.Tensor): The same for the nearest-neighbour scoring.
+        paper_defects (torch.Tensor): The same for the flows' scoring.
     """
 
     level_constants: torch.Tensor
@@ -108,6 +127,10 @@ class Scoring:
     dissimilarity_max: torch.Tensor
     reverse_dissimilarity_max: torch.Tensor
     averaging: torch.Tensor
+    fused_max: torch.Tensor
+    fused_defects: torch.Tensor
+    nearest_defects: torch.Tensor
+    paper_defects: torch.Tensor
 
     @classmethod
     def names(cls) -> list[str]:
@@ -144,6 +167,61 @@ class Scoring:
     def is_set(self) -> bool:
         """Whether the record was measured on references (a neutral record's maxima are 0)."""
         return bool(self.map_max > 0) and bool(self.nearest_max > 0) and bool(self.dissimilarity_max > 0)
+
+
+def relative_maps(parts: ScoreComponents, scoring: Scoring, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Each of ``names``' map in the class's *relative* units: every map over its own largest leave-one-out value.
+
+    The nearest-neighbour map is the precise or the averaged one, as the class chose; ``"fused"`` is the mean of it
+    and the flows' map (a defect must stand out where both see it). Boundaries (:func:`boundary`) are set and applied
+    in these units.
+
+    Args:
+        parts (ScoreComponents): Uncalibrated maps (with the flows' map where a name reads it, the averaged map where
+            the class chose averaging and a name reads the nearest map).
+        scoring (Scoring): The class's record.
+        names (Sequence[str]): Scoring names (:data:`SCORINGS`).
+
+    Returns:
+        dict[str, torch.Tensor]: Scoring name -> ``(B, 1, H, W)`` map (plus the maps the fused one is made of).
+    """
+    nearest = parts.nearest_map / scoring.nearest_max.clamp(min=_EPS)
+    if parts.averaged_map is not None:
+        averaged = parts.averaged_map / scoring.averaged_max.clamp(min=_EPS)
+        nearest = torch.where(scoring.averaging > 0, averaged, nearest)
+    flows = parts.anomaly_map / scoring.map_max.clamp(min=_EPS)
+    maps = {"nearest": nearest, "paper": flows}
+    if "fused" in names:
+        maps["fused"] = (flows + nearest) / 2
+    return maps
+
+
+def boundary(scoring: Scoring, name: str, sensitivity: float = SENSITIVITY) -> torch.Tensor:
+    """A class's image boundary under scoring ``name``, in relative units (:func:`relative_maps`).
+
+    ``1 - sensitivity`` of the way from the references' largest leave-one-out score to the median of their synthetic
+    defects: a boundary the defects a class's own references make tell, where a margin over the references alone
+    cannot (its recall fell as k grew). Never below the references' largest score (no reference is flagged), also
+    where the defects do not stand out or were not measured (0).
+
+    Args:
+        scoring (Scoring): The class's record.
+        name (str): Scoring name (:data:`SCORINGS`).
+        sensitivity (float): 1: the references' largest score; 0: the defects' median. Defaults to
+            :data:`SENSITIVITY`.
+
+    Returns:
+        torch.Tensor: 0-d boundary.
+    """
+    one = torch.ones_like(scoring.fused_max)
+    normal = torch.where(scoring.fused_max > 0, scoring.fused_max, one) if name == "fused" else one  # 0: not measured
+    defects = getattr(scoring, f"{name}_defects")
+    return normal + (1 - sensitivity) * (defects - normal).clamp(min=0)
+
+
+def image_scores(maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each map's image score: its maximum ``(B,)``."""
+    return {name: value.flatten(start_dim=1).amax(dim=1) for name, value in maps.items()}
 
 
 def odd_frame_statistics(
@@ -216,27 +294,32 @@ def leave_one_out_scoring(
     score_reference: Callable[[int, torch.Tensor], ScoreComponents],
     k: int,
     num_levels: int,
-    score_defects: Callable[[int], ScoreComponents] | None = None,
+    score_defects: Callable[[int, torch.Tensor], ScoreComponents] | None = None,
+    averaging: float | None = None,
 ) -> Scoring:
     """A class's :class:`Scoring` from its k reference images, each scored against a bank of the other k - 1.
 
     This function is the one place the rule lives: eager PyTorch and the exported OpenVINO calibrator both call it,
-    each with its own ``score_reference``.
+    each with its own ``score_reference`` and ``score_defects``.
 
     Args:
         score_reference (Callable[[int, torch.Tensor], ScoreComponents]): ``(i, level_constants) ->`` the scoring of
-            reference image ``i`` against the bank of the others, with those constants.
+            reference image ``i`` against the bank of the others, with those constants (with its maps).
         k (int): Number of reference images (at least 2).
         num_levels (int): Number of feature levels.
-        score_defects (Callable[[int], ScoreComponents] | None): ``i ->`` the nearest-neighbour scores of reference
-            image ``i``'s synthetic defects against the bank of the others; ``None``: no averaging choice (precise
-            matching).
+        score_defects (Callable[[int, torch.Tensor], ScoreComponents] | None): ``(i, level_constants) ->`` the
+            scoring of reference image ``i``'s synthetic defects against the same bank (with their maps): they make
+            the averaging choice and the boundaries. ``None``: precise matching, boundaries at the references'
+            largest scores.
+        averaging (float | None): The class's matching choice where it was made before on the same images (it reads
+            the frozen backbone alone); ``None``: made here from the defects.
 
     Returns:
         Scoring: The class's record.
 
     Raises:
-        ResADInputError: ``k < 2`` (leave-one-out needs a bank of at least one other image).
+        ResADInputError: ``k < 2`` (leave-one-out needs a bank of at least one other image), non-finite scores or
+            (near-)identical references.
     """
     if k < 2:
         msg = (
@@ -254,12 +337,13 @@ def leave_one_out_scoring(
         return max(float(getattr(result, name).max()) for result in results)
 
     nearest, averaged = largest("nearest"), largest("averaged_nearest")
-    averaging = 0.0
-    if score_defects is not None:
-        defects = [score_defects(index) for index in range(k)]
-        precise = torch.cat([result.nearest.flatten() for result in defects]) / max(nearest, _EPS)
-        pooled = torch.cat([result.averaged_nearest.flatten() for result in defects]) / max(averaged, _EPS)
-        averaging = float(float(pooled.median()) > (1 + AVERAGING_GAIN) * float(precise.median()))
+    defects = [score_defects(index, constants) for index in range(k)] if score_defects is not None else []
+    if averaging is None:
+        averaging = 0.0
+        if defects:
+            precise = torch.cat([result.nearest.flatten() for result in defects]) / max(nearest, _EPS)
+            pooled = torch.cat([result.averaged_nearest.flatten() for result in defects]) / max(averaged, _EPS)
+            averaging = float(float(pooled.median()) > (1 + AVERAGING_GAIN) * float(precise.median()))
     values = [largest("map_max"), nearest, averaged, largest("dissimilarity"), largest("reverse_dissimilarity")]
     if not all(math.isfinite(value) for value in [*values, *constants.tolist()]):
         msg = "The references' leave-one-out scores are not finite: the reference images or the model are broken."
@@ -271,4 +355,16 @@ def leave_one_out_scoring(
             "images of the class."
         )
         raise ResADInputError(msg)
-    return Scoring(constants, *(torch.tensor(value) for value in values), torch.tensor(averaging))
+    zero = torch.zeros(())
+    scoring = Scoring(constants, *(torch.tensor(value) for value in values), torch.tensor(float(averaging)),
+                      zero, zero, zero, zero)  # fmt: skip
+    normal = [image_scores(relative_maps(result, scoring, SCORINGS))["fused"] for result in results]
+    scoring = replace(scoring, fused_max=torch.cat(normal).max().float().cpu())
+    if defects:
+        scores = [image_scores(relative_maps(result, scoring, SCORINGS)) for result in defects]
+        medians = {name: torch.cat([each[name] for each in scores]).median().float().cpu() for name in SCORINGS}
+        if not all(math.isfinite(float(value)) for value in medians.values()):
+            msg = "The references' synthetic defects score as not finite: the reference images or the model are broken."
+            raise ResADInputError(msg)
+        scoring = replace(scoring, **{f"{name}_defects": value for name, value in medians.items()})
+    return scoring

@@ -20,7 +20,7 @@ ARCHITECTURE_HPARAMS = ("backbone", "layers", "coupling_layers", "pos_embed_dim"
 TRAINED_SETTINGS = (*ARCHITECTURE_HPARAMS, "image_size")
 # ResAD arguments that change how a trained model scores, not what it learned: they stay as the model was built
 # (command line or defaults), and ``resad evaluate`` applies them to a given checkpoint too.
-SCORING_OPTIONS = ("scoring", "threshold_margin")
+SCORING_OPTIONS = ("scoring", "sensitivity")
 
 
 def normalize_value(value: object) -> object:

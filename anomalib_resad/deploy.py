@@ -57,8 +57,9 @@ from .synthetic_defects import synthetic_defects
 logger = logging.getLogger(__name__)
 
 # The layout of references files and deployments: a file of another format is refused with the command that remakes
-# it (7: the class's scoring record by field name, views per level recorded).
-FORMAT_VERSION = 7
+# it (7: the class's scoring record by field name, views per level recorded; 8: the record places each scoring's
+# boundary from synthetic defects, and the calibrator gives the maps they are read from).
+FORMAT_VERSION = 8
 MODEL_FILE = "model"
 ENCODER_FILE = "reference_encoder"
 CALIBRATOR_FILE = "reference_calibrator"
@@ -262,12 +263,15 @@ class ReferenceCalibrator(nn.Module):
     """
 
     OUTPUTS = (
+        "anomaly_map",
         "map_max",
         "dissimilarity",
         "level_max_log_likelihood",
         "nearest",
         "reverse_dissimilarity",
         "averaged_nearest",
+        "nearest_map",
+        "averaged_map",
     )
 
     def __init__(self, model: ResAD) -> None:
@@ -396,8 +400,8 @@ def export_deployment(
         "format_version": FORMAT_VERSION,
         **signature,
         "outputs": output_names,
-        "scoring": generator.scoring,  # baked into the graph, as is the margin
-        "threshold_margin": generator.threshold_margin,
+        "scoring": generator.scoring,  # baked into the graph, as is the sensitivity
+        "sensitivity": generator.sensitivity,
         "views": resad.model.bank_views(signature["image_size"]),
     }
     (export_root / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
@@ -488,17 +492,15 @@ def _openvino_reference_bank(
         inputs = {"image": images, "level_constants": constants.numpy().astype(np.float32)}
         inputs.update({f"reference_{level}": bank for level, bank in enumerate(others)})
         named = {port.get_any_name(): np.asarray(value) for port, value in calibrator(inputs).items()}
-        return ScoreComponents(None, **{name: torch.from_numpy(named[name]) for name in ReferenceCalibrator.OUTPUTS})
+        return ScoreComponents(**{name: torch.from_numpy(named[name]) for name in ReferenceCalibrator.OUTPUTS})
 
     def score_reference(index: int, constants: torch.Tensor) -> ScoreComponents:
         return score(pixels[index : index + 1], index, constants)
 
-    score_defects = None
-    if metadata["scoring"] != "paper":  # the same defects as eager PyTorch (written in each image's own value range)
-        defects = synthetic_defects(torch.from_numpy(pixels)).numpy()
+    defects = synthetic_defects(torch.from_numpy(pixels)).numpy()  # eager's defects (in each image's value range)
 
-        def score_defects(index: int) -> ScoreComponents:
-            return score(np.ascontiguousarray(defects[index]), index, torch.zeros(len(levels)))
+    def score_defects(index: int, constants: torch.Tensor) -> ScoreComponents:
+        return score(np.ascontiguousarray(defects[index]), index, constants)
 
     scoring = leave_one_out_scoring(score_reference, len(pixels), len(levels), score_defects)
     bank = ReferenceBank(

@@ -51,6 +51,7 @@ from torch.optim.lr_scheduler import MultiStepLR
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from .anomaly_map import SCORINGS
+from .calibration import SENSITIVITY, Scoring
 from .checkpoint_settings import TRAINED_SETTINGS, normalize_value
 from .class_references import ClassReferences
 from .data.checks import check_folder_paths
@@ -91,8 +92,9 @@ class ResAD(AnomalibModule):
         scoring (str): ``"fused"`` (the flows' map and the nearest-neighbour map averaged), ``"nearest"`` (matching
             alone: no trained part) or ``"paper"`` (the flows' map alone, the reference's scoring); see
             :mod:`~anomalib_resad.anomaly_map`. Defaults to ``"fused"``.
-        threshold_margin (float): A class's boundary = this x the largest leave-one-out score of its references.
-            Defaults to ``1.25``.
+        sensitivity (float): Where a class's boundary sits between its references' largest leave-one-out score (1:
+            most defects caught, most false alarms) and the median of their synthetic defects (0). Defaults to
+            ``0.35`` (chosen on source-validation images; :func:`~anomalib_resad.calibration.boundary`).
         train_k (int): References drawn per class per training batch. Defaults to ``4`` (reference).
         residual (str): ``"squared"`` (reference code) or ``"difference"`` (paper). Defaults to ``"squared"``.
         occ_loss (str): ``"log_barrier"`` (reference code) or ``"paper"`` (NeurIPS Eq. 2). Defaults to
@@ -129,7 +131,7 @@ class ResAD(AnomalibModule):
         reference_dir: str | None = None,
         reference_seed: int = 42,
         scoring: str = "fused",
-        threshold_margin: float = 1.25,
+        sensitivity: float = SENSITIVITY,
         train_k: int = 4,
         residual: str = "squared",
         occ_loss: str = "log_barrier",
@@ -234,7 +236,7 @@ class ResAD(AnomalibModule):
             coupling_layers=hparams["coupling_layers"],
             pos_embed_dim=hparams["pos_embed_dim"],
             scoring=hparams["scoring"],
-            threshold_margin=hparams["threshold_margin"],
+            sensitivity=hparams["sensitivity"],
         )
 
     def _build_loss(self) -> ResADLoss:
@@ -650,3 +652,27 @@ class ResAD(AnomalibModule):
         if "resad_references" in checkpoint:
             self.references.stored = ReferenceSelection.from_dict(checkpoint["resad_references"])
             self.references.pinned = True
+        if self._fill_scoring_fields(checkpoint.get("state_dict", {})):
+            self.references.forget_scoring()  # measured again from its reference files where they are needed
+
+    @staticmethod
+    def _fill_scoring_fields(state_dict: dict[str, torch.Tensor]) -> bool:
+        """Fill the scoring-record fields a checkpoint of an earlier release lacks (``True``: some were missing).
+
+        Its stored class is then calibrated again from its reference files before it scores; where those are not on
+        this machine, its boundaries stay at its references' largest scores (:func:`~anomalib_resad.calibration.
+        boundary` of an unmeasured record), with a warning.
+        """
+        prefix = "model.anomaly_map_generator.stored."
+        if not any(key.startswith(prefix) for key in state_dict):
+            return False
+        missing = [name for name in Scoring.names() if prefix + name not in state_dict]
+        for name in missing:
+            state_dict[prefix + name] = torch.zeros(())
+        if missing:
+            logger.warning(
+                "ResAD: the checkpoint was made by an earlier anomalib-resad (its class record lacks %s): its class is "
+                "calibrated again from its reference images before it scores.",
+                ", ".join(missing),
+            )
+        return bool(missing)

@@ -20,7 +20,6 @@ Example:
 """
 
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,7 +27,14 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from .anomaly_map import SCORINGS, AnomalyMapGenerator, reads_flows, reads_nearest
-from .calibration import NEAREST_LEVELS, ScoreComponents, Scoring, leave_one_out_banks, leave_one_out_scoring
+from .calibration import (
+    NEAREST_LEVELS,
+    SENSITIVITY,
+    ScoreComponents,
+    Scoring,
+    leave_one_out_banks,
+    leave_one_out_scoring,
+)
 from .errors import check_choice
 from .feature_constraintor import FeatureConstraintor
 from .feature_converter import FeatureConverter, ReferenceBank, flatten_levels
@@ -53,8 +59,8 @@ class ResADModel(nn.Module):
         sigma (float): Gaussian smoothing of the anomaly map. Defaults to ``4``.
         scoring (str): ``"fused"``, ``"nearest"`` or ``"paper"`` (:mod:`~anomalib_resad.anomaly_map`). Defaults to
             ``"fused"``.
-        threshold_margin (float): Each map's threshold = this x its largest leave-one-out value over the class's
-            references. Defaults to ``1.25``.
+        sensitivity (float): Where each class's boundary sits between its references (1) and their synthetic
+            defects (0) (:func:`~anomalib_resad.calibration.boundary`). Defaults to ``0.35``.
     """
 
     def __init__(
@@ -69,7 +75,7 @@ class ResADModel(nn.Module):
         permute_soft: bool = True,
         sigma: float = 4.0,
         scoring: str = "fused",
-        threshold_margin: float = 1.25,
+        sensitivity: float = SENSITIVITY,
     ) -> None:
         super().__init__()
         self.feature_extractor = ResADFeatureExtractor(backbone, layers, pre_trained)
@@ -77,7 +83,7 @@ class ResADModel(nn.Module):
         self.feature_converter = FeatureConverter(len(channels), residual)
         self.feature_constraintor = FeatureConstraintor(channels)
         self.residual_flow = ResidualFlow(channels, coupling_layers, clamp_alpha, pos_embed_dim, permute_soft)
-        self.anomaly_map_generator = AnomalyMapGenerator(len(channels), sigma, scoring, threshold_margin)
+        self.anomaly_map_generator = AnomalyMapGenerator(len(channels), sigma, scoring, sensitivity)
 
     @property
     def num_levels(self) -> int:
@@ -115,8 +121,8 @@ class ResADModel(nn.Module):
         """A class's :class:`~anomalib_resad.calibration.Scoring` from its k references' bank features.
 
         Every reference image is scored against a bank of the other k - 1 (their views too, never its own:
-        :func:`~anomalib_resad.calibration.leave_one_out_banks`); with a nearest-neighbour scoring, synthetic
-        defects pasted into each reference choose the class's matching. Needs k >= 2.
+        :func:`~anomalib_resad.calibration.leave_one_out_banks`), and so are synthetic defects pasted into it: they
+        choose the class's matching and place its boundaries. Needs k >= 2.
 
         Args:
             features (Sequence[torch.Tensor]): Per-level bank features ``(k * views_l, C_l, H_l, W_l)``.
@@ -131,28 +137,21 @@ class ResADModel(nn.Module):
         """
         was_training = self.training
         self.eval()  # BatchNorm on running statistics, as at inference
-        banks = {index: (query, others) for index, query, others in leave_one_out_banks(features, views)}
+        queries, banks = {}, {}
+        for index, query, others in leave_one_out_banks(features, views):
+            queries[index], banks[index] = query, flatten_levels(others)
+        defects = synthetic_defects(images)
 
         def score_reference(index: int, constants: torch.Tensor) -> ScoreComponents:
-            query, others = banks[index]
             constants = constants.to(features[0].device)
-            return self.score_components(query, flatten_levels(others), constants, image_size)
+            return self.score_components(queries[index], banks[index], constants, image_size)
 
-        score_defects = None
-        if self.anomaly_map_generator.uses_nearest and averaging is None:
-            defects = synthetic_defects(images)
+        def score_defects(index: int, constants: torch.Tensor) -> ScoreComponents:
+            constants = constants.to(features[0].device)
+            return self.score_components(self.feature_extractor(defects[index]), banks[index], constants, image_size)
 
-            def score_defects(index: int) -> ScoreComponents:
-                # the choice reads the two nearest-neighbour scores only: matching, no constraintor or flows
-                bank = flatten_levels(banks[index][1][-NEAREST_LEVELS:])
-                query = self.feature_extractor(defects[index])[-NEAREST_LEVELS:]
-                similarities = self.feature_converter(query, bank, coverage=False).similarities
-                averaged = self.feature_converter.averaged_distances(query, bank, NEAREST_LEVELS)
-                return self.anomaly_map_generator.nearest_components(similarities, averaged, image_size)
-
-        scoring = leave_one_out_scoring(score_reference, len(banks), self.num_levels, score_defects)
-        if averaging is not None:
-            scoring = replace(scoring, averaging=averaging.clone())
+        choice = None if averaging is None else float(averaging)
+        scoring = leave_one_out_scoring(score_reference, len(banks), self.num_levels, score_defects, choice)
         self.train(was_training)
         return scoring
 

@@ -2,11 +2,13 @@
 # SPDX-License-Identifier: Apache-2.0
 """Per-class verdict boundaries from a class's own references, applied to a finished ``resad evaluate`` run.
 
-The shipped boundary is ``threshold_margin`` x the largest leave-one-out score of the k references (1.0 in the image
-score's units). This script measures, for every (class, k, draw) cell of a run, what else the references can tell
-about a class's boundary - each reference scored against the others (k values), its flipped and rotated views (k x
-views - 1) and its synthetic defects (k x 12, :func:`~anomalib_resad.synthetic_defects.synthetic_defects`), all
-leave-one-out and in the image score's units - and applies candidate boundaries to the run's ``image_scores.csv``.
+The shipped boundary (1.0 in the image score's units) is the *midway* rule with a = 1 - ``sensitivity``; until
+format 8 it was 1.25 x the largest leave-one-out score of the k references (the study that chose the midway rule
+ran on such a run: docs/runs/shared_domains_fold1_verdict_boundaries.md). This script measures, for every (class,
+k, draw) cell of a run, what else the references can tell about a class's boundary - each reference scored against
+the others (k values), its flipped and rotated views (k x views - 1) and its synthetic defects (k x 12,
+:func:`~anomalib_resad.synthetic_defects.synthetic_defects`), all leave-one-out and in the image score's units - and
+applies candidate boundaries to the run's ``image_scores.csv``.
 Below 1 the verdict at a boundary ``b`` is exactly ``score > b`` (the odd-frame check only raises scores above 1);
 above 1 the score is read as the map's score, an approximation for boundaries above 1.
 
@@ -60,7 +62,7 @@ def boundaries(stats: dict[str, list[float]]) -> dict[str, float]:
     normal, defects = np.array(stats["normal"]), np.array(stats["defects"])
     with_views = np.concatenate([normal, stats["views"]])
     candidates = {
-        "default (1.25 x reference max)": 1.0,
+        "shipped (1.0)": 1.0,
         "views max x 1.0": float(with_views.max()),
         "mean + 3 std (views)": float(with_views.mean() + 3 * with_views.std(ddof=1)),
         "mean + 4 std (views)": float(with_views.mean() + 4 * with_views.std(ddof=1)),

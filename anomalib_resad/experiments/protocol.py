@@ -48,7 +48,7 @@ from anomalib.models.components import AnomalibModule
 from lightning.pytorch import seed_everything
 from torchvision.transforms.v2 import Resize
 
-from ..anomaly_map import SCORINGS
+from ..anomaly_map import SCORINGS, check_sensitivity
 from ..checkpoint_settings import SCORING_OPTIONS
 from ..data.multi_class import CATEGORY_COLUMN, MultiClassDataModule
 from ..errors import ResADConfigurationError, check_choice
@@ -563,8 +563,8 @@ def scoring_overrides(model: dict[str, Any] | None) -> dict[str, Any]:
     recipe) are the checkpoint's own business and ignored.
 
     Example:
-        >>> scoring_overrides({"backbone": "resnet18", "threshold_margin": 1.5})
-        {'threshold_margin': 1.5}
+        >>> scoring_overrides({"backbone": "resnet18", "sensitivity": 0.5})
+        {'sensitivity': 0.5}
     """
     overrides = {key: value for key, value in (model or {}).items() if key in SCORING_OPTIONS}
     if overrides:
@@ -573,14 +573,15 @@ def scoring_overrides(model: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def apply_scoring_options(resad: ResAD, options: dict[str, Any]) -> ResAD:
-    """Set scoring options (``scoring``, ``threshold_margin``) on a loaded model; they apply to every class."""
+    """Set scoring options (``scoring``, ``sensitivity``) on a loaded model; they apply to every class."""
     generator = resad.model.anomaly_map_generator
-    for name, value in options.items():
+    for name, given in options.items():
         if name not in SCORING_OPTIONS:
             msg = f"{name} is not a scoring option of ResAD; those are {list(SCORING_OPTIONS)}."
             raise ResADConfigurationError(msg)
         if name == "scoring":
-            check_choice("scoring", value, SCORINGS)
+            check_choice("scoring", given, SCORINGS)
+        value = given if name == "scoring" else check_sensitivity(given)
         setattr(generator, name, value)
         resad.hparams[name] = value
     return resad

@@ -60,8 +60,11 @@ def test_calibrated_threshold_on_unseen_board_groups_at_k4(quick_protocol: Path)
     # few-shot PatchCore has no per-class threshold: no verdict rates rather than ones from a threshold nobody set
     assert patchcore.normal_FPR.isna().all() and patchcore.anomalous_recall.isna().all()
     assert resad.normal_FPR.notna().all() and resad.anomalous_recall.notna().all(), resad
-    # measured on these two groups (ablation, 3 epochs trained on magnetic tile + CrackForest, k=4, 3 draws, the
-    # default margin 1.25): 0 of 20 / 21 normal test images flagged in every draw - and 0-14 % of the defective
-    # ones, so no recall bound is asserted (docs/benchmark.md: the threshold is conservative on DeepPCB). A bound
-    # of 10 % allows two false alarms among the 41 normal images.
-    assert resad.normal_FPR.mean() <= 0.1, resad[["normal_FPR", "anomalous_recall"]]
+    # measured with this config's one-epoch model and the boundaries the references' synthetic defects place
+    # (sensitivity 0.35, 2026-12-07): 0 of 20 / 21 normal test images flagged, 1 of 20 / 2 of 22 defective ones
+    # (where a threshold with FPR <= 10 % chosen on the test labels catches 25 / 86 %: the synthetic defects stand
+    # out far more than DeepPCB's small real ones). A bound of 10 % allows two false alarms among the 41 normal
+    # images; the verdict must fire on at least one real defect of a class the model never saw.
+    verdicts = resad[["normal_FPR", "anomalous_recall"]]
+    assert resad.normal_FPR.mean() <= 0.1, verdicts
+    assert (resad.anomalous_recall > 0).any(), verdicts

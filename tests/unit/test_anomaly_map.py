@@ -7,7 +7,13 @@ import torch
 
 from anomalib_resad import ResADInputError
 from anomalib_resad.anomaly_map import AnomalyMapGenerator, SeparableGaussianBlur
-from anomalib_resad.calibration import ScoreComponents, Scoring, leave_one_out_banks, leave_one_out_scoring
+from anomalib_resad.calibration import (
+    ScoreComponents,
+    Scoring,
+    boundary,
+    leave_one_out_banks,
+    leave_one_out_scoring,
+)
 
 
 def level(log_normal: float, log_abnormal: float = -50.0, size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +33,7 @@ def components(generator: AnomalyMapGenerator, levels: list, constants: torch.Te
 
 
 def record(levels: int = 1, **values: float) -> Scoring:
-    """A scoring record with the given maxima (1 where not given) and level constants of 0."""
+    """A scoring record with the given values (1 where not given: boundaries at 1) and level constants of 0."""
     fields = {name: torch.tensor(float(values.get(name, 1.0))) for name in Scoring.names()[1:]}
     fields["averaging"] = torch.tensor(float(values.get("averaging", 0.0)))
     return Scoring(level_constants=torch.zeros(levels), **fields)
@@ -65,21 +71,45 @@ def test_dissimilarity_is_mean_one_minus_match_similarity() -> None:
 
 
 def test_the_paper_scoring_is_the_flows_map_in_units_of_its_threshold() -> None:
-    generator = AnomalyMapGenerator(num_levels=1, sigma=1.0, scoring="paper", threshold_margin=2.0)
+    generator = AnomalyMapGenerator(num_levels=1, sigma=1.0, scoring="paper", sensitivity=0.5)
     raw = components(generator, [level(-1.0)], torch.zeros(1))
-    anomaly_map, image_score = score(generator, [level(-1.0)], [torch.ones(1, 4, 4)], record(map_max=1.5))
-    torch.testing.assert_close(anomaly_map, raw.anomaly_map / 3.0)  # margin x the leave-one-out maximum
+    scoring = record(map_max=1.5, paper_defects=3.0)  # boundary 1 + 0.5 (3 - 1) = 2 relative units
+    anomaly_map, image_score = score(generator, [level(-1.0)], [torch.ones(1, 4, 4)], scoring)
+    torch.testing.assert_close(anomaly_map, raw.anomaly_map / 3.0)  # the leave-one-out maximum x the boundary
     torch.testing.assert_close(image_score, raw.map_max / 3.0)
 
 
-def test_the_margin_is_applied_where_the_class_is_scored() -> None:
-    """A margin set on a model holding a class takes effect at once: the record holds maxima, not thresholds."""
+def test_the_sensitivity_is_applied_where_the_class_is_scored() -> None:
+    """A sensitivity set on a model holding a class takes effect at once: the record holds measurements."""
     generator = AnomalyMapGenerator(num_levels=1, sigma=1.0, scoring="paper")
-    similarities = [torch.ones(1, 4, 4)]
-    _, at_default = score(generator, [level(-1.0)], similarities, record())
-    generator.threshold_margin = 2.5
-    _, at_wider = score(generator, [level(-1.0)], similarities, record())
-    torch.testing.assert_close(at_wider, at_default * 1.25 / 2.5)
+    similarities, scoring = [torch.ones(1, 4, 4)], record(paper_defects=3.0)
+    _, at_default = score(generator, [level(-1.0)], similarities, scoring)
+    generator.sensitivity = 1.0  # the boundary at the references' largest score
+    _, at_references = score(generator, [level(-1.0)], similarities, scoring)
+    torch.testing.assert_close(at_references, at_default * (1 + 0.65 * 2))
+
+
+@pytest.mark.parametrize(
+    ("name", "sensitivity", "expected"),
+    [
+        ("nearest", 0.35, 1 + 0.65 * (3.0 - 1)),  # 65 % of the way from the references (1) to the defects (3)
+        ("fused", 0.35, 0.9 + 0.65 * (2.9 - 0.9)),  # the fused references' largest score is its own
+        ("fused", 1.0, 0.9),
+        ("nearest", 0.0, 3.0),
+        ("paper", 0.35, 1.0),  # defects that do not stand out: never below the references (none flagged)
+    ],
+)
+def test_the_boundary_sits_between_the_references_and_their_defects(name: str, sensitivity: float,
+                                                                     expected: float) -> None:  # fmt: skip
+    scoring = record(fused_max=0.9, fused_defects=2.9, nearest_defects=3.0, paper_defects=0.5)
+    assert float(boundary(scoring, name, sensitivity)) == pytest.approx(expected)
+
+
+def test_a_sensitivity_outside_0_1_is_refused() -> None:
+    from anomalib_resad.errors import ResADConfigurationError
+
+    with pytest.raises(ResADConfigurationError, match=r"sensitivity=1.5 is outside \[0, 1\]"):
+        AnomalyMapGenerator(num_levels=1, sensitivity=1.5)
 
 
 def test_a_frame_unlike_the_references_scores_above_the_threshold_whatever_its_likelihood() -> None:
@@ -118,9 +148,10 @@ def fake_scores(level_max: list[list[float]], values: list[float], dissimilariti
     def score_reference(index: int, constants: torch.Tensor) -> ScoreComponents:
         calls.append((index, constants.clone()))
         value = torch.tensor([values[index] + float(constants.sum())])  # depends on the constants it is given
+        near = torch.tensor([nearest[index]])
         return ScoreComponents(
-            None, value, torch.tensor([dissimilarities[index]]), torch.tensor([level_max[index]]),
-            torch.tensor([nearest[index]]), torch.tensor([reverse[index]]), torch.zeros(1),
+            value.view(1, 1, 1, 1), value, torch.tensor([dissimilarities[index]]), torch.tensor([level_max[index]]),
+            near, torch.tensor([reverse[index]]), torch.zeros(1), near.view(1, 1, 1, 1), torch.zeros(1, 1, 1, 1),
         )  # fmt: skip
 
     return score_reference, calls
@@ -131,7 +162,7 @@ def test_leave_one_out_rule_constants_then_maxima() -> None:
         [[1.0, -2.0], [3.0, -5.0], [2.0, -1.0]],
         [0.1, 0.3, 0.2],
         [0.05, 0.1, 0.2],
-        nearest=[0.4, 0.6, 0.5],
+        nearest=[0.6, 0.4, 0.5],
         reverse=[0.3, 0.1, 0.2],
     )
     scoring = leave_one_out_scoring(score_reference, 3, 2)
@@ -142,6 +173,11 @@ def test_leave_one_out_rule_constants_then_maxima() -> None:
     assert float(scoring.nearest_max) == pytest.approx(0.6)
     assert float(scoring.reverse_dissimilarity_max) == pytest.approx(0.3)
     assert float(scoring.averaging) == 0.0  # no defects scored: precise matching
+    # the fused score's own largest: each map over its maximum (2.3, 0.6), averaged, the largest over the references
+    assert float(scoring.fused_max) == pytest.approx(
+        max((2.1 / 2.3 + 1) / 2, (1 + 0.4 / 0.6) / 2, (2.2 / 2.3 + 0.5 / 0.6) / 2)
+    )
+    assert float(scoring.nearest_defects) == 0.0  # not measured: boundaries at the references' largest scores
     assert sorted({index for index, _ in calls}) == [0, 1, 2]  # every reference left out in turn
     with pytest.raises(ResADInputError, match="k >= 2"):
         leave_one_out_scoring(score_reference, 1, 2)
@@ -186,13 +222,13 @@ def test_nearest_score_is_the_blurred_match_distance_of_the_two_deepest_levels()
 
 
 def test_the_fused_image_score_is_the_fused_maps_maximum() -> None:
-    scoring = record(map_max=0.8, nearest_max=0.2, dissimilarity_max=10.0)  # thresholds 1.0 and 0.25
+    scoring = record(map_max=1.0, nearest_max=0.25, dissimilarity_max=10.0)  # relative: over 1.0 and 0.25
     similarities = [torch.full((1, 4, 4), 0.5)]  # nearest score 0.5 -> ratio 2
     flows = AnomalyMapGenerator(num_levels=1, sigma=1.0, scoring="paper")
     fused = AnomalyMapGenerator(num_levels=1, sigma=1.0)
     raw = components(flows, [level(-1.0)], torch.zeros(1), similarities=similarities)
     fused_map, fused_score = score(fused, [level(-1.0)], similarities, scoring)
-    # constant maps: the mean of the flows' map over its threshold and the nearest ratio everywhere
+    # constant maps: the mean of the flows' map and the nearest ratio everywhere (boundaries at 1)
     torch.testing.assert_close(fused_score, (raw.map_max / 1.0 + 0.5 / 0.25) / 2)
     torch.testing.assert_close(fused_score, fused_map.flatten(start_dim=1).amax(dim=1))
     nearest = AnomalyMapGenerator(num_levels=1, sigma=1.0, scoring="nearest")
@@ -223,8 +259,8 @@ def test_a_class_that_chose_averaging_is_scored_with_the_averaged_map() -> None:
     _, precise = score(generator, [level(0.0)], similarities, precise_record, None, averaged)
     chosen = record(nearest_max=0.4, averaged_max=2.0, averaging=1.0)
     _, pooled = score(generator, [level(0.0)], similarities, chosen, None, averaged)
-    torch.testing.assert_close(precise, torch.tensor([0.5 / (1.25 * 0.4)]))
-    torch.testing.assert_close(pooled, torch.tensor([3.0 / (1.25 * 2.0)]))
+    torch.testing.assert_close(precise, torch.tensor([0.5 / 0.4]))
+    torch.testing.assert_close(pooled, torch.tensor([3.0 / 2.0]))
 
 
 def test_files_of_another_format_are_refused_naming_what_to_do(tmp_path) -> None:
@@ -275,8 +311,8 @@ def test_the_separable_blur_equals_anomalibs_2d_gaussian_blur(shape: tuple[int, 
 
 @pytest.mark.parametrize("scoring", ["fused", "nearest", "paper"])
 @pytest.mark.parametrize("averaging", [False, True])
-def test_every_leave_one_out_reference_scores_at_most_one_over_the_margin(scoring: str, averaging: bool) -> None:
-    # no scoring needs a threshold of its own: each map is over margin x its own leave-one-out maximum
+def test_every_leave_one_out_reference_scores_at_most_one(scoring: str, averaging: bool) -> None:
+    # no scoring needs a threshold of its own: each map is over its own leave-one-out maximum, then the boundary
     generator = AnomalyMapGenerator(num_levels=2, sigma=1.0, scoring=scoring)
     torch.manual_seed(0)
     references = [
@@ -292,15 +328,14 @@ def test_every_leave_one_out_reference_scores_at_most_one_over_the_margin(scorin
         likelihoods, similarities, averaged = references[index]
         return generator.components(likelihoods, similarities, covered(similarities), (8, 8), constants, averaged)
 
-    record_ = leave_one_out_scoring(score_reference, 3, 2)
-    record_.averaging = torch.tensor(float(averaging))
+    record_ = leave_one_out_scoring(score_reference, 3, 2, averaging=float(averaging))
     record_.dissimilarity_max = record_.reverse_dissimilarity_max = torch.tensor(100.0)  # the check out of the way
     scores = torch.cat(
         [score(generator, likelihoods, similarities, record_, None, averaged)[1]
          for likelihoods, similarities, averaged in references]
     )  # fmt: skip
-    assert (scores <= 1 / 1.25 + 1e-6).all()
-    assert scores.max() > 0.5  # not trivially small: the worst reference comes close to 1 / margin
+    assert (scores <= 1 + 1e-6).all()  # no reference flagged
+    assert scores.max() > 1 - 1e-6  # without defects the boundary is the worst reference's score
 
 
 def test_copies_of_one_image_cannot_set_a_threshold() -> None:

@@ -82,3 +82,34 @@ def test_restoring_into_a_model_built_otherwise_builds_the_checkpoints_network(t
     # the references room encodes with the restored network and the checkpoint's pre-processing (64 px)
     assert other.references.encode.model is other.model
     assert other.pre_processor.transform.transforms[0].size == [64, 64]
+
+
+def test_a_checkpoint_of_an_earlier_release_is_calibrated_again_on_load(tmp_path: Path) -> None:
+    """Its scoring record lacks the defect-placed boundaries and its hyper-parameters hold the margin they replaced."""
+    from anomalib_resad.calibration import Scoring
+    from anomalib_resad.references import ReferenceSelection
+    from tests.helpers.images import write_image
+
+    torch.manual_seed(0)
+    model = tiny_resad(image_size=64)
+    paths = [str(write_image(tmp_path / f"{index}.png", size=(64, 64))) for index in range(3)]
+    model.set_references(ReferenceSelection("widget", paths, str(tmp_path)))
+    path = tmp_path / "old.ckpt"
+    trainer = Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", max_epochs=0)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    prefix = "model.anomaly_map_generator.stored."
+    new_fields = ["fused_max", "fused_defects", "nearest_defects", "paper_defects"]
+    for name in new_fields:
+        del checkpoint["state_dict"][prefix + name]
+    checkpoint["hyper_parameters"]["threshold_margin"] = checkpoint["hyper_parameters"].pop("sensitivity")
+    torch.save(checkpoint, path)
+
+    restored = ResAD.load_from_checkpoint(path, weights_only=True)
+    assert float(restored.model.anomaly_map_generator.stored.nearest_defects) == 0.0  # filled, not yet measured
+    assert restored._refresh_stored_scoring()  # what predict, test and export do first
+    expected, measured = model.model.anomaly_map_generator.stored.get(), restored.model.anomaly_map_generator.stored
+    for name in Scoring.names():
+        torch.testing.assert_close(getattr(measured, name), getattr(expected, name), msg=name)
+    assert all(float(getattr(measured, name)) > 0 for name in new_fields)

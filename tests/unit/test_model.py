@@ -3,6 +3,7 @@
 """Torch model and anomalib module on tiny inputs."""
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -151,7 +152,8 @@ def test_each_odd_frame_statistic_has_its_own_margin(tiny_model: ResADModel) -> 
     """2.0 (dissimilarity) and 1.5 (reverse), chosen on source validation: each scales only its own threshold."""
     generator = copy.deepcopy(tiny_model.anomaly_map_generator)
     generator.scoring = "nearest"  # perfectly matched positions: a score of 0, only the check can flag
-    scoring = generator.stored.get()
+    # a boundary far above these matches' nearest map: only the check can flag
+    scoring = dataclasses.replace(generator.stored.get(), nearest_defects=torch.tensor(100.0))
     similarities = [torch.ones(1, 16, 16), torch.ones(1, 8, 8)]
     just_below = 1 - 1.99 * float(scoring.dissimilarity_max)  # dissimilarity 1.99 x its maximum: below 2.0
     assert just_below > 0
@@ -159,8 +161,8 @@ def test_each_odd_frame_statistic_has_its_own_margin(tiny_model: ResADModel) -> 
     coverage = [torch.ones(1, 4), torch.ones(1, 4)]
     likelihoods = [(torch.zeros(1, 16, 16), torch.full((1, 16, 16), -50.0)),
                    (torch.zeros(1, 8, 8), torch.full((1, 8, 8), -50.0))]  # fmt: skip
-    _, quiet = generator(likelihoods, parts, coverage, (64, 64))
-    assert float(quiet) < 1  # the nearest map of these matches stays under its own threshold too
+    _, quiet = generator(likelihoods, parts, coverage, (64, 64), scoring)
+    assert float(quiet) < 1  # not raised by the check
     reverse = 1 - 1.51 * float(scoring.reverse_dissimilarity_max)  # reverse dissimilarity 1.51 x its maximum
-    _, flagged = generator(likelihoods, similarities, [torch.full((1, 4), reverse)] * 2, (64, 64))
+    _, flagged = generator(likelihoods, similarities, [torch.full((1, 4), reverse)] * 2, (64, 64), scoring)
     assert float(flagged) == pytest.approx(1.51 / 1.5, rel=1e-4)

@@ -67,8 +67,11 @@ def test_nearest_distance_is_blocked_without_changing_the_result(monkeypatch: py
 
 def _components(nearest: float, averaged: float) -> ScoreComponents:
     value = torch.tensor([1.0])
-    return ScoreComponents(None, value, value, torch.zeros(1, 1), torch.tensor([nearest]), value,
-                           torch.tensor([averaged]))  # fmt: skip
+    maps = {"anomaly_map": value.view(1, 1, 1, 1), "nearest_map": torch.tensor(nearest).view(1, 1, 1, 1),
+            "averaged_map": torch.tensor(averaged).view(1, 1, 1, 1)}  # fmt: skip
+    return ScoreComponents(map_max=value, dissimilarity=value, level_max_log_likelihood=torch.zeros(1, 1),
+                           nearest=torch.tensor([nearest]), reverse_dissimilarity=value,
+                           averaged_nearest=torch.tensor([averaged]), **maps)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -82,24 +85,28 @@ def _components(nearest: float, averaged: float) -> ScoreComponents:
 def test_averaging_follows_the_defects(defect_nearest: float, defect_averaged: float, expected: float) -> None:
     normal = [_components(1.0, 1.0), _components(0.5, 0.8)]  # maxima: nearest 1.0, averaged 1.0
     scoring = leave_one_out_scoring(
-        lambda index, constants: normal[index], 2, 1, lambda index: _components(defect_nearest, defect_averaged)
-    )
+        lambda index, constants: normal[index], 2, 1,
+        lambda index, constants: _components(defect_nearest, defect_averaged),
+    )  # fmt: skip
     assert float(scoring.averaging) == expected
     assert float(scoring.averaged_max) == pytest.approx(1.0)
+    # the defects' boundary is read from the matching the class chose
+    assert float(scoring.nearest_defects) == pytest.approx(defect_averaged if expected else defect_nearest)
     precise = leave_one_out_scoring(lambda index, constants: normal[index], 2, 1)  # no defects: precise
     assert float(precise.averaging) == 0.0
 
 
 def test_averaging_changes_the_nearest_term_and_fuses_the_averaged_map() -> None:
-    generator = AnomalyMapGenerator(num_levels=2, threshold_margin=1.0)
+    generator = AnomalyMapGenerator(num_levels=2)
     log_likelihoods = [(torch.randn(2, 4, 4), torch.randn(2, 4, 4)) for _ in range(2)]
     similarities = [torch.rand(2, 4, 4) for _ in range(2)]
     coverage = [torch.ones(2, 3) for _ in range(2)]
     averaged = [torch.rand(2, 4, 4) * 3 for _ in range(2)]  # Euclidean distances
     values = {"map_max": 1.0, "nearest_max": 4.0, "averaged_max": 8.0, "dissimilarity_max": 100.0,
               "reverse_dissimilarity_max": 100.0}  # fmt: skip
-    precise = Scoring(torch.zeros(2), **{name: torch.tensor(value) for name, value in values.items()},
-                      averaging=torch.tensor(0.0))  # fmt: skip
+    values |= {"fused_max": 1.0, "fused_defects": 0.0, "nearest_defects": 0.0, "paper_defects": 0.0}  # boundaries 1
+    precise = Scoring(torch.zeros(2), averaging=torch.tensor(0.0),
+                      **{name: torch.tensor(value) for name, value in values.items()})  # fmt: skip
     chosen = Scoring(**{**precise.tensors(), "averaging": torch.tensor(1.0)})
     parts = generator.components(log_likelihoods, similarities, coverage, (16, 16), torch.zeros(2), averaged)
     torch.testing.assert_close(parts.averaged_nearest, parts.averaged_map.flatten(start_dim=1).amax(dim=1))
@@ -126,26 +133,6 @@ def test_model_chooses_its_matching_from_its_references_and_scores_with_it() -> 
         assert bool(torch.isfinite(model(torch.rand(2, 3, 64, 64)).pred_score).all())
 
 
-def test_nearest_components_equal_the_full_scoring() -> None:
-    """The averaging choice scores defects without the flows: the same two values and maps as the full scoring."""
-    torch.manual_seed(0)
-    model = ResADModel("resnet18", ["layer1", "layer2", "layer3"], pre_trained=False, coupling_layers=2,
-                       pos_embed_dim=16).eval()  # fmt: skip
-    references, query = torch.rand(3, 3, 64, 64), torch.rand(2, 3, 64, 64)
-    with torch.no_grad():
-        bank = [level.permute(0, 2, 3, 1).reshape(-1, level.shape[1]) for level in model.reference_features(references)]
-        features = model.feature_extractor(query)
-        full = model.score_components(features, bank, torch.zeros(3), (64, 64))
-        deepest = features[-2:]
-        similarities = model.feature_converter(deepest, bank[-2:]).similarities
-        averaged = model.feature_converter.averaged_distances(deepest, bank[-2:], 2)
-        light = model.anomaly_map_generator.nearest_components(similarities, averaged, (64, 64))
-    assert light.nearest_map is None and light.averaged_map is None  # the calibration keeps no maps
-    torch.testing.assert_close(light.nearest, full.nearest)
-    torch.testing.assert_close(light.averaged_nearest, full.averaged_nearest)
-    assert bool((full.averaged_nearest > 0).all())
-
-
 def test_nearest_distance_keeps_small_distances_among_large_features() -> None:
     """Centred on the bank: a query 1e-2 away from features of size 1e3 keeps its distance (float32)."""
     bank = torch.full((4, 8), 1000.0) + torch.arange(4.0).unsqueeze(1)
@@ -154,15 +141,12 @@ def test_nearest_distance_keeps_small_distances_among_large_features() -> None:
     assert distance == pytest.approx(0.01 * 8**0.5, rel=0.05)
 
 
-def test_the_paper_scoring_scores_no_defects(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Its map reads no nearest-neighbour term: no averaging choice to make, no synthetic defect scored."""
-    from anomalib_resad import torch_model
-
-    def no_defects(*args: object, **kwargs: object) -> None:
-        raise AssertionError("synthetic defects were made for a scoring that reads no nearest-neighbour map")
-
-    monkeypatch.setattr(torch_model, "synthetic_defects", no_defects)
+def test_every_scoring_gets_its_boundary_from_the_defects() -> None:
+    """One calibration serves every scoring (the side-by-side protocol scores all three from one record)."""
+    torch.manual_seed(0)
     model = ResADModel("resnet18", ["layer1", "layer2"], pre_trained=False, coupling_layers=2, pos_embed_dim=16,
                        scoring="paper").eval()  # fmt: skip
-    bank = model.make_reference_bank(torch.rand(2, 3, 64, 64))
-    assert float(bank.scoring.averaging) == 0.0
+    scoring = model.make_reference_bank(torch.rand(2, 3, 64, 64)).scoring
+    for name in ("fused", "nearest", "paper"):
+        assert float(getattr(scoring, f"{name}_defects")) > 0, name
+    assert 0 < float(scoring.fused_max) <= 1 + 1e-6

@@ -162,7 +162,7 @@ def test_reference_folder_and_checkpoint_reuse(protocol_run: Path, texture_root:
         maps_per_category=0,
         cost=False,
         # a scoring option applies to the given checkpoint; the training recipe's keys are the checkpoint's own
-        model={"threshold_margin": 1.5, "coupling_layers": 99},
+        model={"sensitivity": 0.5, "coupling_layers": 99},
     )
     results = pd.read_csv(output / "results.csv")
     assert len(results) == 1  # a folder is one fixed draw
@@ -178,14 +178,16 @@ def test_scoring_options_apply_to_a_loaded_model() -> None:
     from tests.helpers.models import tiny_resad
 
     resad = tiny_resad()
-    apply_scoring_options(resad, {"scoring": "nearest", "threshold_margin": 2.0})
+    apply_scoring_options(resad, {"scoring": "nearest", "sensitivity": 0.5})
     generator = resad.model.anomaly_map_generator
-    assert (generator.scoring, generator.threshold_margin) == ("nearest", 2.0)
+    assert (generator.scoring, generator.sensitivity) == ("nearest", 0.5)
     assert resad.hparams["scoring"] == "nearest"
     with pytest.raises(ResADConfigurationError, match="not a scoring option"):
         apply_scoring_options(resad, {"no_such_option": 1})
     with pytest.raises(ResADConfigurationError, match="scoring"):
         apply_scoring_options(resad, {"scoring": "flows"})
+    with pytest.raises(ResADConfigurationError, match="outside"):
+        apply_scoring_options(resad, {"sensitivity": -0.1})
 
 
 def test_summary_means_over_domains() -> None:
