@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from verdict_boundaries import print_verdicts, run_domains  # the script beside this one
 
 from anomalib_resad import ResAD
 from anomalib_resad.calibration import SENSITIVITY, Scoring, boundary
@@ -62,9 +63,7 @@ def verdicts(run: Path, boundaries: dict[tuple[str, int, int], dict[str, float]]
     this release's own (boundary 1).
     """
     scores = pd.read_csv(run / "image_scores.csv")
-    config = json.loads((run / "run_config.json").read_text())
-    scored = config["sources"] if config.get("split") == "source_validation" else config["targets"]
-    domains = {name: entry.get("domain") or name for entry in scored for name in entry["categories"]}
+    domains = run_domains(run)
     rows = []
     for (model, category, k, draw), cell in scores[scores.model.isin(list(ROWS))].groupby(
         ["model", "category", "k", "draw"]
@@ -80,19 +79,6 @@ def verdicts(run: Path, boundaries: dict[tuple[str, int, int], dict[str, float]]
                      "recall": (anomalous > limit).mean(),
                      "ceiling": oracle_verdicts(both, labels)["oracle_recall_at_FPR10"]})  # fmt: skip
     return pd.DataFrame(rows).groupby(["model", "k", "domain"], sort=False).mean()
-
-
-def print_table(per_domain: pd.DataFrame, title: str) -> None:
-    """One line per row and k: mean FPR, recall (ceiling), domains reaching 60 % of the ceiling, each domain."""
-    print(f"\n{title}\n")
-    print("| model | k | mean FPR | mean recall (ceiling) | domains >= 60 % of ceiling | each domain: FPR, recall |")
-    print("|---|---|---|---|---|---|")
-    for (model, k), domain_rows in per_domain.groupby(level=[0, 1], sort=False):
-        values = domain_rows.droplevel([0, 1])
-        reached = int((values.recall >= 0.6 * values.ceiling).sum())
-        each = ", ".join(f"{name} {100 * row.fpr:.0f} / {100 * row.recall:.0f}" for name, row in values.iterrows())
-        print(f"| {model} | {k} | {100 * values.fpr.mean():.1f} | {100 * values.recall.mean():.1f} "
-              f"({100 * values.ceiling.mean():.1f}) | {reached} of {len(values)} | {each} |")  # fmt: skip
 
 
 def main() -> None:
@@ -122,9 +108,11 @@ def main() -> None:
                 file.write(json.dumps({"category": key[0], "k": k, "draw": draw, "places": known[key]}) + "\n")
     for sensitivity in args.sensitivity:
         boundaries = {key: cell_boundaries(places, sensitivity) for key, places in known.items()}
-        print_table(verdicts(args.run, boundaries, legacy=True), f"{args.run}: rescaled, sensitivity {sensitivity}")
+        print(f"\n{args.run}: rescaled, sensitivity {sensitivity}\n")
+        print_verdicts(verdicts(args.run, boundaries, legacy=True), "model")
     if args.check:
-        print_table(verdicts(args.check, known, legacy=False), f"{args.check}: scored in full by this release")
+        print(f"\n{args.check}: scored in full by this release\n")
+        print_verdicts(verdicts(args.check, known, legacy=False), "model")
 
 
 if __name__ == "__main__":

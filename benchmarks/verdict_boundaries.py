@@ -108,9 +108,7 @@ def table(run: Path, records: object, skip_domains: list[str]) -> None:
     """Print the candidates' verdicts per domain (the entries the run scored name each category's domain)."""
     scores = pd.read_csv(run / "image_scores.csv")
     scores = scores[scores.model == "ResAD"]  # a run's baselines score in other units
-    config = json.loads((run / "run_config.json").read_text())
-    scored = config["sources"] if config.get("split") == "source_validation" else config["targets"]
-    domains = {name: entry.get("domain") or name for entry in scored for name in entry["categories"]}
+    domains = run_domains(run)
     stats = {(record["category"], record["k"], record["draw"]): record for record in records}
     rows = []
     for (category, k, draw), cell in scores.groupby(["category", "k", "draw"]):
@@ -123,14 +121,25 @@ def table(run: Path, records: object, skip_domains: list[str]) -> None:
         for rule, boundary in boundaries(stats[(category, k, draw)]).items():
             rows.append({"rule": rule, "k": k, "domain": domains[category], "fpr": (normal > boundary).mean(),
                          "recall": (anomalous > boundary).mean(), "ceiling": best})  # fmt: skip
-    per_domain = pd.DataFrame(rows).groupby(["rule", "k", "domain"], sort=False).mean()
-    print("| boundary | k | mean FPR | mean recall (ceiling) | domains >= 60 % of ceiling | each domain: FPR, recall |")
+    print_verdicts(pd.DataFrame(rows).groupby(["rule", "k", "domain"], sort=False).mean(), "boundary")
+
+
+def run_domains(run: Path) -> dict[str, str]:
+    """Category -> domain of the entries a ``resad evaluate`` run scored (its sources on source validation)."""
+    config = json.loads((run / "run_config.json").read_text())
+    scored = config["sources"] if config.get("split") == "source_validation" else config["targets"]
+    return {name: entry.get("domain") or name for entry in scored for name in entry["categories"]}
+
+
+def print_verdicts(per_domain: pd.DataFrame, first: str) -> None:
+    """One line per (``first``, k) of a ``(first, k, domain)``-indexed frame of ``fpr``, ``recall``, ``ceiling``."""
+    print(f"| {first} | k | mean FPR | mean recall (ceiling) | domains >= 60 % of ceiling | each domain: FPR, recall |")
     print("|---|---|---|---|---|---|")
-    for (rule, k), domain_rows in per_domain.groupby(level=[0, 1], sort=False):
+    for (name, k), domain_rows in per_domain.groupby(level=[0, 1], sort=False):
         values = domain_rows.droplevel([0, 1])
         reached = int((values.recall >= 0.6 * values.ceiling).sum())
-        each = ", ".join(f"{name} {100 * row.fpr:.0f} / {100 * row.recall:.0f}" for name, row in values.iterrows())
-        print(f"| {rule} | {k} | {100 * values.fpr.mean():.1f} | {100 * values.recall.mean():.1f} "
+        each = ", ".join(f"{domain} {100 * row.fpr:.0f} / {100 * row.recall:.0f}" for domain, row in values.iterrows())
+        print(f"| {name} | {k} | {100 * values.fpr.mean():.1f} | {100 * values.recall.mean():.1f} "
               f"({100 * values.ceiling.mean():.1f}) | {reached} of {len(values)} | {each} |")  # fmt: skip
 
 
