@@ -28,7 +28,7 @@ Example:
     >>> def encode(paths, bank=False):  # features of each file (x 4 views in a bank), image size, views per level
     ...     views = 4 if bank else 1
     ...     return [torch.rand(len(paths) * views, 4, 3, 3)], (12, 12), (views,)
-    >>> def calibrate(features, image_size, paths, views, averaging=None):
+    >>> def calibrate(features, image_size, paths, views):
     ...     return Scoring.neutral(num_levels=1)
     >>> references = ClassReferences(encode, calibrate)
     >>> references.set_pools({"widget": ["a.png", "b.png", "c.png"]})
@@ -60,11 +60,8 @@ logger = logging.getLogger(__name__)
 # (files, whether for an evaluation bank) -> per-level features of every file (and its views in a bank), file by
 # file, the pre-processed image size and the views per file in each level
 Encoder = Callable[[Sequence[str], bool], tuple[list[torch.Tensor], tuple[int, int], tuple[int, ...]]]
-# (per-level bank features of k files, image size, their files, views per level, the class's matching choice when
-# already known, else None) -> the class's scoring record
-Calibrator = Callable[
-    [Sequence[torch.Tensor], tuple[int, int], Sequence[str], Sequence[int], torch.Tensor | None], Scoring
-]
+# (per-level bank features of k files, image size, their files, views per level) -> the class's scoring record
+Calibrator = Callable[[Sequence[torch.Tensor], tuple[int, int], Sequence[str], Sequence[int]], Scoring]
 CACHE_BYTES = 1 << 30  # cached reference features: 1 GiB
 
 
@@ -148,13 +145,9 @@ class FileEncoder:
         image_size: tuple[int, int],
         paths: Sequence[str],
         views: Sequence[int],
-        averaging: torch.Tensor | None = None,
     ) -> Scoring:
-        """The class's scoring record from its k references' bank features.
-
-        The files give their synthetic defects, read only where the matching choice ``averaging`` is not known yet.
-        """
-        return self.model.calibrate(features, image_size, self._images(paths), views, averaging)
+        """The class's scoring record from its k references' bank features (the files give their synthetic defects)."""
+        return self.model.calibrate(features, image_size, self._images(paths), views)
 
 
 class ClassReferences:
@@ -186,7 +179,6 @@ class ClassReferences:
         self.eval_banks: dict[str, ReferenceBank] = {}
         self._banks: dict[tuple[str, ...], ReferenceBank] = {}
         # each set of files' matching choice: the backbone's alone (frozen), so it outlives the trained part's changes
-        self._averaging: dict[tuple[str, ...], torch.Tensor] = {}
         self._stale = False  # the stored bank's scoring was measured with trained weights that have changed since
         self._image_size: tuple[int, int] | None = None
         self._layouts: dict[bool, tuple[int, ...]] = {}  # views per level of plain and of bank features
@@ -205,7 +197,6 @@ class ClassReferences:
     def clear(self) -> None:
         """Forget cached features and banks (the model changed: new training, new weights)."""
         self.cache.clear()
-        self._averaging.clear()
         self._layouts.clear()
         self.forget_scoring()
 
@@ -312,8 +303,7 @@ class ClassReferences:
         if key not in self._banks:
             features = self.features(selection.paths, bank=True)
             views = self._layouts[True]
-            scoring = self.calibrate(features, self._image_size, selection.paths, views, self._averaging.get(key))
-            self._averaging[key] = scoring.averaging
+            scoring = self.calibrate(features, self._image_size, selection.paths, views)
             self._banks[key] = ReferenceBank.from_features(features, views, scoring)
             logger.info(
                 "ResAD references of class '%s' (k=%d, %s): %s",

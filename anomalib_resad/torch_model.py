@@ -116,7 +116,6 @@ class ResADModel(nn.Module):
         image_size: tuple[int, int],
         images: torch.Tensor,
         views: Sequence[int],
-        averaging: torch.Tensor | None = None,
     ) -> Scoring:
         """A class's :class:`~anomalib_resad.calibration.Scoring` from its k references' bank features.
 
@@ -129,8 +128,6 @@ class ResADModel(nn.Module):
             image_size (tuple[int, int]): Size of the pre-processed images (the maps' resolution).
             images (torch.Tensor): The pre-processed reference images ``(k, 3, H, W)`` (their synthetic defects).
             views (Sequence[int]): Views per image in each level of ``features``.
-            averaging (torch.Tensor | None): The class's matching choice where it was made before on the same images
-                (it reads the frozen backbone alone, so training does not change it); ``None``: make it here.
 
         Returns:
             Scoring: The class's record.
@@ -150,8 +147,7 @@ class ResADModel(nn.Module):
             constants = constants.to(features[0].device)
             return self.score_components(self.feature_extractor(defects[index]), banks[index], constants, image_size)
 
-        choice = None if averaging is None else float(averaging)
-        scoring = leave_one_out_scoring(score_reference, len(banks), self.num_levels, score_defects, choice)
+        scoring = leave_one_out_scoring(score_reference, len(banks), self.num_levels, score_defects)
         self.train(was_training)
         return scoring
 

@@ -29,7 +29,7 @@ class CountingEncoder:
         return [values.reshape(-1, 1, 1, 1).expand(-1, 2, 3, 3).clone()], (12, 12), (views,)
 
 
-def calibrate(features, image_size, paths, views, averaging=None):
+def calibrate(features, image_size, paths, views):
     scoring = Scoring.neutral(num_levels=1)
     scoring.level_constants = features[0].mean().reshape(1)
     return scoring
