@@ -24,6 +24,7 @@ Example:
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +51,7 @@ def cell_places(model: ResAD, selection: ReferenceSelection) -> dict[str, float]
 
 def cell_boundaries(places: dict[str, float], sensitivity: float) -> dict[str, float]:
     """Each scoring's boundary (relative units) from a cell's record fields."""
-    record = Scoring.neutral(1)
-    for name, value in places.items():
-        setattr(record, name, torch.tensor(value))
+    record = replace(Scoring.neutral(1), **{name: torch.tensor(value) for name, value in places.items()})
     return {name: float(boundary(record, name, sensitivity)) for name in ROWS.values()}
 
 
