@@ -150,7 +150,8 @@ class AnomalyMapGenerator(nn.Module):
         sigma (float): Standard deviation of the Gaussian smoothing, in output pixels. Defaults to ``4`` (reference).
         scoring (str): ``"fused"``, ``"nearest"`` or ``"paper"`` (see the module docstring). Defaults to ``"fused"``.
         sensitivity (float): Where each class's boundary sits between its references' largest leave-one-out score
-            (1) and its synthetic defects' median (0) (:func:`~anomalib_resad.calibration.boundary`). Defaults to
+            (1; never below :data:`~anomalib_resad.calibration.BOUNDARY_FLOOR` x that score) and its synthetic
+            defects' median (0) (:func:`~anomalib_resad.calibration.boundary`). Defaults to
             :data:`~anomalib_resad.calibration.SENSITIVITY`.
 
     Attributes:

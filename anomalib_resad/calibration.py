@@ -65,6 +65,13 @@ NEAREST_LEVELS = 2  # the nearest-neighbour score reads the deepest levels, as P
 # 3 draws; docs/runs/shared_domains_fold1_verdict_boundaries.md): the one of 0.3-0.5 whose normal false-positive
 # rate stays <= 10 % at both k and whose recall reaches 60 % of the best any threshold with that rate gets.
 SENSITIVITY = 0.35
+# A class's boundary never sits below this multiple of its references' largest leave-one-out score: k references
+# show less of a class's normal range than its queries will, and where its synthetic defects barely stand out (chest
+# CT: their median 0.96-1.08 x that score) the midway rule alone put the boundary on that score (29 % of normal images
+# flagged at k = 4). Chosen on fold 1's source validation with the sensitivity above (docs/runs/
+# shared_domains_fold1_boundary_floor.md): floors 1.025-1.05 keep the mean normal FPR <= 10 % and the recall >= 60 %
+# of the ceiling at both k (1.0: FPR 11 % at k = 4; 1.06: recall below 60 % at k = 2); 1.04 is the window's middle.
+BOUNDARY_FLOOR = 1.04
 SCORINGS = ("fused", "nearest", "paper")
 # References whose leave-one-out matching finds every feature again (1 - cos below this everywhere) are copies of one
 # image: copies give float32 rounding noise (about 1e-7), different photographs of a part far more.
@@ -196,19 +203,23 @@ def relative_maps(parts: ScoreComponents, scoring: Scoring, names: Sequence[str]
     return maps
 
 
-def boundary(scoring: Scoring, name: str, sensitivity: float = SENSITIVITY) -> torch.Tensor:
+def boundary(
+    scoring: Scoring, name: str, sensitivity: float = SENSITIVITY, floor: float = BOUNDARY_FLOOR
+) -> torch.Tensor:
     """A class's image boundary under scoring ``name``, in relative units (:func:`relative_maps`).
 
     ``1 - sensitivity`` of the way from the references' largest leave-one-out score to the median of their synthetic
     defects: a boundary the defects a class's own references make tell, where a margin over the references alone
-    cannot (its recall fell as k grew). Never below the references' largest score (no reference is flagged), also
-    where the defects do not stand out or were not measured (0).
+    cannot (its recall fell as k grew). Never below ``floor`` x the references' largest score (no reference is
+    flagged, and k references' largest score is not a class's), also where the defects do not stand out or were not
+    measured (0).
 
     Args:
         scoring (Scoring): The class's record.
         name (str): Scoring name (:data:`SCORINGS`).
-        sensitivity (float): 1: the references' largest score; 0: the defects' median. Defaults to
-            :data:`SENSITIVITY`.
+        sensitivity (float): 1: the floor; 0: the defects' median. Defaults to :data:`SENSITIVITY`.
+        floor (float): The lowest boundary, a multiple of the references' largest score. Defaults to
+            :data:`BOUNDARY_FLOOR`.
 
     Returns:
         torch.Tensor: 0-d boundary.
@@ -216,7 +227,7 @@ def boundary(scoring: Scoring, name: str, sensitivity: float = SENSITIVITY) -> t
     one = torch.ones_like(scoring.fused_max)
     normal = torch.where(scoring.fused_max > 0, scoring.fused_max, one) if name == "fused" else one  # 0: not measured
     defects = getattr(scoring, f"{name}_defects")
-    return normal + (1 - sensitivity) * (defects - normal).clamp(min=0)
+    return torch.maximum(normal + (1 - sensitivity) * (defects - normal), floor * normal)
 
 
 def image_scores(maps: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -14,6 +14,9 @@ One approximation: a score the odd-frame check raised above 1 is read as a map's
 and stays flagged (the check is unchanged); it is counted flagged here only where 1.25 x its score also passes the
 boundary, so rates may come out a little low. ``--check <run of this release>`` compares with a run scored in full.
 
+``--sensitivity`` and ``--floor`` (:data:`~anomalib_resad.calibration.BOUNDARY_FLOOR`) take candidate values: one
+table each.
+
 Prints per scoring and k the mean normal FPR, recall and ceiling over domains (the ceiling: the best recall any
 threshold with FPR <= 10 % gets, as ``resad evaluate`` reports it), how many domains reach 60 % of their ceiling and
 each domain's FPR / recall (%).
@@ -33,7 +36,7 @@ import torch
 from verdict_boundaries import print_verdicts, run_domains  # the script beside this one
 
 from anomalib_resad import ResAD
-from anomalib_resad.calibration import SENSITIVITY, Scoring, boundary
+from anomalib_resad.calibration import BOUNDARY_FLOOR, SENSITIVITY, Scoring, boundary
 from anomalib_resad.evaluation import oracle_verdicts
 from anomalib_resad.references import ReferenceSelection
 
@@ -49,10 +52,10 @@ def cell_places(model: ResAD, selection: ReferenceSelection) -> dict[str, float]
     return {name: float(getattr(record, name)) for name in PLACES}
 
 
-def cell_boundaries(places: dict[str, float], sensitivity: float) -> dict[str, float]:
+def cell_boundaries(places: dict[str, float], sensitivity: float, floor: float) -> dict[str, float]:
     """Each scoring's boundary (relative units) from a cell's record fields."""
     record = replace(Scoring.neutral(1), **{name: torch.tensor(value) for name, value in places.items()})
-    return {name: float(boundary(record, name, sensitivity)) for name in ROWS.values()}
+    return {name: float(boundary(record, name, sensitivity, floor)) for name in ROWS.values()}
 
 
 def verdicts(run: Path, boundaries: dict[tuple[str, int, int], dict[str, float]], legacy: bool) -> pd.DataFrame:
@@ -85,6 +88,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True, help="the run's ResAD checkpoint")
     parser.add_argument("--run", required=True, type=Path, help="a resad evaluate output folder of a format-7 release")
     parser.add_argument("--sensitivity", type=float, nargs="+", default=[SENSITIVITY], help="one table each")
+    parser.add_argument("--floor", type=float, nargs="+", default=[BOUNDARY_FLOOR], help="one table each")
     parser.add_argument("--check", type=Path, help="a run of this release on the same cells: its own verdicts too")
     parser.add_argument("--cache", type=Path, help="boundaries per cell (JSON lines; resumed). Default: in --run")
     parser.add_argument("--threads", type=int, default=1)
@@ -106,9 +110,10 @@ def main() -> None:
             with cache.open("a") as file:
                 file.write(json.dumps({"category": key[0], "k": k, "draw": draw, "places": known[key]}) + "\n")
     for sensitivity in args.sensitivity:
-        boundaries = {key: cell_boundaries(places, sensitivity) for key, places in known.items()}
-        print(f"\n{args.run}: rescaled, sensitivity {sensitivity}\n")
-        print_verdicts(verdicts(args.run, boundaries, legacy=True), "model")
+        for floor in args.floor:
+            boundaries = {key: cell_boundaries(places, sensitivity, floor) for key, places in known.items()}
+            print(f"\n{args.run}: rescaled, sensitivity {sensitivity}, floor {floor}\n")
+            print_verdicts(verdicts(args.run, boundaries, legacy=True), "model")
     if args.check:
         print(f"\n{args.check}: scored in full by this release\n")
         print_verdicts(verdicts(args.check, known, legacy=False), "model")

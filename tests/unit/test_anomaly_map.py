@@ -8,6 +8,7 @@ import torch
 from anomalib_resad import ResADInputError
 from anomalib_resad.anomaly_map import AnomalyMapGenerator, SeparableGaussianBlur
 from anomalib_resad.calibration import (
+    BOUNDARY_FLOOR,
     ScoreComponents,
     Scoring,
     boundary,
@@ -33,7 +34,7 @@ def components(generator: AnomalyMapGenerator, levels: list, constants: torch.Te
 
 
 def record(levels: int = 1, **values: float) -> Scoring:
-    """A scoring record with the given values (1 where not given: boundaries at 1) and level constants of 0."""
+    """A scoring record with the given values (1 where not given: boundaries at the floor) and level constants 0."""
     fields = {name: torch.tensor(float(values.get(name, 1.0))) for name in Scoring.names()[1:]}
     fields["averaging"] = torch.tensor(float(values.get("averaging", 0.0)))
     return Scoring(level_constants=torch.zeros(levels), **fields)
@@ -84,9 +85,9 @@ def test_the_sensitivity_is_applied_where_the_class_is_scored() -> None:
     generator = AnomalyMapGenerator(num_levels=1, sigma=1.0, scoring="paper")
     similarities, scoring = [torch.ones(1, 4, 4)], record(paper_defects=3.0)
     _, at_default = score(generator, [level(-1.0)], similarities, scoring)
-    generator.sensitivity = 1.0  # the boundary at the references' largest score
-    _, at_references = score(generator, [level(-1.0)], similarities, scoring)
-    torch.testing.assert_close(at_references, at_default * (1 + 0.65 * 2))
+    generator.sensitivity = 1.0  # the boundary at its floor, just above the references' largest score
+    _, at_floor = score(generator, [level(-1.0)], similarities, scoring)
+    torch.testing.assert_close(at_floor, at_default * (1 + 0.65 * 2) / BOUNDARY_FLOOR)
 
 
 @pytest.mark.parametrize(
@@ -94,15 +95,23 @@ def test_the_sensitivity_is_applied_where_the_class_is_scored() -> None:
     [
         ("nearest", 0.35, 1 + 0.65 * (3.0 - 1)),  # 65 % of the way from the references (1) to the defects (3)
         ("fused", 0.35, 0.9 + 0.65 * (2.9 - 0.9)),  # the fused references' largest score is its own
-        ("fused", 1.0, 0.9),
+        ("fused", 1.0, 0.9 * 1.04),  # at most sensitivity: the floor, 1.04 x the references' largest score
         ("nearest", 0.0, 3.0),
-        ("paper", 0.35, 1.0),  # defects that do not stand out: never below the references (none flagged)
+        ("paper", 0.35, 1.04),  # defects that do not stand out: the floor (no reference flagged)
     ],
 )
 def test_the_boundary_sits_between_the_references_and_their_defects(name: str, sensitivity: float,
                                                                      expected: float) -> None:  # fmt: skip
     scoring = record(fused_max=0.9, fused_defects=2.9, nearest_defects=3.0, paper_defects=0.5)
     assert float(boundary(scoring, name, sensitivity)) == pytest.approx(expected)
+
+
+def test_defects_that_barely_stand_out_leave_the_boundary_at_its_floor() -> None:
+    # chest CT's: 1 + 0.65 x 0.05 would put the boundary on the references' largest score
+    scoring = record(nearest_defects=1.05)
+    assert float(boundary(scoring, "nearest")) == pytest.approx(BOUNDARY_FLOOR)
+    assert float(boundary(scoring, "nearest", floor=1.0)) == pytest.approx(1 + 0.65 * 0.05)
+    assert float(boundary(record(nearest_defects=1.2), "nearest")) == pytest.approx(1 + 0.65 * 0.2)  # above it
 
 
 def test_a_sensitivity_outside_0_1_is_refused() -> None:
@@ -228,12 +237,13 @@ def test_the_fused_image_score_is_the_fused_maps_maximum() -> None:
     fused = AnomalyMapGenerator(num_levels=1, sigma=1.0)
     raw = components(flows, [level(-1.0)], torch.zeros(1), similarities=similarities)
     fused_map, fused_score = score(fused, [level(-1.0)], similarities, scoring)
-    # constant maps: the mean of the flows' map and the nearest ratio everywhere (boundaries at 1)
-    torch.testing.assert_close(fused_score, (raw.map_max / 1.0 + 0.5 / 0.25) / 2)
+    # constant maps: the mean of the flows' map and the nearest ratio everywhere (boundaries at their floor)
+    torch.testing.assert_close(fused_score, (raw.map_max / 1.0 + 0.5 / 0.25) / 2 / BOUNDARY_FLOOR)
     torch.testing.assert_close(fused_score, fused_map.flatten(start_dim=1).amax(dim=1))
     nearest = AnomalyMapGenerator(num_levels=1, sigma=1.0, scoring="nearest")
     _, nearest_score = score(nearest, [level(-1.0)], similarities, scoring)
-    torch.testing.assert_close(nearest_score, torch.tensor([0.5 / 0.25]))  # the flows' map plays no part
+    # the flows' map plays no part
+    torch.testing.assert_close(nearest_score, torch.tensor([0.5 / 0.25 / BOUNDARY_FLOOR]))
 
 
 def test_the_fused_score_rewards_flows_and_matching_agreeing_on_the_place() -> None:
@@ -259,8 +269,8 @@ def test_a_class_that_chose_averaging_is_scored_with_the_averaged_map() -> None:
     _, precise = score(generator, [level(0.0)], similarities, precise_record, None, averaged)
     chosen = record(nearest_max=0.4, averaged_max=2.0, averaging=1.0)
     _, pooled = score(generator, [level(0.0)], similarities, chosen, None, averaged)
-    torch.testing.assert_close(precise, torch.tensor([0.5 / 0.4]))
-    torch.testing.assert_close(pooled, torch.tensor([3.0 / 2.0]))
+    torch.testing.assert_close(precise, torch.tensor([0.5 / 0.4 / BOUNDARY_FLOOR]))
+    torch.testing.assert_close(pooled, torch.tensor([3.0 / 2.0 / BOUNDARY_FLOOR]))
 
 
 def test_files_of_another_format_are_refused_naming_what_to_do(tmp_path) -> None:
@@ -335,7 +345,8 @@ def test_every_leave_one_out_reference_scores_at_most_one(scoring: str, averagin
          for likelihoods, similarities, averaged in references]
     )  # fmt: skip
     assert (scores <= 1 + 1e-6).all()  # no reference flagged
-    assert scores.max() > 1 - 1e-6  # without defects the boundary is the worst reference's score
+    # without defects the boundary is the floor over the worst reference's score
+    assert float(scores.max()) == pytest.approx(1 / BOUNDARY_FLOOR, rel=1e-5)
 
 
 def test_copies_of_one_image_cannot_set_a_threshold() -> None:

@@ -8,7 +8,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from anomalib_resad import ResADModel, feature_converter
 from anomalib_resad.anomaly_map import AnomalyMapGenerator
-from anomalib_resad.calibration import AVERAGING_GAIN, ScoreComponents, Scoring, leave_one_out_scoring
+from anomalib_resad.calibration import AVERAGING_GAIN, BOUNDARY_FLOOR, ScoreComponents, Scoring, leave_one_out_scoring
 from anomalib_resad.feature_converter import FeatureConverter, ReferenceBank
 from anomalib_resad.synthetic_defects import synthetic_defects
 
@@ -104,7 +104,7 @@ def test_averaging_changes_the_nearest_term_and_fuses_the_averaged_map() -> None
     averaged = [torch.rand(2, 4, 4) * 3 for _ in range(2)]  # Euclidean distances
     values = {"map_max": 1.0, "nearest_max": 4.0, "averaged_max": 8.0, "dissimilarity_max": 100.0,
               "reverse_dissimilarity_max": 100.0}  # fmt: skip
-    values |= {"fused_max": 1.0, "fused_defects": 0.0, "nearest_defects": 0.0, "paper_defects": 0.0}  # boundaries 1
+    values |= {"fused_max": 1.0, "fused_defects": 0.0, "nearest_defects": 0.0, "paper_defects": 0.0}  # at the floor
     precise = Scoring(torch.zeros(2), averaging=torch.tensor(0.0),
                       **{name: torch.tensor(value) for name, value in values.items()})  # fmt: skip
     chosen = Scoring(**{**precise.tensors(), "averaging": torch.tensor(1.0)})
@@ -112,15 +112,17 @@ def test_averaging_changes_the_nearest_term_and_fuses_the_averaged_map() -> None
     torch.testing.assert_close(parts.averaged_nearest, parts.averaged_map.flatten(start_dim=1).amax(dim=1))
     off_map, off = generator(log_likelihoods, similarities, coverage, (16, 16), precise, averaged)
     on_map, on = generator(log_likelihoods, similarities, coverage, (16, 16), chosen, averaged)
-    torch.testing.assert_close(off_map, (parts.anomaly_map / 1.0 + parts.nearest_map / 4.0) / 2)  # precise classes
-    torch.testing.assert_close(on_map, (parts.anomaly_map / 1.0 + parts.averaged_map / 8.0) / 2)
+    precise_map = (parts.anomaly_map / 1.0 + parts.nearest_map / 4.0) / 2 / BOUNDARY_FLOOR  # precise classes
+    torch.testing.assert_close(off_map, precise_map)
+    torch.testing.assert_close(on_map, (parts.anomaly_map / 1.0 + parts.averaged_map / 8.0) / 2 / BOUNDARY_FLOOR)
     # the image score is the maximum of the map the class gets
     torch.testing.assert_close(off, off_map.flatten(start_dim=1).amax(dim=1))
     torch.testing.assert_close(on, on_map.flatten(start_dim=1).amax(dim=1))
     torch.testing.assert_close(parts.nearest, parts.nearest_map.flatten(start_dim=1).amax(dim=1))
     generator.scoring = "paper"
     without = generator(log_likelihoods, similarities, coverage, (16, 16), chosen, averaged)[0]
-    torch.testing.assert_close(without, parts.anomaly_map)  # the reference's scoring: the flows' map alone
+    # the reference's scoring: the flows' map alone
+    torch.testing.assert_close(without, parts.anomaly_map / BOUNDARY_FLOOR)
 
 
 def test_model_chooses_its_matching_from_its_references_and_scores_with_it() -> None:
