@@ -64,9 +64,9 @@ def check_sensitivity(sensitivity: float) -> float:
     """``sensitivity`` if it lies in [0, 1], else a clear error."""
     if not 0.0 <= sensitivity <= 1.0:
         msg = (
-            f"sensitivity={sensitivity} is outside [0, 1]: it places each class's boundary between its references' "
-            f"largest score (1: most defects caught, most false alarms) and its synthetic defects' median (0). "
-            f"The default is {SENSITIVITY}."
+            f"sensitivity={sensitivity} is outside [0, 1]: it places each class's boundary between just above its "
+            f"references' largest score (1: most defects caught, most false alarms) and its synthetic defects' median "
+            f"(0). The default is {SENSITIVITY}."
         )
         raise ResADConfigurationError(msg)
     return float(sensitivity)

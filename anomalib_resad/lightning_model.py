@@ -661,8 +661,8 @@ class ResAD(AnomalibModule):
         """Fill the scoring-record fields a checkpoint of an earlier release lacks (``True``: some were missing).
 
         Its stored class is then calibrated again from its reference files before it scores; where those are not on
-        this machine, its boundaries stay at its references' largest scores (:func:`~anomalib_resad.calibration.
-        boundary` of an unmeasured record), with a warning.
+        this machine, its boundaries stay at their floor over its references' largest scores
+        (:func:`~anomalib_resad.calibration.boundary` of an unmeasured record), with a warning.
         """
         prefix = "model.anomaly_map_generator.stored."
         if not any(key.startswith(prefix) for key in state_dict):

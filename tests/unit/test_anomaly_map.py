@@ -186,7 +186,7 @@ def test_leave_one_out_rule_constants_then_maxima() -> None:
     assert float(scoring.fused_max) == pytest.approx(
         max((2.1 / 2.3 + 1) / 2, (1 + 0.4 / 0.6) / 2, (2.2 / 2.3 + 0.5 / 0.6) / 2)
     )
-    assert float(scoring.nearest_defects) == 0.0  # not measured: boundaries at the references' largest scores
+    assert float(scoring.nearest_defects) == 0.0  # not measured: boundaries at the floor over the references' scores
     assert sorted({index for index, _ in calls}) == [0, 1, 2]  # every reference left out in turn
     with pytest.raises(ResADInputError, match="k >= 2"):
         leave_one_out_scoring(score_reference, 1, 2)
