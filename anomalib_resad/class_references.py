@@ -178,7 +178,6 @@ class ClassReferences:
         self.pinned = False
         self.eval_banks: dict[str, ReferenceBank] = {}
         self._banks: dict[tuple[str, ...], ReferenceBank] = {}
-        # each set of files' matching choice: the backbone's alone (frozen), so it outlives the trained part's changes
         self._stale = False  # the stored bank's scoring was measured with trained weights that have changed since
         self._image_size: tuple[int, int] | None = None
         self._layouts: dict[bool, tuple[int, ...]] = {}  # views per level of plain and of bank features

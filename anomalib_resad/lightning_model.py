@@ -94,8 +94,8 @@ class ResAD(AnomalibModule):
             :mod:`~anomalib_resad.anomaly_map`. Defaults to ``"fused"``.
         sensitivity (float): Where a class's boundary sits between its references' largest leave-one-out score (1:
             most defects caught, most false alarms; never below 1.04 x that score) and the median of their synthetic
-            defects (0). Defaults to
-            ``0.35`` (chosen on source-validation images; :func:`~anomalib_resad.calibration.boundary`).
+            defects (0). Defaults to ``0.35`` (chosen on source-validation images;
+            :func:`~anomalib_resad.calibration.boundary`).
         train_k (int): References drawn per class per training batch. Defaults to ``4`` (reference).
         residual (str): ``"squared"`` (reference code) or ``"difference"`` (paper). Defaults to ``"squared"``.
         occ_loss (str): ``"log_barrier"`` (reference code) or ``"paper"`` (NeurIPS Eq. 2). Defaults to

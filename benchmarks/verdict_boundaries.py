@@ -2,7 +2,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """Per-class verdict boundaries from a class's own references, applied to a finished ``resad evaluate`` run.
 
-The shipped boundary (1.0 in the image score's units) is the *midway* rule with a = 1 - ``sensitivity``; until
+The shipped boundary (1.0 in the image score's units) is the *midway* rule with a = 1 - ``sensitivity``, never
+below ``BOUNDARY_FLOOR`` x the largest reference score (its study: ``rescaled_verdicts.py --floor``); until
 format 8 it was 1.25 x the largest leave-one-out score of the k references (the study that chose the midway rule
 ran on such a run: docs/runs/shared_domains_fold1_verdict_boundaries.md). This script measures, for every (class,
 k, draw) cell of a run, what else the references can tell about a class's boundary - each reference scored against
