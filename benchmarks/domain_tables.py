@@ -14,38 +14,48 @@ import argparse
 
 import pandas as pd
 
+from anomalib_resad.experiments.protocol import _summarize  # the run's own aggregation (summary.csv), not a copy
+
 MODELS = ("ResAD", "nearest", "flows", "PatchCore", "PatchCore+views")
 
 
-def mean_std(values: pd.Series) -> str:
-    """``mean ± sample std`` of fractions, in percent (the mean alone for one value, ``-`` for none)."""
-    values = values.dropna() * 100
-    if values.empty:
+def mean_std(row: pd.Series, name: str) -> str:
+    """``mean ± sample std`` over draws of a summary row's metric, in percent (``-`` where not measured)."""
+    if pd.isna(row[name]):
         return "-"
-    return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}" if len(values) > 1 else f"{values.mean():.1f}"
+    std = row[f"{name}_std"]
+    return f"{row[name] * 100:.1f}" + (f" ± {std * 100:.1f}" if pd.notna(std) else "")
 
 
-def auroc_table(per_draw: pd.DataFrame, domains: list[str], shots: list[int]) -> list[str]:
+def domain_rows(summary: pd.DataFrame, domains: list[str], categories: int) -> dict[str, str]:
+    """Summary row label of each domain and of the mean over domains (one category per domain: the category's)."""
+    if len(domains) < categories:
+        return {**{domain: f"domain:{domain}" for domain in domains}, "mean": "domain mean"}
+    return {**dict(zip(domains, summary.category.drop_duplicates(), strict=False)), "mean": "mean"}
+
+
+def auroc_table(summary: pd.DataFrame, labels: dict[str, str], shots: list[int]) -> list[str]:
     """Image AUROC (mean pixel AUROC) per model and domain, k joined by ``/``, and the mean of domains."""
+    domains = [name for name in labels if name != "mean"]
     lines = ["| model | " + " | ".join(domains) + " | mean of domains |", "|---" * (len(domains) + 2) + "|"]
     for model in MODELS:
-        rows = per_draw[per_draw.model == model]
+        rows = summary[summary.model == model].set_index(["category", "k"])
         if rows.empty:
             continue
         cells = []
-        for domain in domains:
+        for name, label in labels.items():
             parts = []
             for k in shots:
-                cell = rows[(rows.domain == domain) & (rows.k == k)]
-                pixel = cell["pixel_AUROC"].dropna()
-                parts.append(mean_std(cell["image_AUROC"]) + (f" ({pixel.mean() * 100:.1f})" if len(pixel) else ""))
+                row = rows.loc[(label, k)]
+                pixel = row["pixel_AUROC"]
+                shown = f" ({pixel * 100:.1f})" if pd.notna(pixel) and name != "mean" else ""
+                parts.append(mean_std(row, "image_AUROC") + shown)
             cells.append(" / ".join(parts))
-        means = [mean_std(rows[rows.k == k].groupby("draw")["image_AUROC"].mean()) for k in shots]
-        lines.append(f"| {model} | " + " | ".join(cells) + " | " + " / ".join(means) + " |")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return lines
 
 
-def verdict_table(per_draw: pd.DataFrame, domains: list[str], shots: list[int]) -> list[str]:
+def verdict_table(summary: pd.DataFrame, labels: dict[str, str], shots: list[int]) -> list[str]:
     """Normal FPR, recall and ceiling per model and k: the mean of domains, then each domain."""
     lines = [
         "| model | k | mean FPR | mean recall (ceiling) | each domain: FPR / recall / ceiling |",
@@ -53,16 +63,16 @@ def verdict_table(per_draw: pd.DataFrame, domains: list[str], shots: list[int]) 
     ]
     columns = ["normal_FPR", "anomalous_recall", "oracle_recall_at_FPR10"]
     for model in MODELS:
+        rows = summary[summary.model == model].set_index(["category", "k"])
         for k in shots:
-            rows = per_draw[(per_draw.model == model) & (per_draw.k == k)]
-            if rows.empty or rows["normal_FPR"].isna().all():
+            if rows.empty or pd.isna(rows.loc[(labels["mean"], k), "normal_FPR"]):
                 continue
-            by_domain = rows.groupby("domain")[columns].mean().reindex(domains).dropna(how="all") * 100
             each = ", ".join(
-                f"{domain} {fpr:.0f} / {recall:.0f} / {ceiling:.0f}"
-                for domain, (fpr, recall, ceiling) in by_domain.iterrows()
+                f"{name} " + " / ".join(f"{rows.loc[(label, k), column] * 100:.0f}" for column in columns)
+                for name, label in labels.items()
+                if name != "mean"
             )
-            fpr, recall, ceiling = by_domain.mean()
+            fpr, recall, ceiling = (rows.loc[(labels["mean"], k), column] * 100 for column in columns)
             lines.append(f"| {model} | {k} | {fpr:.1f} | {recall:.1f} ({ceiling:.1f}) | {each} |")
     return lines
 
@@ -72,10 +82,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="a `resad evaluate` output folder (holding results.csv)")
     results = pd.read_csv(f"{parser.parse_args().run}/results.csv")
-    domains = list(dict.fromkeys(results["domain"]))
+    summary = _summarize(results)
+    labels = domain_rows(summary, list(dict.fromkeys(results["domain"])), results["category"].nunique())
     shots = sorted(results["k"].unique().tolist())
-    per_draw = results.groupby(["model", "domain", "k", "draw"]).mean(numeric_only=True).reset_index()
-    print("\n".join([*auroc_table(per_draw, domains, shots), "", *verdict_table(per_draw, domains, shots)]))
+    print("\n".join([*auroc_table(summary, labels, shots), "", *verdict_table(summary, labels, shots)]))
 
 
 if __name__ == "__main__":
